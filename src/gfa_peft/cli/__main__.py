@@ -1,0 +1,5 @@
+import sys
+
+from gfa_peft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""Where each target module's update lives inside the global GFA matrix.
+
+GFA concatenates the flattened updates of N target matrices into one vector of length
+d = sum_i numel(W_i) and views it row-major as an m x k matrix with k = floor(sqrt(d)) and
+m = ceil(d / k). The last m*k - d entries (at most k - 1) are padding that no module reads.
+A `Layout` records that arrangement: the module order, each module's update shape and its
+offset into the concatenated vector. It is pure bookkeeping; no tensors live here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+ModuleOrder = Union[str, int]
+""""model" (the model's own order), "by_name" (grouped by the module's last name) or an int seed."""
+
+
+@dataclass(frozen=True)
+class ModuleSlice:
+    """One module's window [offset, offset + numel) of the concatenated update vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+    def rows(self, k: int) -> tuple[int, int, int]:
+        """(first_row, n_rows, skip): the rows of the m x k matrix this slice touches, and how
+        many leading entries of the first row belong to earlier modules."""
+        first_row, skip = divmod(self.offset, k)
+        n_rows = -(-(skip + self.numel) // k)
+        return first_row, n_rows, skip
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The global m x k view of N concatenated module updates."""
+
+    modules: tuple[ModuleSlice, ...]
+    d: int
+    m: int
+    k: int
+
+    @property
+    def padding(self) -> int:
+        return self.m * self.k - self.d
+
+    @property
+    def offsets(self) -> list[int]:
+        return [piece.offset for piece in self.modules]
+
+    @property
+    def names(self) -> list[str]:
+        return [piece.name for piece in self.modules]
+
+    def __getitem__(self, name: str) -> ModuleSlice:
+        for piece in self.modules:
+            if piece.name == name:
+                return piece
+        raise KeyError(f"module {name!r} is not part of this GFA layout")
+
+    def max_rank(self) -> int:
+        return min(self.m, self.k)
+
+    def to_dict(self) -> dict:
+        return {
+            "d": self.d,
+            "m": self.m,
+            "k": self.k,
+            "modules": [[piece.name, list(piece.shape), piece.offset] for piece in self.modules],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Layout:
+        layout = build_layout([(name, tuple(shape)) for name, shape, _ in data["modules"]])
+        saved = cls(
+            modules=tuple(ModuleSlice(name, tuple(shape), offset) for name, shape, offset in data["modules"]),
+            d=data["d"],
+            m=data["m"],
+            k=data["k"],
+        )
+        problem = layout.difference(saved)
+        if problem:
+            raise ValueError(f"inconsistent GFA layout record: {problem}")
+        return layout
+
+    def difference(self, other: Layout) -> str | None:
+        """A sentence naming the first way `other` differs from this layout, or None if equal."""
+        for index, (mine, theirs) in enumerate(zip(self.modules, other.modules)):
+            if mine.name != theirs.name:
+                return f"module #{index} is {theirs.name!r} in the saved layout but {mine.name!r} in the model"
+            if mine.shape != theirs.shape:
+                return (
+                    f"module {mine.name!r} has update shape {list(theirs.shape)} in the saved layout "
+                    f"but {list(mine.shape)} in the model"
+                )
+            if mine.offset != theirs.offset:
+                return f"module {mine.name!r} starts at {theirs.offset} in the saved layout but at {mine.offset}"
+        if len(self.modules) != len(other.modules):
+            longer, where = (other, "saved layout") if len(other.modules) > len(self.modules) else (self, "model")
+            extra = longer.modules[min(len(self.modules), len(other.modules))].name
+            return (
+                f"the saved layout has {len(other.modules)} modules and the model {len(self.modules)}; "
+                f"module {extra!r} is only in the {where}"
+            )
+        if (self.d, self.m, self.k) != (other.d, other.m, other.k):
+            return f"(d, m, k) is {(other.d, other.m, other.k)} in the saved layout but {(self.d, self.m, self.k)}"
+        return None
+
+
+def grid_shape(d: int) -> tuple[int, int]:
+    """(m, k) with k = floor(sqrt(d)) computed exactly (no float rounding) and m = ceil(d / k)."""
+    if d < 1:
+        raise ValueError(f"GFA needs at least one adapted entry, got d={d}")
+    k = math.isqrt(d)
+    return -(-d // k), k
+
+
+def build_layout(named_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> Layout:
+    """Lay out modules back to back in the given order."""
+    if not named_shapes:
+        raise ValueError("GFA needs at least one target module")
+    names = [name for name, _ in named_shapes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate module names in GFA layout: {sorted({n for n in names if names.count(n) > 1})}")
+    pieces, offset = [], 0
+    for name, shape in named_shapes:
+        piece = ModuleSlice(name, tuple(int(s) for s in shape), offset)
+        if piece.numel < 1:
+            raise ValueError(f"module {name!r} has an empty weight {list(shape)}")
+        pieces.append(piece)
+        offset = piece.end
+    m, k = grid_shape(offset)
+    return Layout(modules=tuple(pieces), d=offset, m=m, k=k)
+
+
+def order_modules(names: Sequence[str], module_order: ModuleOrder = "model") -> list[str]:
+    """Reorder module names (given in the model's own order) for the concatenation.
+
+    "model" keeps them; "by_name" groups modules by their last name component (all `q_proj`, then
+    all `v_proj`, groups in order of first appearance); an int is the seed of a random permutation
+    that is the same on every platform and Python version.
+    """
+    names = list(names)
+    if isinstance(module_order, bool):
+        raise ValueError(f"module_order must be 'model', 'by_name' or an int seed, got {module_order!r}")
+    if isinstance(module_order, int):
+        random.Random(module_order).shuffle(names)
+        return names
+    if module_order == "model":
+        return names
+    if module_order == "by_name":
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            groups.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+        return [name for group in groups.values() for name in group]
+    raise ValueError(f"module_order must be 'model', 'by_name' or an int seed, got {module_order!r}")
