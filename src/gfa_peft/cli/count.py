@@ -1,0 +1,143 @@
+"""`gfa count`: exact trainable counts and the rank anchors of a model and target set, without weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gfa_peft.budget import DEFAULT_ANCHORS, budget_report
+from gfa_peft.cli import UsageError
+from gfa_peft.experiments.cache import write_json_atomic
+from gfa_peft.experiments.presets import load_architecture, preset_names
+from gfa_peft.layout import ModuleOrder
+from gfa_peft.targets import ALL_LINEAR, default_targets, target_shapes
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "count",
+        help="exact trainable counts of LoRA, DoRA, GFA, VeRA and VB-LoRA at matched budgets",
+        description=(
+            "Count the trainable parameters of each method for a model and target set, and place every method "
+            "at the rank anchors (LoRA's count at ranks 1, 2, 4, ... and the sub-rank-1 anchor 1/2 = 0.3 x LoRA r=1). "
+            "GFA takes the rank whose count is nearest each budget, ties to the smaller rank, within [1, min(m, k)]. "
+            "The model is built on the meta device from its config: no weights are read or downloaded."
+        ),
+    )
+    parser.add_argument(
+        "--model", required=True, metavar="DIR_OR_PRESET",
+        help=f"a folder holding config.json, or a preset: {', '.join(preset_names())}",
+    )
+    parser.add_argument(
+        "--targets", metavar="NAMES",
+        help=f"comma-separated module names (PEFT target_modules semantics: a name matches itself and every "
+        f"module ending in '.name') or '{ALL_LINEAR}'; default: PEFT's LoRA default for the model type",
+    )
+    parser.add_argument(
+        "--anchors", default=",".join(DEFAULT_ANCHORS), metavar="LABELS",
+        help="comma-separated anchors: '1/2' or LoRA ranks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--module-order", default="model", metavar="ORDER",
+        help="concatenation order: 'model', 'by_name' or an integer seed; it moves module offsets, "
+        "not counts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json", nargs="?", const="-", metavar="FILE",
+        help="write the report as JSON to FILE, or to stdout when FILE is omitted (then no table is printed)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    output = _output_path(args.json)
+    try:
+        model = load_architecture(args.model)
+        targets = _parse_targets(args.targets) if args.targets else default_targets(model)
+        named_shapes = target_shapes(model, targets)
+        report = budget_report(named_shapes, _parse_list(args.anchors, "--anchors"), _parse_order(args.module_order))
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
+    report = {"model": args.model, "targets": targets, "module_order": args.module_order, **report}
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    if output is not None:
+        write_json_atomic(output, report)
+    print(format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    """The report as a readable table."""
+    targets = report["targets"] if isinstance(report["targets"], str) else ",".join(report["targets"])
+    lines = [
+        f"model {report['model']}, targets {targets}: N = {report['N']} modules, d = {report['d']:,}",
+        f"global matrix m x k = {report['m']:,} x {report['k']:,}, padding {report['padding']:,}, "
+        f"GFA ranks 1..{report['max_gfa_rank']:,}",
+        f"per rank: LoRA {report['lora_per_rank']:,}, GFA m+k = {report['gfa_per_rank']:,}; "
+        f"LoRA/GFA at equal rank {report['ratio_exact']:.3f}x exact, {report['ratio_sqrt_n']:.3f}x = sqrt(N) "
+        f"(equal-module estimate)",
+        "",
+    ]
+    header = ["anchor", "budget", "LoRA", "DoRA", "GFA r", "GFA", "GFA/budget", "GFA/LoRA r=1",
+              "VeRA r", "VeRA", "VB-LoRA n", "VB-LoRA"]
+    rows = [
+        [anchor["label"], anchor["budget"], anchor["lora"], anchor["dora"], anchor["gfa_rank"], anchor["gfa"],
+         f"{anchor['gfa_fraction']:.3f}", f"{anchor['gfa_vs_lora_r1']:.3f}", anchor["vera_rank"], anchor["vera"],
+         anchor["vblora_num_vectors"], anchor["vblora"]]
+        for anchor in report["anchors"]
+    ]
+    cells = [header] + [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
+    smallest = report["smallest"]
+    vblora = report["vblora"]
+    lines += [
+        "",
+        "-: the method's smallest configuration exceeds the budget. Smallest counts: "
+        + ", ".join(f"{name} {_cell(count)}" for name, count in
+                    [("LoRA r=1", smallest["lora"]), ("DoRA r=1", smallest["dora"]), ("GFA r=1", smallest["gfa"]),
+                     ("VeRA r=1", smallest["vera"]), (f"VB-LoRA n={vblora['topk']}", smallest["vblora"])]),
+        f"DoRA sits at the anchor's LoRA rank; VB-LoRA uses r={vblora['r']}, vector_length="
+        f"{_cell(vblora['vector_length'])}, topk={vblora['topk']}; n = its num_vectors.",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _parse_list(text: str, flag: str) -> list[str]:
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise UsageError(f"{flag} {text!r} has an empty entry")
+    return items
+
+
+def _parse_targets(text: str) -> str | list[str]:
+    return ALL_LINEAR if text.strip().lower() == ALL_LINEAR else _parse_list(text, "--targets")
+
+
+def _parse_order(text: str) -> ModuleOrder:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _output_path(json_arg: str | None) -> Path | None:
+    if json_arg is None or json_arg == "-":
+        return None
+    path = Path(json_arg)
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write {json_arg!r}: folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise UsageError(f"cannot write {json_arg!r}: it is a folder")
+    return path

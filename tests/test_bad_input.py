@@ -1,0 +1,153 @@
+"""Bad configs and bad checkpoints: a clear error naming the problem, and the model left as it was."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+import gfa_peft
+from gfa_peft import GfaConfig, GfaLayer
+from toy_models import CASES, MLP
+
+LLAMA = CASES[2]
+
+
+def assert_untouched(model: nn.Module, pristine: nn.Module) -> None:
+    assert not any(isinstance(module, GfaLayer) for module in model.modules())
+    assert not hasattr(model, "peft_config")
+    assert model.state_dict().keys() == pristine.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), pristine.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=0), "r must be a positive integer"),
+        (dict(r=2.5), "r must be a positive integer"),
+        (dict(scale=0.0), "scale must be positive"),
+        (dict(scale=-1.0), "scale must be positive"),
+        (dict(init_sigma=0.0), "init_sigma must be positive"),
+        (dict(init_sigma=-0.1), "init_sigma must be positive"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(module_order="random"), "module_order must be"),
+    ],
+)
+def test_bad_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GfaConfig(target_modules=["lin0"], **kwargs)
+
+
+def test_rank_above_min_m_k_is_refused_and_model_untouched():
+    model = MLP()
+    pristine = copy.deepcopy(model)
+    # lin0 alone: d = 200, k = 14, m = 15, so r <= 14
+    with pytest.raises(ValueError, match="r=15 is out of range.*between 1 and 14"):
+        get_peft_model(model, GfaConfig(r=15, target_modules=["lin0"]))
+    assert_untouched(model, pristine)
+    get_peft_model(model, GfaConfig(r=14, target_modules=["lin0"]))
+
+
+def test_no_matching_module_lists_existing_names():
+    model = MLP()
+    pristine = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"matches no module.*lin0, lin1, lin2"):
+        get_peft_model(model, GfaConfig(target_modules=["q_proj"]))
+    assert_untouched(model, pristine)
+
+
+@pytest.mark.parametrize("target", ["relu", "norm"])
+def test_unsupported_module_type_names_module_and_type(target):
+    model = MLP()
+    model.norm = nn.LayerNorm(3)
+    pristine = copy.deepcopy(model)
+    with pytest.raises(TypeError, match=rf"'{target}' of type torch\.nn\.modules\.\w+\.(ReLU|LayerNorm)"):
+        get_peft_model(model, GfaConfig(target_modules=[target, "lin0"]))
+    assert_untouched(model, pristine)
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _load_expecting(error, match, directory, base=None):
+    base = base if base is not None else LLAMA.model()
+    pristine = copy.deepcopy(base)
+    with pytest.raises(error, match=match):
+        PeftModel.from_pretrained(base, directory)
+    assert_untouched(base, pristine)
+
+
+def test_load_onto_model_with_other_shape_names_the_module(saved_adapter):
+    base = LLAMA.model()
+    base.model.layers[1].self_attn.v_proj = nn.Linear(32, 8, bias=False)
+    _load_expecting(ValueError, r"'model.layers.1.self_attn.v_proj' has update shape \[16, 32\] in the saved layout but \[8, 32\]", saved_adapter, base)
+
+
+def test_load_with_other_module_order_names_the_module(saved_adapter):
+    config_path = os.path.join(saved_adapter, "adapter_config.json")
+    config = json.load(open(config_path))
+    config["module_order"] = "by_name"
+    json.dump(config, open(config_path, "w"))
+    _load_expecting(ValueError, r"module #1 is 'model.layers.0.self_attn.v_proj' in the saved layout but 'model.layers.1.self_attn.q_proj'", saved_adapter)
+
+
+def test_load_onto_model_with_fewer_layers(saved_adapter):
+    base = LLAMA.model()
+    del base.model.layers[1]
+    _load_expecting(ValueError, r"saved layout has 4 modules and the model 2", saved_adapter, base)
+
+
+def test_missing_weights_file(saved_adapter):
+    os.remove(os.path.join(saved_adapter, "adapter_model.safetensors"))
+    _load_expecting(FileNotFoundError, "no adapter_model.safetensors", saved_adapter)
+
+
+def test_truncated_weights_file(saved_adapter):
+    path = os.path.join(saved_adapter, "adapter_model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-10])
+    _load_expecting(ValueError, "truncated", saved_adapter)
+
+
+def test_garbage_weights_file(saved_adapter):
+    open(os.path.join(saved_adapter, "adapter_model.safetensors"), "wb").write(b"\x05\x00\x00\x00\x00\x00\x00\x00nope!")
+    _load_expecting(ValueError, "not a safetensors file", saved_adapter)
+
+
+def test_foreign_weights_file(saved_adapter, tmp_path_factory):
+    from peft import LoraConfig
+
+    lora_dir = tmp_path_factory.mktemp("lora")
+    get_peft_model(LLAMA.model(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(lora_dir)
+    os.replace(os.path.join(lora_dir, "adapter_model.safetensors"), os.path.join(saved_adapter, "adapter_model.safetensors"))
+    _load_expecting(ValueError, "holds no GFA factors", saved_adapter)
+
+
+def test_factor_shapes_disagreeing_with_config(saved_adapter):
+    config_path = os.path.join(saved_adapter, "adapter_config.json")
+    config = json.load(open(config_path))
+    config["r"] = 3
+    json.dump(config, open(config_path, "w"))
+    _load_expecting(ValueError, r"gfa_B has shape \[\d+, 2\], its config promises \[\d+, 3\]", saved_adapter)
+
+
+def test_failed_load_adapter_leaves_peft_model_unchanged(saved_adapter, tmp_path_factory):
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=2, target_modules=["q_proj"]))
+    other = tmp_path_factory.mktemp("broken")
+    for name in os.listdir(saved_adapter):
+        data = open(os.path.join(saved_adapter, name), "rb").read()
+        open(other / name, "wb").write(data[:-3] if name.endswith(".safetensors") else data)
+    with pytest.raises(ValueError, match="truncated"):
+        model.load_adapter(str(other), adapter_name="second")
+    assert set(model.peft_config) == {"default"} and set(model.base_model.gfa_B) == {"default"}
+    assert all(set(layer.gfa_slice) == {"default"} for layer in model.modules() if isinstance(layer, GfaLayer))
+    assert gfa_peft.layout_of(model).names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]

@@ -1,0 +1,295 @@
+"""One matrix of PEFT behaviours over toy models (MLP, Conv2d+Embedding, Llama, GPT-2, BERT classifier)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
+
+import gfa_peft
+from gfa_peft import GfaConfig, GfaLayer
+from toy_models import CASES, Case
+
+IDS = [case.name for case in CASES]
+
+
+def make(case: Case, seed: int = 0, **overrides):
+    base = case.model(seed)
+    reference = copy.deepcopy(base)
+    config = GfaConfig(**{"r": 2, **case.config, **overrides})
+    return get_peft_model(base, config), reference
+
+
+def dense_reference_deltas(model, adapter_name="default") -> dict[str, torch.Tensor]:
+    """Independent of the scatter code: form M = BA in full, flatten, cut at the offsets, reshape."""
+    B, A = gfa_peft.factors(model, adapter_name)
+    layout = gfa_peft.layout_of(model, adapter_name)
+    scale = model.peft_config[adapter_name].scale
+    flat = (B @ A).detach().reshape(-1)
+    return {piece.name: scale * flat[piece.offset : piece.offset + piece.numel].view(piece.shape) for piece in layout.modules}
+
+
+def apply_deltas(reference, deltas):
+    """A plain copy of the base model with W + delta written into its weights."""
+    patched = copy.deepcopy(reference)
+    modules = dict(patched.named_modules())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = modules[name].weight
+            weight += delta.T if isinstance(modules[name], Conv1D) else delta
+    return patched
+
+
+def train_steps(model, case, steps=3, lr=0.05):
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        loss = case.output(model, case.inputs()).float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_trainable_count_is_r_times_m_plus_k(case):
+    model, _ = make(case, r=3)
+    layout = gfa_peft.layout_of(model)
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    assert layout.r == 3 and len(layout.modules) == case.n_targets
+    assert sum(trainable.values()) == 3 * (layout.m + layout.k) + case.extra_trainable(model.base_model.model)
+    factor_names = {name for name in trainable if "gfa_" in name}
+    assert factor_names == {"base_model.gfa_B.default", "base_model.gfa_A.default"}
+    assert all("gfa_" in name or "classifier" in name for name in trainable)
+    assert model.get_nb_trainable_parameters()[0] == sum(trainable.values())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_adapter_starts_as_exact_noop(case):
+    model, reference = make(case)
+    inputs = case.inputs()
+    assert torch.equal(case.output(model, inputs), case.output(reference, inputs))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_and_training_match_dense_reference(case):
+    model, reference = make(case, init_weights=False, scale=0.7)
+    inputs = case.inputs()
+    expected = case.output(apply_deltas(reference, dense_reference_deltas(model)), inputs)
+    torch.testing.assert_close(case.output(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    before = [p.detach().clone() for p in gfa_peft.factors(model)]
+    train_steps(model, case)
+    assert all(not torch.equal(b, p) for b, p in zip(before, gfa_peft.factors(model)))
+    # the frozen base weights did not move
+    frozen = {n.replace("base_layer.", ""): p for n, p in model.base_model.model.named_parameters() if "classifier" not in n}
+    for name, param in reference.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    if hasattr(reference, "classifier"):  # modules_to_save trained too: the reference takes the trained head
+        reference.classifier.load_state_dict(model.base_model.model.classifier.modules_to_save["default"].state_dict())
+    expected = case.output(apply_deltas(reference, dense_reference_deltas(model)), inputs)
+    torch.testing.assert_close(case.output(model, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name != "bert_seq_cls"], ids=lambda c: c.name)
+def test_disable_adapter_gives_base_outputs(case):
+    model, reference = make(case, init_weights=False)
+    inputs = case.inputs()
+    assert not torch.allclose(case.output(model, inputs), case.output(reference, inputs))
+    with model.disable_adapter():
+        assert torch.equal(case.output(model, inputs), case.output(reference, inputs))
+    assert not torch.allclose(case.output(model, inputs), case.output(reference, inputs))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_merge_unmerge_round_trip(case):
+    model, _ = make(case, init_weights=False)
+    inputs = case.inputs()
+    adapted = case.output(model, inputs)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    model.merge_adapter()
+    assert all(layer.merged for layer in model.modules() if isinstance(layer, GfaLayer))
+    torch.testing.assert_close(case.output(model, inputs), adapted, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    for name, param in model.named_parameters():
+        if name in weights:
+            torch.testing.assert_close(param, weights[name], rtol=1e-6, atol=1e-6 * weights[name].abs().max().item())
+    torch.testing.assert_close(case.output(model, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_merge_and_unload_gives_plain_modules(case):
+    model, reference = make(case, init_weights=False)
+    inputs = case.inputs()
+    adapted = case.output(model, inputs)
+    merged = model.merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, GfaLayer) for m in merged.modules())
+    assert type(merged) is type(reference)
+    torch.testing.assert_close(case.output(merged, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "pickle"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_save_load_round_trip(case, safe_serialization, tmp_path):
+    model, _ = make(case, init_weights=False)
+    train_steps(model, case, steps=1)
+    inputs = case.inputs()
+    expected = case.output(model, inputs)
+    model.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    if safe_serialization:
+        keys = set(load_file(os.path.join(tmp_path, "adapter_model.safetensors")))
+        factor_keys = {"base_model.gfa_B", "base_model.gfa_A"}
+        assert factor_keys <= keys
+        assert all("classifier" in key for key in keys - factor_keys)
+        assert (keys != factor_keys) == (case.name == "bert_seq_cls")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(case.model(), tmp_path)
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    assert torch.equal(case.output(loaded, inputs), expected)
+    assert gfa_peft.layout_of(loaded) == gfa_peft.layout_of(model)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_low_cpu_mem_usage_load(case, tmp_path):
+    model, _ = make(case, init_weights=False)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(case.model(), tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.is_meta for p in loaded.parameters())
+    inputs = case.inputs()
+    assert torch.equal(case.output(loaded, inputs), case.output(model, inputs))
+
+
+def test_from_pretrained_is_trainable_resumes_training(tmp_path):
+    case = CASES[2]
+    model, _ = make(case)
+    train_steps(model, case, steps=2)
+    model.save_pretrained(tmp_path)
+    resumed = PeftModel.from_pretrained(case.model(), tmp_path, is_trainable=True)
+    trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    assert trainable == {"base_model.gfa_B.default", "base_model.gfa_A.default"}
+    before = [p.detach().clone() for p in gfa_peft.factors(resumed)]
+    train_steps(resumed, case, steps=2)
+    assert all(not torch.equal(b, p) for b, p in zip(before, gfa_peft.factors(resumed)))
+
+
+def test_several_named_adapters_each_with_its_own_layout():
+    case = CASES[2]
+    model, reference = make(case, init_weights=False)
+    model.add_adapter("mlp_only", GfaConfig(r=1, target_modules=["gate_proj"], init_weights=False, scale=0.5))
+    first, second = gfa_peft.layout_of(model, "default"), gfa_peft.layout_of(model, "mlp_only")
+    assert first.names != second.names and second.r == 1
+    inputs = case.inputs()
+    for name in ("default", "mlp_only"):
+        model.set_adapter(name)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {f"base_model.gfa_B.{name}", f"base_model.gfa_A.{name}"}
+        expected = case.output(apply_deltas(reference, dense_reference_deltas(model, name)), inputs)
+        torch.testing.assert_close(case.output(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    model.delete_adapter("mlp_only")
+    assert set(model.base_model.gfa_B) == {"default"} and "mlp_only" not in model.peft_config
+    assert model.active_adapters == ["default"]
+    expected = case.output(apply_deltas(reference, dense_reference_deltas(model)), inputs)
+    torch.testing.assert_close(case.output(model, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_adapters_active_together_add_their_updates():
+    case = CASES[0]
+    model, reference = make(case, init_weights=False)
+    model.add_adapter("other", GfaConfig(r=1, target_modules=["lin1", "lin2"], init_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    deltas = dense_reference_deltas(model, "default")
+    for name, delta in dense_reference_deltas(model, "other").items():
+        deltas[name] = deltas.get(name, 0) + delta
+    inputs = case.inputs()
+    torch.testing.assert_close(case.output(model, inputs), case.output(apply_deltas(reference, deltas), inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_with_fp32_factors(dtype):
+    case = CASES[2]
+    base = case.model().to(dtype)
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, GfaConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False))
+    assert all(p.dtype == torch.float32 for p in gfa_peft.factors(model))
+    inputs = case.inputs()
+    out = case.output(model, inputs)
+    assert out.dtype == dtype
+    expected = case.output(apply_deltas(reference, {n: d.to(dtype) for n, d in dense_reference_deltas(model).items()}), inputs)
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in gfa_peft.factors(model))
+    merged = model.merge_and_unload()
+    assert all(p.dtype == dtype for p in merged.parameters())
+
+
+def test_autocast_bf16_training_step():
+    case = CASES[2]
+    model, _ = make(case, init_weights=False)
+    inputs = case.inputs()
+    model.train()
+    case.output(model, inputs).float().pow(2).mean().backward()
+    reference_grads = [p.grad.clone() for p in gfa_peft.factors(model)]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = case.output(model, inputs).float().pow(2).mean()
+    loss.backward()
+    for grad, reference in zip((p.grad for p in gfa_peft.factors(model)), reference_grads):
+        assert grad.dtype == torch.float32
+        assert (grad - reference).norm() <= 0.1 * reference.norm()
+
+
+def test_dropout_only_touches_the_adapter_path():
+    case = CASES[0]
+    model, reference = make(case, init_weights=False, dropout=0.5)
+    inputs = case.inputs()
+    model.eval()
+    expected = case.output(apply_deltas(reference, dense_reference_deltas(model)), inputs)
+    torch.testing.assert_close(case.output(model, inputs), expected)
+    model.train()
+    torch.manual_seed(3)
+    out = case.output(model, inputs)
+    assert not torch.allclose(out, expected)
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gfa_peft.factors(model))
+
+
+def test_default_target_modules_follow_peft_mapping():
+    model = get_peft_model(CASES[2].model(), GfaConfig(r=2))
+    assert {name.rsplit(".", 1)[-1] for name in gfa_peft.layout_of(model).names} == {"q_proj", "v_proj"}
+
+
+def test_module_order_by_name_and_seed():
+    case = CASES[2]
+    by_model = gfa_peft.layout_of(make(case)[0]).names
+    by_name = gfa_peft.layout_of(make(case, module_order="by_name")[0]).names
+    seeded = gfa_peft.layout_of(make(case, module_order=3)[0]).names
+    assert by_model == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert by_name == [f"model.layers.{i}.self_attn.{p}" for p in ("q_proj", "v_proj") for i in range(2)]
+    assert sorted(seeded) == sorted(by_model)
+    assert seeded == gfa_peft.layout_of(make(case, module_order=3)[0]).names
+
+
+def test_introspection_api():
+    case = CASES[3]  # GPT-2: Conv1D stores (in, out)
+    model, _ = make(case, init_weights=False)
+    layout = gfa_peft.layout_of(model)
+    B, A = gfa_peft.factors(model)
+    assert B is model.base_model.gfa_B["default"] and B.shape == (layout.m, layout.r) and A.shape == (layout.r, layout.k)
+    assert layout.d == sum(p.numel for p in layout.modules) and layout.m * layout.k - layout.d == layout.padding
+    assert layout.offsets == [sum(p.numel for p in layout.modules[:i]) for i in range(len(layout.modules))]
+    deltas = gfa_peft.delta_weights(model)
+    modules = dict(model.base_model.model.named_modules())
+    reference = dense_reference_deltas(model)
+    for piece in layout.modules:
+        weight = modules[piece.name].get_base_layer().weight
+        assert deltas[piece.name].shape == weight.shape
+        assert piece.shape == (weight.shape[1], weight.shape[0])  # layout uses (out, in)
+        torch.testing.assert_close(deltas[piece.name], reference[piece.name].T)
