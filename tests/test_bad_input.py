@@ -56,7 +56,7 @@ def test_rank_above_min_m_k_is_refused_and_model_untouched():
 def test_no_matching_module_lists_existing_names():
     model = MLP()
     pristine = copy.deepcopy(model)
-    with pytest.raises(ValueError, match=r"matches no module.*lin0, lin1, lin2"):
+    with pytest.raises(ValueError, match=r"matches no module.*lin0, relu, lin1, lin2"):
         get_peft_model(model, GfaConfig(target_modules=["q_proj"]))
     assert_untouched(model, pristine)
 

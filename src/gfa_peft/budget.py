@@ -12,12 +12,13 @@ product of the trailing dimensions, d = sum_i p_i q_i, S = sum_i (p_i + q_i) and
                                                        (p_i / L) x R x V logits)
 
 These are PEFT 0.21's trainable counts (`get_nb_trainable_parameters()`), classifier heads and biases excluded.
-VeRA and VB-LoRA adapt linear layers only: their counts are defined for 2-D update shapes and treat every
-2-D shape as a linear layer (shapes alone cannot tell an embedding from a linear layer).
+Shapes alone cannot tell an embedding from a linear layer, which matters twice: PEFT's DoRA gives an
+`nn.Embedding` one magnitude per embedding dimension (its q, not its p), and VeRA and VB-LoRA adapt linear
+layers only, while their counts here treat every 2-D shape as linear (shapes with more dims get None).
 
 A rank anchor is one budget at which all methods are placed: LoRA's count at rank r (label "r"), or the
-sub-LoRA-rank-1 anchor "1/2" whose budget is 0.3 x LoRA's rank-1 count. Each method takes the value of its own
-size knob whose count is nearest the budget, ties going to the smaller value. GFA's rank is clamped to
+sub-LoRA-rank-1 anchor "1/2" whose budget is 0.3 x LoRA's rank-1 count. GFA, VeRA and VB-LoRA each take the
+value of their size knob whose count is nearest the budget, ties going to the smaller value. GFA's rank is clamped to
 [1, min(m, k)], so GFA is always placed (the fraction `gfa_params / budget` shows how close it came). A per-module
 method whose smallest configuration already exceeds the budget cannot reach it and is reported as None: LoRA and
 DoRA below rank 1, VeRA below sum_i p_i + N, VB-LoRA below `VBLORA_TOPK` vectors. LoRA and DoRA sit at the
@@ -42,7 +43,7 @@ SUB_RANK1_FRACTION = Fraction(3, 10)
 """The "1/2" anchor's budget as a fraction of LoRA's rank-1 count (the paper's "roughly 0.3x")."""
 
 VBLORA_RANK = 4
-"""VB-LoRA's rank R, fixed so that its bank size `num_vectors` is the one knob (PEFT's and the VB-LoRA paper's default)."""
+"""VB-LoRA's rank R, fixed so that the bank size `num_vectors` is its one knob (PEFT's and VB-LoRA's default)."""
 VBLORA_TOPK = 2
 """PEFT's default top-k mixing; the bank needs at least this many vectors."""
 VBLORA_MAX_VECTOR_LENGTH = 256
@@ -157,12 +158,13 @@ def rank_anchors(
     """Every method's size at each anchor, for the target modules `named_shapes` (in the model's order).
 
     GFA's rank is the one whose count r * (m + k) is nearest the budget, ties to the smaller rank, clamped
-    to [1, min(m, k)]. The budget of "1/2" is 0.3 x LoRA's rank-1 count rounded to the nearest integer.
+    to [1, min(m, k)]. The budget of "1/2" is the integer nearest 0.3 x LoRA's rank-1 count (halves down).
     The module order sets the layout (and is validated) but no count depends on it.
     Raises ValueError for a bad or repeated label, or an anchor whose LoRA rank exceeds min(m, k).
     """
+    labels = list(labels)
     ranks = [parse_anchor(label) for label in labels]
-    repeated = sorted({label for label in labels if list(labels).count(label) > 1})
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         raise ValueError(f"anchor(s) {', '.join(repeated)} given more than once")
     layout = ordered_layout(named_shapes, module_order)
@@ -173,18 +175,21 @@ def rank_anchors(
             f"so ranks go up to {layout.max_rank()}"
         )
     shapes = [piece.shape for piece in layout.modules]
-    return [_place(label, rank, shapes, layout) for label, rank in zip(labels, ranks)]
+    return [_place(label, rank, shapes, layout) for label, rank in zip(labels, ranks, strict=True)]
 
 
 def ordered_layout(named_shapes: Sequence[tuple[str, Shape]], module_order: ModuleOrder = "model") -> Layout:
     """The GFA layout of `named_shapes` (given in the model's order) concatenated in `module_order`."""
     in_model_order = build_layout(named_shapes)
-    return build_layout([(name, in_model_order[name].shape) for name in order_modules(in_model_order.names, module_order)])
+    order = order_modules(in_model_order.names, module_order)
+    return build_layout([(name, in_model_order[name].shape) for name in order])
 
 
 def _place(label: str, lora_rank: int | None, shapes: list[Shape], layout: Layout) -> Anchor:
     lora_rank1 = lora_params(shapes, 1)
-    budget = lora_rank * lora_rank1 if lora_rank else round(SUB_RANK1_FRACTION * lora_rank1)
+    budget = lora_rank * lora_rank1 if lora_rank else nearest_multiple(
+        lora_rank1 * SUB_RANK1_FRACTION.numerator, SUB_RANK1_FRACTION.denominator
+    )
     gfa_rank = min(max(nearest_multiple(budget, layout.m + layout.k), 1), layout.max_rank())
     vera_rank = _vera_rank(shapes, budget)
     vector_length = vblora_vector_length(shapes) if _all_linear(shapes) else None
@@ -260,5 +265,7 @@ def budget_report(
         "anchors": [
             {**anchor.to_dict(), "gfa_vs_lora_r1": anchor.gfa_params / lora_rank1} for anchor in anchors
         ],
-        "modules": [{"name": piece.name, "shape": list(piece.shape), "offset": piece.offset} for piece in layout.modules],
+        "modules": [
+            {"name": piece.name, "shape": list(piece.shape), "offset": piece.offset} for piece in layout.modules
+        ],
     }

@@ -1,13 +1,19 @@
 """The scatter: each module's update is its slice of vec(B A), and only the rows of B A that
 intersect the slice are ever formed.
 
+A module's window of the row-major m x k matrix splits into at most three rectangular segments:
+the tail of its first row, a block of whole rows, and the head of its last row. Every product
+below is one GEMM per segment, written straight into (or read straight from) the module-shaped
+buffer, so no row-padded copy of the slice is ever made.
+
 `ScatteredOp` runs a layer with the effective weight W + sum_a s_a * slice_a(B_a A_a) without
 keeping that module-sized weight alive for backward: the backward pass recomputes it, and turns
-the weight gradient g^T x into gradients for the rows of B and for A.
+the weight gradient g^T x into gradients for the touched rows of B and for A.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,42 +32,116 @@ class SliceSpec:
     scale: float
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Rows [row, row + n_rows) x columns [col, col + n_cols) of the grid, stored at
+    [start, start + n_rows * n_cols) of the module's flattened update."""
+
+    row: int
+    n_rows: int
+    col: int
+    n_cols: int
+    start: int
+
+    def of(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.start : self.start + self.n_rows * self.n_cols].view(self.n_rows, self.n_cols)
+
+
+def segments(spec: SliceSpec) -> list[Segment]:
+    """The module's window as: the rest of its first row, whole rows, the start of its last row."""
+    k, numel = spec.k, spec.piece.numel
+    row, skip = divmod(spec.piece.offset, k)
+    parts, start = [], 0
+    if skip:
+        head = min(k - skip, numel)
+        parts.append(Segment(row, 1, skip, head, 0))
+        row, start = row + 1, head
+    whole_rows = (numel - start) // k
+    if whole_rows:
+        parts.append(Segment(row, whole_rows, 0, k, start))
+        row, start = row + whole_rows, start + whole_rows * k
+    if start < numel:
+        parts.append(Segment(row, 1, 0, numel - start, start))
+    return parts
+
+
+def add_slice(
+    out: torch.Tensor, base: torch.Tensor | None, B: torch.Tensor, A: torch.Tensor, spec: SliceSpec
+) -> torch.Tensor:
+    """out = base + s * slice(B A) (or s * slice(B A) without base), one GEMM per segment."""
+    out_flat = out.view(-1)
+    base_flat = out_flat if base is None else base.reshape(-1)
+    B, A = B.to(out.dtype), A.to(out.dtype)
+    for seg in segments(spec):
+        torch.addmm(
+            seg.of(base_flat),
+            B[seg.row : seg.row + seg.n_rows],
+            A[:, seg.col : seg.col + seg.n_cols],
+            beta=0 if base is None else 1,
+            alpha=spec.scale,
+            out=seg.of(out_flat),
+        )
+    return out
+
+
 def slice_of_product(B: torch.Tensor, A: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
-    """reshape(vec(B A)[offset : offset + numel], shape), forming only the rows it touches."""
-    first_row, n_rows, skip = spec.piece.rows(spec.k)
-    rows = B[first_row : first_row + n_rows] @ A
-    return rows.view(-1)[skip : skip + spec.piece.numel].view(spec.piece.shape)
+    """s * reshape(vec(B A)[offset : offset + numel], shape), forming only the rows it touches."""
+    return add_slice(B.new_empty(spec.piece.shape), None, B, A, spec)
 
 
-def factor_grads(
-    grad_delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, spec: SliceSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of <grad_delta, slice_of_product(B, A)> for the touched rows of B, and for A.
+def add_factor_grads(
+    grad_B: torch.Tensor, grad_A: torch.Tensor, grad_delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, spec: SliceSpec
+) -> None:
+    """Accumulate the gradients of <grad_delta, s * slice(B A)> into grad_B (rows touched) and grad_A.
 
-    Entries of those rows that belong to other modules or to the padding get zero gradient.
+    Grid entries outside the slice (other modules, padding) contribute nothing.
     """
-    first_row, n_rows, skip = spec.piece.rows(spec.k)
     flat = grad_delta.reshape(-1)
-    if skip == 0 and flat.numel() == n_rows * spec.k:
-        rows_grad = flat.view(n_rows, spec.k)
-    else:
-        rows_grad = flat.new_zeros(n_rows * spec.k)
-        rows_grad[skip : skip + flat.numel()] = flat
-        rows_grad = rows_grad.view(n_rows, spec.k)
-    return rows_grad @ A.T, B[first_row : first_row + n_rows].T @ rows_grad
+    B, A = B.to(flat.dtype), A.to(flat.dtype)
+    for seg in segments(spec):
+        rows, cols = slice(seg.row, seg.row + seg.n_rows), slice(seg.col, seg.col + seg.n_cols)
+        grad = seg.of(flat)
+        grad_B[rows].addmm_(grad, A[:, cols].T, alpha=spec.scale)
+        grad_A[:, cols].addmm_(B[rows].T, grad, alpha=spec.scale)
+
+
+class Workspace(threading.local):
+    """Per-thread scratch buffers for module-sized weights and weight gradients, on the CPU.
+
+    A CPU allocation of more than 32 MB is served by a fresh mmap that page-faults on first touch,
+    every step (about as slow as the arithmetic it holds); one reused buffer per (shape, dtype)
+    avoids that. A buffer's contents never outlive the call that fills it. On accelerators the
+    caching allocator already reuses memory, so buffers are plain allocations there.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def buffer(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        key = (tuple(shape), dtype)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self.buffers[key]
+
+
+WORKSPACE = Workspace()
 
 
 def effective_weight(
     base_weight: torch.Tensor | None,
     specs: Sequence[SliceSpec],
     factors: Sequence[torch.Tensor],
-    dtype: torch.dtype,
+    like: torch.Tensor,
 ) -> torch.Tensor:
-    """W + sum_a s_a * slice_a, or just the sum of the scaled slices when there is no W."""
-    weight = base_weight
+    """W + sum_a s_a * slice_a, or only the sum of the scaled slices when there is no W; in the dtype of
+    `like` (the base weight, or the input when there is none). Lives in the workspace."""
+    weight = WORKSPACE.buffer(specs[0].piece.shape, like.dtype, like.device)
+    base = base_weight
     for spec, B, A in zip(specs, factors[0::2], factors[1::2]):
-        delta = slice_of_product(B, A, spec).to(dtype)
-        weight = delta * spec.scale if weight is None else torch.add(weight, delta, alpha=spec.scale)
+        add_slice(weight, base, B, A, spec)
+        base = weight
     return weight
 
 
@@ -74,33 +154,30 @@ class ScatteredOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, op: WeightOp, base_weight, specs: Sequence[SliceSpec], *factors):
-        dtype = x.dtype if base_weight is None else base_weight.dtype
-        weight = effective_weight(base_weight, specs, factors, dtype)
-        ctx.op, ctx.specs, ctx.dtype = op, specs, dtype
+        like = x if base_weight is None else base_weight
+        ctx.op, ctx.specs = op, specs
         ctx.save_for_backward(x, base_weight, *factors)
-        return op.forward(x, weight)
+        return op.forward(x, effective_weight(base_weight, specs, factors, like))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, base_weight, *factors = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = effective_weight(base_weight, ctx.specs, factors, ctx.dtype)
+            like = grad_out if base_weight is None else base_weight
+            weight = effective_weight(base_weight, ctx.specs, factors, like)
             grad_x = ctx.op.grad_input(grad_out, x, weight.to(grad_out.dtype)).to(x.dtype)
-        factor_grads_out: list[torch.Tensor | None] = [None] * len(factors)
+        factor_grads: list[torch.Tensor | None] = [None] * len(factors)
         if any(ctx.needs_input_grad[4:]):
-            x_matched = x.to(grad_out.dtype) if x.is_floating_point() else x
-            grad_weight = ctx.op.grad_weight(grad_out, x_matched)
+            grad_weight = WORKSPACE.buffer(ctx.specs[0].piece.shape, grad_out.dtype, grad_out.device)
+            ctx.op.grad_weight(grad_out, x.to(grad_out.dtype) if x.is_floating_point() else x, out=grad_weight)
             for index, spec in enumerate(ctx.specs):
                 B, A = factors[2 * index], factors[2 * index + 1]
-                if not (ctx.needs_input_grad[4 + 2 * index] or ctx.needs_input_grad[5 + 2 * index]):
-                    continue
-                grad_B_rows, grad_A = factor_grads(grad_weight.to(B.dtype) * spec.scale, B, A, spec)
-                first_row, n_rows, _ = spec.piece.rows(spec.k)
-                grad_B = torch.zeros_like(B)
-                grad_B[first_row : first_row + n_rows] = grad_B_rows
-                factor_grads_out[2 * index], factor_grads_out[2 * index + 1] = grad_B, grad_A
-        return (grad_x, None, None, None, *factor_grads_out)
+                grad_B = torch.zeros_like(B, dtype=grad_weight.dtype)
+                grad_A = torch.zeros_like(A, dtype=grad_weight.dtype)
+                add_factor_grads(grad_B, grad_A, grad_weight, B, A, spec)
+                factor_grads[2 * index], factor_grads[2 * index + 1] = grad_B.to(B.dtype), grad_A.to(A.dtype)
+        return (grad_x, None, None, None, *factor_grads)
 
 
 def scattered_op(

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers import PreTrainedModel
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from gfa_peft.weight_ops import update_shape

@@ -34,7 +34,8 @@ class WeightOp:
     def grad_input(self, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def grad_weight(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def grad_weight(self, grad_out: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the gradient of the weight (in GFA's orientation) into `out` and return it."""
         raise NotImplementedError
 
     def add_bias(self, out: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,8 @@ class LinearOp(WeightOp):
     def grad_input(self, grad_out, x, weight):
         return grad_out @ weight
 
-    def grad_weight(self, grad_out, x):
-        return grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    def grad_weight(self, grad_out, x, out):
+        return torch.mm(grad_out.reshape(-1, grad_out.shape[-1]).T, x.reshape(-1, x.shape[-1]), out=out)
 
 
 class Conv1DOp(LinearOp):
@@ -76,8 +77,8 @@ class Conv2dOp(WeightOp):
     def grad_input(self, grad_out, x, weight):
         return torch.nn.grad.conv2d_input(x.shape, weight, grad_out, **self.hyper)
 
-    def grad_weight(self, grad_out, x):
-        return torch.nn.grad.conv2d_weight(x, self.layer.weight.shape, grad_out, **self.hyper)
+    def grad_weight(self, grad_out, x, out):
+        return out.copy_(torch.nn.grad.conv2d_weight(x, self.layer.weight.shape, grad_out, **self.hyper))
 
     def add_bias(self, out):
         bias = self.layer.bias
@@ -95,10 +96,12 @@ class EmbeddingOp(WeightOp):
             x, weight, self.layer.padding_idx, scale_grad_by_freq=self.layer.scale_grad_by_freq
         )
 
-    def grad_weight(self, grad_out, x):
+    def grad_weight(self, grad_out, x, out):
         padding_idx = -1 if self.layer.padding_idx is None else self.layer.padding_idx
-        return torch.ops.aten.embedding_dense_backward(
-            grad_out, x, self.layer.num_embeddings, padding_idx, self.layer.scale_grad_by_freq
+        return out.copy_(
+            torch.ops.aten.embedding_dense_backward(
+                grad_out, x, self.layer.num_embeddings, padding_idx, self.layer.scale_grad_by_freq
+            )
         )
 
 

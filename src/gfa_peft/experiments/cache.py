@@ -33,6 +33,11 @@ def cache_dir() -> Path:
     return _user_cache_root() / "gfa-peft"
 
 
+def asset_folder(kind: str, name: str, cache: Path | None = None) -> Path:
+    """Where asset `name` of kind "model" or "task" lives: `<cache>/models/<name>` or `<cache>/tasks/<name>`."""
+    return (Path(cache) if cache is not None else cache_dir()) / f"{kind}s" / name
+
+
 def _user_cache_root() -> Path:
     home = Path.home()
     if sys.platform == "win32":

@@ -25,10 +25,6 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESET_DIR.glob("*.json"))
 
 
-def preset_description(name: str) -> str:
-    return _read_preset(name)["description"]
-
-
 def architecture_config(name_or_dir: str | os.PathLike) -> PretrainedConfig:
     """The config of a folder holding `config.json` or, when no such folder exists, of a preset.
 

@@ -2,8 +2,7 @@
 
 A split depends only on each example's `id` and the seed: examples are ordered by
 sha256("<seed>:<id>") and cut at the cumulative fractions. No random generator is involved, so a
-split is the same on every machine and library version, and adding or removing an example moves
-no other example to a different split.
+split is the same on every machine and library version, whatever order the rows arrive in.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 SEED = 0
+Row = dict[str, Any]
 
 
 def normalise(text: str) -> str:
@@ -24,9 +24,9 @@ def normalise(text: str) -> str:
     return re.sub(r"[\W_]+", "", unicodedata.normalize("NFKD", text).lower())
 
 
-def deduplicate(rows: Iterable[dict[str, Any]], text_column: str = "text") -> list[dict[str, Any]]:
+def deduplicate(rows: Iterable[Row], text_column: str = "text") -> list[Row]:
     """Keep the first row of each normalised text; drop every text whose copies disagree on the label."""
-    first: dict[str, dict[str, Any]] = {}
+    first: dict[str, Row] = {}
     labels: dict[str, set[Any]] = {}
     for row in rows:
         key = normalise(row[text_column])
@@ -35,7 +35,7 @@ def deduplicate(rows: Iterable[dict[str, Any]], text_column: str = "text") -> li
     return [row for key, row in first.items() if len(labels[key]) == 1]
 
 
-def carve(rows: Iterable[dict[str, Any]], fractions: Mapping[str, float], seed: int = SEED) -> dict[str, list[dict[str, Any]]]:
+def carve(rows: Iterable[Row], fractions: Mapping[str, float], seed: int = SEED) -> dict[str, list[Row]]:
     """Split rows into the named parts with the given fractions (summing to 1), by the hash of their ids.
 
     Part sizes are the differences of round(n * cumulative fraction), so they add up to n exactly.

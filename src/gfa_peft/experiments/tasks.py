@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
 
-from gfa_peft.experiments.cache import MissingAssetError, cache_dir, read_record
+from gfa_peft.experiments.cache import MissingAssetError, asset_folder, read_record
 from gfa_peft.experiments.splits import carve
 
 SPLITS = ("train", "dev", "test")
@@ -91,15 +91,11 @@ ENCODER_TASKS = ("rt", "trec6", "mrpc", "rte", "sst2")
 DECODER_TASKS = ("arc_easy", "arc_challenge", "boolq", "obqa", "piqa", "winogrande")
 
 
-def task_folder(name: str, cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / "tasks" / name
-
-
 def load_task(name: str, cache: Path | None = None) -> tuple[Task, DatasetDict]:
     """A named task and its train/dev/test splits, as converted by `gfa assets install`."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    folder = task_folder(name, cache)
+    folder = asset_folder("task", name, cache)
     if read_record(folder) is None:
         raise MissingAssetError(f"task {name!r} is not installed in {folder}: run `gfa assets install`")
     saved = load_from_disk(str(folder))
@@ -156,7 +152,9 @@ def load_user_task(train_file: str | Path, eval_file: str | Path | None = None) 
         eval_file = Path(eval_file)
         eval_rows = _read_rows(eval_file)
         if _text_columns(eval_file, eval_rows) != text_columns:
-            raise UserTaskError(f"{eval_file} must have the same text columns as {train_file}: {', '.join(text_columns)}")
+            raise UserTaskError(
+                f"{eval_file} must have the same text columns as {train_file}: {', '.join(text_columns)}"
+            )
         unseen = sorted(set(_sorted_labels(row["label"] for row in eval_rows)) - set(label_names))
         if unseen:
             raise UserTaskError(f"{eval_file} has labels that {train_file} never uses: {', '.join(unseen)}")

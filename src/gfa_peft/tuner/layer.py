@@ -42,10 +42,10 @@ class GfaLayer(nn.Module, BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         """The shared factors are placed by the tuner; moving them per layer would fight over them."""
 
+    @torch.no_grad()
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """scale * slice of B A for this module, in GFA's (out, in, ...) orientation."""
-        spec = self.gfa_slice[adapter_name]
-        return spec.scale * slice_of_product(self.gfa_B[adapter_name], self.gfa_A[adapter_name], spec)
+        return slice_of_product(self.gfa_B[adapter_name], self.gfa_A[adapter_name], self.gfa_slice[adapter_name])
 
     def _adapters_here(self, adapter_names) -> list[str]:
         return [name for name in adapter_names if name in self.gfa_slice]

@@ -18,6 +18,7 @@ from torch import nn
 
 from gfa_peft.layout import Layout, build_layout, order_modules
 from gfa_peft.scatter import SliceSpec
+from gfa_peft.targets import leaf_names
 from gfa_peft.tuner.config import GfaConfig
 from gfa_peft.tuner.layer import GfaLayer
 from gfa_peft.weight_ops import update_shape
@@ -79,7 +80,7 @@ class GfaModel(BaseTuner):
         if not targets:
             raise ValueError(
                 f"GfaConfig.target_modules={_readable(config.target_modules)} matches no module of this model. "
-                f"Its modules are named: {', '.join(_leaf_names(model))}"
+                f"Its modules are named: {', '.join(leaf_names(model))}"
             )
         shapes = {name: update_shape(module, name) for name, module in targets.items()}
         layout = build_layout([(name, shapes[name]) for name in order_modules(list(targets), config.module_order)])
@@ -132,8 +133,3 @@ class GfaModel(BaseTuner):
 
 def _readable(targets) -> object:
     return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
-
-
-def _leaf_names(model: nn.Module) -> list[str]:
-    """Distinct last name components of modules that hold a weight, e.g. ['dense', 'query', 'value']."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if name and hasattr(module, "weight")})
