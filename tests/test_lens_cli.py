@@ -11,12 +11,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
+from toy_models import tiny_gpt2
 from transformers import BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
 
 from gfa_peft import GfaConfig, delta_weights
 from gfa_peft.cli import main
 from gfa_peft.experiments.lens_inputs import deltas_from_adapter, deltas_from_file, save_deltas
-from toy_models import tiny_gpt2
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -45,14 +45,16 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         for name, parameter in tuned.named_parameters():
             if name.endswith("proj.weight"):
                 rows, columns = parameter.shape
-                parameter += 0.02 * torch.randn(rows, columns, generator=generator)
-                parameter += 0.1 * torch.outer(torch.randn(rows, generator=generator), torch.randn(columns, generator=generator))
+                local_rank1 = torch.randn(rows, 1, generator=generator) @ torch.randn(1, columns, generator=generator)
+                parameter += 0.02 * torch.randn(rows, columns, generator=generator) + 0.1 * local_rank1
     tuned.save_pretrained(root / "tuned")
     llama(hidden=48).save_pretrained(root / "wider")
     llama(layers=2).save_pretrained(root / "shallower")
     BertModel(tiny_bert_config()).save_pretrained(root / "bert")
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    lora.save_pretrained(root / "lora")
     return {"root": root, "base": root / "base", "tuned": root / "tuned", "wider": root / "wider",
-            "shallower": root / "shallower", "bert": root / "bert"}
+            "shallower": root / "shallower", "bert": root / "bert", "lora": root / "lora"}
 
 
 def saved_deltas(folders) -> dict[str, torch.Tensor]:
@@ -75,10 +77,17 @@ def concatenated(deltas, names) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(m * k - flat.numel())]).view(m, k)
 
 
+RECORD_KEYS = {"budget", "e_gfa", "e_lora", "e_gfa_rel", "e_lora_rel", "gfa_rank", "lora_ranks", "favoured"}
+
+
+def run_lens(folders, *options: str) -> int:
+    return main(["lens", "--base", str(folders["base"]), "--tuned", str(folders["tuned"]), *options])
+
+
 def test_lens_on_base_and_tuned_folders(folders, tmp_path, capsys):
     out, plot = tmp_path / "lens.json", tmp_path / "lens.png"
-    code = main(["lens", "--base", str(folders["base"]), "--tuned", str(folders["tuned"]), "--targets", "q_proj,v_proj",
-                 "--module-order", "model,by_name", "--grid-points", "12", "--json", str(out), "--plot", str(plot)])
+    code = run_lens(folders, "--targets", "q_proj,v_proj", "--module-order", "model,by_name", "--grid-points", "12",
+                    "--json", str(out), "--plot", str(plot))
     assert code == 0
     assert "favoured" in capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -92,31 +101,33 @@ def test_lens_on_base_and_tuned_folders(folders, tmp_path, capsys):
     assert {"label": "1", "budget": lora_rank1} in report["anchors"]
     assert lora_rank1 in [record["budget"] for record in report["budgets"]]
 
+    def approx(value: float):
+        return pytest.approx(value, rel=1e-5, abs=1e-9 * total)
+
     by_model = concatenated(deltas, list(deltas))
-    by_name = concatenated(deltas, [n for n in deltas if n.endswith("q_proj")] + [n for n in deltas if n.endswith("v_proj")])
+    by_name = concatenated(deltas, sorted(deltas, key=lambda name: name.endswith("v_proj")))  # all q, then all v
     m, k = by_model.shape
     assert (report["m"], report["k"]) == (m, k)
     for record in report["budgets"]:
-        assert record.keys() >= {"budget", "e_gfa", "e_lora", "e_gfa_rel", "e_lora_rel", "gfa_rank", "lora_ranks", "favoured"}
+        assert record.keys() >= RECORD_KEYS
         rank = min(record["budget"] // (m + k), k)
         assert record["gfa_rank"] == rank
-        assert record["e_gfa"] == pytest.approx(tail(by_model, rank), rel=1e-5, abs=1e-9 * total)
+        assert record["e_gfa"] == approx(tail(by_model, rank))
         assert record["e_gfa_rel"] == pytest.approx(record["e_gfa"] / total, rel=1e-5)
         equal_rank = record["budget"] // lora_rank1
-        assert record["e_lora_equal"] == pytest.approx(sum(tail(d, equal_rank) for d in deltas.values()), rel=1e-5, abs=1e-9 * total)
+        assert record["e_lora_equal"] == approx(sum(tail(delta, equal_rank) for delta in deltas.values()))
         ranks = record["lora_ranks"]
         assert sum(ranks[name] * sum(deltas[name].shape) for name in deltas) <= record["budget"]
-        assert record["e_lora"] == pytest.approx(sum(tail(deltas[n], ranks[n]) for n in deltas), rel=1e-5, abs=1e-9 * total)
+        assert record["e_lora"] == approx(sum(tail(deltas[name], ranks[name]) for name in deltas))
         assert record["e_lora"] <= min(record["e_lora_greedy"], record["e_lora_equal"]) + 1e-9 * total
-        expected = "gfa" if record["e_gfa"] < record["e_lora"] else "lora"
-        assert record["favoured"] == ("tie" if abs(record["e_gfa"] - record["e_lora"]) <= 1e-3 * total else expected)
+        closer = "gfa" if record["e_gfa"] < record["e_lora"] else "lora"
+        assert record["favoured"] == ("tie" if abs(record["e_gfa"] - record["e_lora"]) <= 1e-3 * total else closer)
     for point in report["module_orders"]["by_name"]:
-        assert point["e_gfa"] == pytest.approx(tail(by_name, point["gfa_rank"]), rel=1e-5, abs=1e-9 * total)
+        assert point["e_gfa"] == approx(tail(by_name, point["gfa_rank"]))
 
 
 def test_lens_json_to_stdout_with_explicit_budgets(folders, capsys):
-    code = main(["lens", "--base", str(folders["base"]), "--tuned", str(folders["tuned"]), "--budgets", "400,100", "--json"])
-    assert code == 0
+    assert run_lens(folders, "--budgets", "400,100", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert [record["budget"] for record in report["budgets"]] == [100, 400]
 
@@ -124,8 +135,7 @@ def test_lens_json_to_stdout_with_explicit_budgets(folders, capsys):
 def test_save_deltas_then_lens_on_the_file_gives_the_same_report(folders, tmp_path, capsys):
     saved, first, second = tmp_path / "deltas.safetensors", tmp_path / "a.json", tmp_path / "b.json"
     common = ["--budgets", "150,700", "--json"]
-    assert main(["lens", "--base", str(folders["base"]), "--tuned", str(folders["tuned"]), "--save-deltas", str(saved),
-                 *common, str(first)]) == 0
+    assert run_lens(folders, "--save-deltas", str(saved), *common, str(first)) == 0
     assert main(["lens", "--deltas", str(saved), *common, str(second)]) == 0
     one, two = json.loads(first.read_text()), json.loads(second.read_text())
     assert one["budgets"] == two["budgets"] and one["modules"] == two["modules"]
@@ -151,7 +161,8 @@ def test_adapter_delta_of_a_classifier_lora_is_its_scaled_product(tmp_path, fold
     """A LoRA trained on a 3-label classifier built from a bare encoder: the base loads with the saved head's
     label count, and each target's update is s * B A in (out, in) orientation."""
     classifier = BertForSequenceClassification.from_pretrained(folders["bert"], num_labels=3)
-    config = LoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"], task_type="SEQ_CLS",
+                        init_lora_weights=False)
     peft_model = get_peft_model(classifier, config)
     peft_model.save_pretrained(tmp_path / "adapter")
     deltas = deltas_from_adapter(tmp_path / "adapter", folders["bert"])
@@ -192,15 +203,20 @@ def test_adapter_delta_of_a_gfa_adapter_matches_its_own_updates(tmp_path, folder
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--base", "{bert}", "--tuned", "{tuned}"], r"base '.*bert' is a 'bert' model but tuned '.*tuned' is a 'llama' model"),
+        (["--base", "{bert}", "--tuned", "{tuned}"],
+         r"base '.*bert' is a 'bert' model but tuned '.*tuned' is a 'llama' model"),
         (["--base", "{wider}", "--tuned", "{tuned}"],
          r"'model.layers.0.self_attn.q_proj' has update shape \[48, 48\] in base .* but \[32, 32\] in tuned"),
-        (["--base", "{shallower}", "--tuned", "{tuned}"], r"'model.layers.2.self_attn.q_proj' of tuned .* is not in base"),
+        (["--base", "{shallower}", "--tuned", "{tuned}"],
+         r"'model.layers.2.self_attn.q_proj' of tuned .* is not in base"),
         (["--base", "{base}", "--tuned", "{tuned}", "--targets", "query"], r"match no module"),
-        (["--base", "{base}", "--tuned", "{tuned}", "--budgets", "100,20"], r"budget 20 is below the smallest feasible budget 48"),
+        (["--base", "{base}", "--tuned", "{tuned}", "--budgets", "100,20"],
+         r"budget 20 is below the smallest feasible budget 48"),
         (["--base", "{base}", "--tuned", "{base}"], r"zero on every target module"),
         (["--tuned", "{tuned}"], r"give --base with --tuned.*got --tuned"),
         (["--base", "{base}", "--adapter", "{tuned}"], r"has no adapter_config.json"),
+        (["--base", "{wider}", "--adapter", "{lora}"],
+         r"adapter '.*lora' does not fit base '.*wider': size mismatch for .*layers.0.self_attn.q_proj.lora_A"),
         (["--deltas", "{root}/missing.safetensors"], r"does not exist"),
     ],
 )

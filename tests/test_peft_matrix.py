@@ -293,3 +293,18 @@ def test_introspection_api():
         assert deltas[piece.name].shape == weight.shape
         assert piece.shape == (weight.shape[1], weight.shape[0])  # layout uses (out, in)
         torch.testing.assert_close(deltas[piece.name], reference[piece.name].T)
+
+
+def test_deepcopy_keeps_layers_bound_to_their_own_factors():
+    case = CASES[2]
+    model, _ = make(case, init_weights=False)
+    clone = copy.deepcopy(model)
+    inputs = case.inputs()
+    assert torch.equal(case.output(clone, inputs), case.output(model, inputs))
+    with torch.no_grad():
+        gfa_peft.factors(clone)[0].mul_(2.0)
+    layers = [m for m in clone.modules() if isinstance(m, GfaLayer)]
+    assert all(layer.gfa_B is clone.base_model.gfa_B for layer in layers)
+    assert not torch.equal(case.output(clone, inputs), case.output(model, inputs))
+    expected = case.output(apply_deltas(case.model(), dense_reference_deltas(clone)), inputs)
+    torch.testing.assert_close(case.output(clone, inputs), expected, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ the weight gradient g^T x into gradients for the touched rows of B and for A.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,24 +107,25 @@ def add_factor_grads(
 
 
 class Workspace(threading.local):
-    """Per-thread scratch buffers for module-sized weights and weight gradients, on the CPU.
+    """Per-thread scratch memory for module-sized weights and weight gradients, on the CPU.
 
     A CPU allocation of more than 32 MB is served by a fresh mmap that page-faults on first touch,
-    every step (about as slow as the arithmetic it holds); one reused buffer per (shape, dtype)
-    avoids that. A buffer's contents never outlive the call that fills it. On accelerators the
-    caching allocator already reuses memory, so buffers are plain allocations there.
+    every step (about as slow as the arithmetic it holds); reusing one flat buffer per dtype, grown
+    to the largest module, avoids that and costs one module's worth of memory. A view's contents
+    never outlive the call that fills it. On accelerators the caching allocator already reuses
+    memory, so views there are plain allocations.
     """
 
     def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.flat: dict[torch.dtype, torch.Tensor] = {}
 
     def buffer(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
-        key = (tuple(shape), dtype)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-        return self.buffers[key]
+        numel = math.prod(shape)
+        if dtype not in self.flat or self.flat[dtype].numel() < numel:
+            self.flat[dtype] = torch.empty(numel, dtype=dtype, device=device)
+        return self.flat[dtype][:numel].view(shape)
 
 
 WORKSPACE = Workspace()

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Each name is a module of this package whose `register` adds one subcommand.
-COMMANDS: list[str] = ["count", "assets", "lens"]
+COMMANDS: list[str] = ["count", "assets", "lens", "bench", "merge", "train", "sweep", "demo", "tune"]
 
 
 class UsageError(Exception):

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -64,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "feasible budget, min(m + k, min_i (p_i + q_i)), to the largest anchor",
     )
     parser.add_argument("--anchors", default=",".join(DEFAULT_ANCHORS), metavar="LABELS",
-                        help="rank anchors to mark (and evaluate by default): '1/2' or LoRA ranks (default: %(default)s)")
+                        help="rank anchors to mark (and by default evaluate): '1/2' or LoRA ranks "
+                        "(default: %(default)s)")
     parser.add_argument("--grid-points", type=int, default=DEFAULT_GRID_POINTS, metavar="N",
                         help="points of the default log-spaced grid (default: %(default)s; 0: anchors only)")
     parser.add_argument(
@@ -81,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default: %(default)s)")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="write the report as JSON to FILE, or to stdout when FILE is omitted (then no table)")
-    parser.add_argument("--plot", metavar="FILE", help="plot E / ||Delta*||^2 against the budget (log x) to FILE (.png)")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="plot E / ||Delta*||^2 against the budget (log x) to FILE (.png)")
     parser.add_argument("--save-deltas", metavar="FILE",
                         help="also save Delta* as safetensors, to rerun the lens with --deltas FILE")
     parser.set_defaults(run=run)
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.json != "-",
     ).to_dict()
     others = {label: layout for label, layout in layouts.items() if label != main_label}
-    effect = module_order_effect(deltas, others, budgets, rtol=args.rtol, seed=args.seed)
+    effect = module_order_effect(deltas, others, budgets, rtol=args.rtol, seed=args.seed, progress=args.json != "-")
     gfa_keys = ("budget", "e_gfa", "e_gfa_rel", "gfa_rank", "gfa_error_bound")
     data = {
         "source": _describe_source(args),
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         **report,
         "module_orders": {
             main_label: [{key: record[key] for key in gfa_keys} for record in report["budgets"]],
-            **{label: [vars(point) for point in points] for label, points in effect.items()},
+            **{label: [asdict(point) for point in points] for label, points in effect.items()},
         },
     }
 
@@ -203,13 +206,16 @@ def _parse_budgets(text: str) -> list[int]:
 def format_report(data: Mapping) -> str:
     """The report as a readable table: errors in % of ||Delta*||^2."""
     anchors = {anchor["budget"]: anchor["label"] for anchor in data["anchors"]}
+    total = data["total_energy"]
+    if data["gfa_spectrum_iterations"]:
+        bound = 100 * data["gfa_spectrum_error_bound"] / total
+        how = f"{data['gfa_spectrum_iterations']} power iterations, head-energy error <= {bound:.2g}% of ||Delta*||^2"
+    else:
+        how = "a dense decomposition (exact)"
     lines = [
-        f"Delta*: {len(data['modules'])} modules, d = {data['d']:,}, global matrix {data['m']:,} x {data['k']:,}, "
-        f"||Delta*||^2 = {data['total_energy']:.6g}",
-        f"global spectrum: top {data['gfa_spectrum_rank']} singular values "
-        + (f"by {data['gfa_spectrum_iterations']} power iterations, head-energy error <= "
-           f"{100 * data['gfa_spectrum_error_bound'] / data['total_energy']:.2g}% of ||Delta*||^2"
-           if data["gfa_spectrum_iterations"] else "by a dense decomposition (exact)"),
+        (f"Delta*: {len(data['modules'])} modules, d = {data['d']:,}, "
+         f"global matrix {data['m']:,} x {data['k']:,}, ||Delta*||^2 = {total:.6g}"),
+        f"global spectrum: top {data['gfa_spectrum_rank']} singular values by {how}",
         f"smallest feasible budget {data['smallest_feasible_budget']:,} ({data['smallest_feasible_budget_why']})",
         "",
     ]
@@ -252,7 +258,6 @@ def plot_lens(data: Mapping, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullLocator
 
     records = data["budgets"]

@@ -35,9 +35,8 @@ class BenchShapes:
             setattr(config, key, value)
         return config
 
-    def build(self, device: torch.device | str = "cpu", seed: int = 0) -> PreTrainedModel:
-        """The causal LM with weights drawn from `seed` (on the meta device: shapes only, no weights)."""
-        torch.manual_seed(seed)
+    def build(self, device: torch.device | str = "cpu") -> PreTrainedModel:
+        """The causal LM, weights drawn from torch's global generator (on the meta device: shapes only)."""
         with torch.device(device):
             return AutoModelForCausalLM.from_config(self.config())
 
@@ -49,7 +48,8 @@ SHAPES: dict[str, BenchShapes] = {
             "llama-3.2-3b",
             "llama-3.2-3b",
             {"num_hidden_layers": 2, "vocab_size": 1024},
-            "Llama-3.2-3B widths (hidden 3072, intermediate 8192, 24 query / 8 key-value heads), 2 layers, vocabulary 1024",
+            "Llama-3.2-3B widths (hidden 3072, intermediate 8192, 24 query / 8 key-value heads), 2 layers, "
+            "vocabulary 1024",
         ),
         BenchShapes(
             "smollm2",

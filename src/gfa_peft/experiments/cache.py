@@ -49,11 +49,15 @@ def _user_cache_root() -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON through a temporary file in the same folder, then rename it over `path`."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` through a temporary file in the same folder, then rename it over `path`."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2, sort_keys=True)
-            file.write("\n")
+            file.write(text)
         os.chmod(temporary, _mode(0o666))
         os.replace(temporary, path)
     except BaseException:

@@ -52,7 +52,9 @@ MODULE_ORDER_KEY = "gfa_lens_modules"
 """Safetensors metadata entry holding the module order (a JSON list), since safetensors sorts its keys."""
 
 
-def deltas_from_models(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, targets: Targets | None = None) -> dict[str, Tensor]:
+def deltas_from_models(
+    base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, targets: Targets | None = None
+) -> dict[str, Tensor]:
     """Delta W_i* = W_i(tuned) - W_i(base) on the target modules (default: PEFT's LoRA default for the type).
 
     Both folders are read with the tuned model's class (a classifier fine-tuned from a bare encoder keeps the
@@ -76,7 +78,9 @@ def deltas_from_models(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike
     return {name: tuned[name] - base[name] for name in tuned}
 
 
-def deltas_from_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, targets: Targets | None = None) -> dict[str, Tensor]:
+def deltas_from_adapter(
+    adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, targets: Targets | None = None
+) -> dict[str, Tensor]:
     """Delta W_i* of any adapter PEFT can load: merged weights minus base weights on the target modules
     (default: the adapter's own `target_modules`).
 
@@ -93,14 +97,13 @@ def deltas_from_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathL
     labels = _head_labels(adapter_dir, config)
     model = model_class.from_pretrained(base_dir, dtype=torch.float32, **({"num_labels": labels} if labels else {}))
     if targets is None:
-        targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else config.target_modules
+        targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
     before = _weights(find_targets(model, targets))
     try:
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     except RuntimeError as error:  # torch's load_state_dict: the adapter's tensors do not fit this base
-        raise ValueError(
-            f"adapter {str(adapter_dir)!r} does not fit base {str(base_dir)!r}: {str(error).splitlines()[-1].strip()}"
-        ) from None
+        first_problem = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ValueError(f"adapter {str(adapter_dir)!r} does not fit base {str(base_dir)!r}: {first_problem}") from None
     after = _weights([(name, merged.get_submodule(name)) for name in before])
     return {name: after[name] - before[name] for name in before}
 
@@ -132,7 +135,8 @@ def deltas_from_file(path: str | os.PathLike, targets: Targets | None = None) ->
         deltas = {name: file.get_tensor(name).float() for name in names}
     flat = [name for name, delta in deltas.items() if delta.dim() < 2]
     if flat:
-        raise ValueError(f"deltas file {str(path)!r}: {flat[0]!r} has shape {list(deltas[flat[0]].shape)}, not a matrix")
+        shape = list(deltas[flat[0]].shape)
+        raise ValueError(f"deltas file {str(path)!r}: {flat[0]!r} has shape {shape}, not a matrix")
     return deltas
 
 

@@ -132,7 +132,7 @@ class LoraProblem:
             spent = (spent[:, None] + group.cost * ranks).flatten()
             captured = (captured[:, None] + group.captured[ranks]).flatten()
             keep = spent <= budget
-            keep &= captured + remaining_bound((budget - spent).clamp_min(0)) >= floor * 1.05 + 0.01
+            keep &= captured + remaining_bound((budget - spent).clamp_min(0)) >= floor - slack
             spent, captured, choices = _undominated(spent[keep], captured[keep], choices[keep])
         last = self.classes[-1]
         last_ranks = ((budget - spent) // last.cost).clamp(max=last.size)
@@ -140,7 +140,9 @@ class LoraProblem:
         return self.allocation(self._module_ranks([*choices[best].tolist(), int(last_ranks[best])]))
 
     def _module_ranks(self, class_ranks: Sequence[int]) -> dict[str, int]:
-        ranks = {name: rank for group, t in zip(self.classes, class_ranks) for name, rank in group.module_ranks(t).items()}
+        ranks = {}
+        for group, total_rank in zip(self.classes, class_ranks):
+            ranks.update(group.module_ranks(total_rank))
         return {name: ranks[name] for name in self.module_spectra}
 
     def _greedy_class_ranks(self, budget: int) -> list[int]:

@@ -3,6 +3,7 @@ the verdict at every budget and the budgets where it changes."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -52,10 +53,17 @@ def _check_against_layout(deltas: Mapping[str, Tensor], layout: Layout) -> None:
 
 
 def global_spectrum(
-    deltas: Mapping[str, Tensor], layout: Layout, max_budget: int, *, rtol: float = DEFAULT_RTOL, seed: int = 0
+    deltas: Mapping[str, Tensor],
+    layout: Layout,
+    max_budget: int,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    seed: int = 0,
+    progress: bool = False,
 ) -> Spectrum:
     """The spectrum of M* as far as budgets up to `max_budget` need it: r_max = max_budget // (m + k)."""
-    return top_singular_values(global_matrix(deltas, layout), max_budget // (layout.m + layout.k), rtol=rtol, seed=seed)
+    top = max_budget // (layout.m + layout.k)
+    return top_singular_values(global_matrix(deltas, layout), top, rtol=rtol, seed=seed, progress=progress)
 
 
 def module_spectra(deltas: Mapping[str, Tensor], progress: bool = False) -> dict[str, Spectrum]:
@@ -177,7 +185,7 @@ def lens_report(
     """
     budgets = check_budgets(budgets, layout)
     lora = LoraProblem(module_spectra(deltas, progress))
-    spectrum = global_spectrum(deltas, layout, budgets[-1], rtol=rtol, seed=seed)
+    spectrum = global_spectrum(deltas, layout, budgets[-1], rtol=rtol, seed=seed, progress=progress)
     total = spectrum.total
 
     def record(budget: int) -> BudgetRecord:
@@ -226,7 +234,7 @@ def _relative(error: float, total: float) -> float:
 def _crossovers(records: Sequence[BudgetRecord], favoured_at: Callable[[int], Favoured]) -> list[Crossover]:
     decided = [record for record in records if record.favoured != "tie"]
     found = []
-    for below, above in zip(decided, decided[1:]):
+    for below, above in itertools.pairwise(decided):
         if below.favoured == above.favoured:
             continue
         low, high = below.budget, above.budget  # favoured at low: below.favoured; at high: something else
@@ -255,15 +263,17 @@ def module_order_effect(
     *,
     rtol: float = DEFAULT_RTOL,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, list[GfaPoint]]:
     """E_GFA at every budget (ascending) for each named layout of the same modules, e.g. one per module order.
     E_LoRA does not depend on the order, so only GFA's side is computed."""
     effect = {}
     for label, layout in layouts.items():
         budgets = check_budgets(budgets, layout)
-        spectrum = global_spectrum(deltas, layout, budgets[-1], rtol=rtol, seed=seed)
+        spectrum = global_spectrum(deltas, layout, budgets[-1], rtol=rtol, seed=seed, progress=progress)
         effect[label] = []
         for budget in budgets:
             error, rank = gfa_error(spectrum, budget)
-            effect[label].append(GfaPoint(budget, error, _relative(error, spectrum.total), rank, spectrum.tail_error(rank)))
+            relative = _relative(error, spectrum.total)
+            effect[label].append(GfaPoint(budget, error, relative, rank, spectrum.tail_error(rank)))
     return effect

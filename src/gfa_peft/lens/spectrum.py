@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 DEFAULT_RTOL = 1e-4
 """Target bound on the randomized head-energy error, as a fraction of ||M||_F^2."""
@@ -84,6 +85,7 @@ def top_singular_values(
     oversample: int | None = None,
     max_iters: int = 50,
     seed: int = 0,
+    progress: bool = False,
 ) -> Spectrum:
     """The top n singular values of a large m x k matrix, by randomized subspace iteration.
 
@@ -99,21 +101,25 @@ def top_singular_values(
       sum_{j<=r} (2 s_j delta_j + delta_j^2), delta_j = rho_j / sqrt(2).
 
     Iteration stops once that bound for r = n is at most rtol * ||M||_F^2 (or after max_iters; the bound
-    reached is reported either way). Products run in M's dtype; energies, the orthonormalization and the small
-    decompositions in float64. When the block would span a large part of the matrix anyway, the complete
-    dense spectrum is cheaper and exact, and is returned instead.
+    reached is reported either way). The default oversampling, max(10, n), doubles the block: each pass costs
+    more, but the Ritz values converge like (sigma_{n + oversample} / sigma_j)^(2 * pass), which matters where
+    the top of the spectrum is flat. Products run in M's dtype (M is never copied); energies, the
+    orthonormalization and the small decompositions in float64. When the block would span a large part of
+    the matrix anyway, the complete dense spectrum is cheaper and exact, and is returned instead.
     """
     rows, columns = matrix.shape
     n = min(n, rows, columns)
-    width = min(n + (max(10, n // 2) if oversample is None else oversample), rows, columns)
+    width = min(n + (max(10, n) if oversample is None else oversample), rows, columns)
     if 2 * width >= min(rows, columns):
         return dense_spectrum(matrix)
-    total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64) ** 2)
+    total = _energy(matrix)
     if n == 0:
-        return Spectrum((rows, columns), torch.zeros(0, dtype=torch.float64), total, torch.zeros(0, dtype=torch.float64))
+        nothing = torch.zeros(0, dtype=torch.float64)
+        return Spectrum((rows, columns), nothing, total, nothing)
     generator = torch.Generator().manual_seed(seed)
     basis = _orthonormal(matrix @ torch.randn(columns, width, generator=generator, dtype=matrix.dtype), matrix.dtype)
-    for iteration in range(1, max_iters + 1):
+    passes = tqdm(range(1, max_iters + 1), desc="global spectrum", disable=not progress, leave=False)
+    for iteration in passes:
         # Rayleigh-Ritz: Q^T M = U_s S V^T through a QR of M^T Q, so only width x width matrices are decomposed.
         right_basis, triangle = torch.linalg.qr((matrix.T @ basis).double())
         small_left, values, small_right_t = torch.linalg.svd(triangle.T)
@@ -123,10 +129,16 @@ def top_singular_values(
         residual = torch.linalg.vector_norm(image[:, :n] - left[:, :n] * values[:n], dim=0)
         drift = residual / math.sqrt(2)
         head_error = torch.cumsum(2 * values[:n] * drift + drift**2, 0)
+        passes.set_postfix(bound=f"{float(head_error[-1]) / total:.1e}", target=f"{rtol:.0e}")
         if head_error[-1] <= rtol * total:
             break
         basis = _orthonormal(image, matrix.dtype)  # M M^T Q up to a rotation: the next block
     return Spectrum((rows, columns), values[:n] ** 2, total, head_error, iterations=iteration)
+
+
+def _energy(matrix: Tensor) -> float:
+    """||M||_F^2 accumulated in float64 a block of rows at a time: a float64 copy of all of M could be too big."""
+    return sum(float(rows.double().square().sum()) for rows in matrix.split(1024))
 
 
 def _orthonormal(block: Tensor, dtype: torch.dtype) -> Tensor:

@@ -1,0 +1,222 @@
+"""`gfa bench`: paired step time and memory of GFA, LoRA, DoRA and the frozen floor at matched rank anchors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+
+from gfa_peft.cli import UsageError
+from gfa_peft.experiments.bench import METHODS, QUICK, BenchSettings, plan, run_bench
+from gfa_peft.experiments.bench_models import SCOPES, SHAPES
+from gfa_peft.experiments.bench_report import format_summary, format_tables, write_outputs
+from gfa_peft.experiments.bench_worker import DTYPES
+from gfa_peft.experiments.cache import write_json_atomic
+
+FULL = BenchSettings()
+DEFAULT_OUT = "gfa-bench"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="paired step time and memory of GFA, LoRA and DoRA at matched rank anchors",
+        description=(
+            "Time training steps (forward, backward, AdamW) of GFA, PEFT's LoRA and PEFT's DoRA at the same rank "
+            "anchor, beside the floor (every weight frozen, gradients still flowing back to every target module), "
+            "on models with public architectures' shapes and random weights. Each method runs in its own process; "
+            "the processes of a cell take turns one step at a time, in rounds of alternating order, so that a busy "
+            "machine slows them alike. Reported per method: median step time, tokens/s, process CPU time, peak "
+            "tensor memory of a step (CPU: from PyTorch's profiler; CUDA: the allocator's statistics), and each as "
+            f"a ratio to LoRA's. Without --quick the full run writes results.json, results.md, plot.png and "
+            f"config.json to --out (default {DEFAULT_OUT}/). See docs/bench.md."
+        ),
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"a few-minute subset: shapes {_names(QUICK.shapes)}, scope {','.join(QUICK.scopes)}, anchor "
+        f"{','.join(QUICK.anchors)}, {QUICK.warmup} warm-up, 1 memory and {QUICK.steps} timed steps; "
+        "flags given still apply",
+    )
+    parser.add_argument(
+        "--shapes", metavar="NAMES",
+        help="comma-separated model shapes: "
+        + "; ".join(f"{name} ({shapes.description})" for name, shapes in SHAPES.items())
+        + f" (default: {_names(FULL.shapes)})",
+    )
+    parser.add_argument(
+        "--scopes", metavar="NAMES", help=f"comma-separated target scopes from {', '.join(SCOPES)} (default: all)"
+    )
+    parser.add_argument(
+        "--anchors", metavar="LABELS",
+        help="comma-separated rank anchors: '1/2' (GFA only, against LoRA r=1) or LoRA ranks "
+        f"(default: {','.join(FULL.anchors)})",
+    )
+    parser.add_argument(
+        "--methods", metavar="NAMES", help=f"comma-separated methods from {', '.join(METHODS)} (default: all)"
+    )
+    parser.add_argument("--steps", type=int, metavar="N", help=f"timed steps per method (default: {FULL.steps})")
+    parser.add_argument(
+        "--warmup", type=int, metavar="N",
+        help=f"untimed steps per method before the one that measures memory (default: {FULL.warmup})",
+    )
+    parser.add_argument("--batch-size", type=int, metavar="N", help=f"sequences a step (default: {FULL.batch_size})")
+    parser.add_argument(
+        "--seq-len", type=int, metavar="N",
+        help=f"tokens a sequence (default: {FULL.seq_len}; {FULL.tokens:,} tokens a step with the default batch)",
+    )
+    parser.add_argument("--device", metavar="DEVICE", help=f"'cpu' or 'cuda[:N]' (default: {FULL.device})")
+    parser.add_argument("--dtype", choices=list(DTYPES), help=f"weights' dtype (default: {FULL.dtype})")
+    parser.add_argument(
+        "--threads", type=int, metavar="N",
+        help=f"torch threads per process (default: the cores available, here {FULL.threads})",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="N",
+        help=f"seed of the weights and tokens, the same for every method (default: {FULL.seed})",
+    )
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the records (one per cell and method) as a JSON list to FILE"
+    )
+    parser.add_argument(
+        "--out", metavar="DIR",
+        help="write results.json, results.md, plot.png and config.json to DIR "
+        f"(default: {DEFAULT_OUT} for the full run, nothing for --quick)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    try:
+        plan(settings)
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
+    json_path = _file_path(args.json, "--json") if args.json else None
+    out = args.out or (None if args.quick else DEFAULT_OUT)
+    out_folder = _folder_path(out) if out else None
+
+    started, load_before, clock = datetime.now(timezone.utc), _load(), time.perf_counter()
+    records = run_bench(settings, progress=not args.no_progress)
+    wall_s = time.perf_counter() - clock
+    run_line = (
+        f"{settings.device} {settings.dtype}, {settings.threads} threads, {settings.tokens:,} tokens a step "
+        f"({settings.batch_size} x {settings.seq_len}), {settings.warmup} warm-up + 1 memory + {settings.steps} timed "
+        f"steps per method, wall time {wall_s:.0f} s"
+    )
+    print(format_tables(records), format_summary(records), run_line, sep="\n\n")
+    if json_path is not None:
+        write_json_atomic(json_path, records)
+    if out_folder is not None:
+        config = _run_config(settings, args, started, wall_s, load_before)
+        written = write_outputs(out_folder, records, config, run_line)
+        print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def settings_from(args: argparse.Namespace) -> BenchSettings:
+    """The full run's settings, or `QUICK`'s with --quick, with every flag given applied on top."""
+    base = QUICK if args.quick else FULL
+    given = {
+        "shapes": _parse_list(args.shapes, "--shapes"),
+        "scopes": _parse_list(args.scopes, "--scopes"),
+        "anchors": _parse_list(args.anchors, "--anchors"),
+        "methods": _parse_list(args.methods, "--methods"),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "seed": args.seed,
+    }
+    if given["shapes"] is not None:
+        unknown = [name for name in given["shapes"] if name not in SHAPES]
+        if unknown:
+            raise UsageError(f"unknown shapes {', '.join(map(repr, unknown))}; choose from {', '.join(SHAPES)}")
+        given["shapes"] = tuple(SHAPES[name] for name in given["shapes"])
+    return dataclasses.replace(base, **{key: value for key, value in given.items() if value is not None})
+
+
+def _parse_list(text: str | None, flag: str) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(items):
+        raise UsageError(f"{flag} {text!r} has an empty entry")
+    return items
+
+
+def _file_path(text: str, flag: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"{flag} {text!r} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write {flag} {text!r}: folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def _folder_path(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {text!r} exists and is not a folder")
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write --out {text!r}: folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def _run_config(settings: BenchSettings, args: argparse.Namespace, started: datetime, wall_s: float,
+                load_before: list[float] | None) -> dict:
+    """The settings and the machine, so that a result can be read (and rerun) later."""
+    device = torch.device(settings.device)
+    return {
+        "settings": {
+            **dataclasses.asdict(settings),
+            "shapes": [{"name": shapes.name, "preset": shapes.preset, "changes": dict(shapes.changes),
+                        "description": shapes.description} for shapes in settings.shapes],
+            "tokens": settings.tokens,
+        },
+        "arguments": {name: value for name, value in vars(args).items() if not callable(value)},
+        "started": started.isoformat(timespec="seconds"),
+        "wall_s": wall_s,
+        "load_average_before": load_before,
+        "load_average_after": _load(),
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
+
+
+def _load() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: how busy the (shared) machine was."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _names(shapes) -> str:
+    return ",".join(item.name for item in shapes)

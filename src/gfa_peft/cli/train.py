@@ -1,0 +1,105 @@
+"""`gfa train`: fine-tune one model on one task with one method at one budget, and evaluate it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from gfa_peft.cli import UsageError
+from gfa_peft.experiments.distributed import RankMismatchError, rank_and_world
+from gfa_peft.experiments.train import RunConfig, RunConfigError, execute, is_finished, prepare
+from gfa_peft.targets import ALL_LINEAR
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune and evaluate one run (GFA, LoRA, DoRA, VeRA, VB-LoRA or full) at a matched budget",
+        description=(
+            "Train with transformers' Trainer and evaluate on the task's test split. Every method is placed at the "
+            "anchor's budget as `gfa count` shows. The run folder gets config.json, the adapter (or, for full "
+            "fine-tuning, the whole tuned model), train_log.json and, last, metrics.json (accuracy, F1 or Matthews "
+            "where the task uses them, the majority-class baseline, adapter-only trainable parameters, wall time). "
+            "Everything is checked before training starts; nothing is written on bad input. "
+            "Runs under `torchrun --nproc_per_node N -m gfa_peft.cli train ...` too (only rank 0 writes)."
+        ),
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--runs", default="runs", metavar="DIR",
+                        help="root of run folders: the run goes to DIR/<task>/<method>-<anchor>-s<seed> "
+                        "(default: %(default)s)")
+    parser.add_argument("--out", metavar="DIR", help="the run folder itself, instead of one under --runs")
+    parser.add_argument("--overwrite", action="store_true", help="redo a run whose folder holds a finished run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    try:
+        prepared = prepare(config)
+    except RunConfigError as error:
+        raise UsageError(str(error)) from None
+    folder = Path(args.out) if args.out else Path(args.runs) / prepared.task.name / prepared.name
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"run folder {str(folder)!r} is a file")
+    if is_finished(folder) and not args.overwrite:
+        raise UsageError(f"{folder} already holds a finished run; pass --overwrite to train it again")
+    try:
+        metrics = execute(prepared, folder, progress=not args.no_progress)
+    except RankMismatchError as error:  # under torchrun: raised on every rank, before anything is written
+        raise UsageError(str(error)) from None
+    if rank_and_world()[0] == 0:  # under torchrun every process has the metrics; one prints them
+        print(json.dumps(metrics, indent=2))
+        print(f"run folder: {folder}")
+    return 0
+
+
+# ---------------------------------------------------------------- RunConfig <-> flags (shared with sweep, tune)
+
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str] = ()) -> None:
+    """One flag per RunConfig field (its help text from the field), defaults left to the run's recipe."""
+    hints = typing.get_type_hints(RunConfig)
+    for item in dataclasses.fields(RunConfig):
+        if item.name in exclude:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        hint = hints[item.name]
+        default = item.default
+        help_text = item.metadata["help"] + (f" (default: {default})" if default is not None else "")
+        if typing.get_origin(hint) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(hint), default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=_parser_for(item.name, hint), default=default, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any) -> RunConfig:
+    """The RunConfig the parsed flags describe; `fixed` sets fields that have no flag."""
+    values = {item.name: getattr(args, item.name) for item in dataclasses.fields(RunConfig) if hasattr(args, item.name)}
+    return RunConfig(**{**values, **fixed})
+
+
+def _parser_for(name: str, hint: Any):
+    if name == "targets":
+        return parse_targets
+    return next(arg for arg in typing.get_args(hint) or (hint,) if arg is not type(None))
+
+
+def parse_targets(text: str) -> str | list[str]:
+    """'all-linear', or comma-separated module names."""
+    if text.strip().lower() == ALL_LINEAR:
+        return ALL_LINEAR
+    return parse_list(text)
+
+
+def parse_list(text: str) -> list[str]:
+    """Comma-separated entries, none empty (an argparse type)."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry")
+    return items

@@ -1,0 +1,62 @@
+"""`gfa tune`: choose each method's learning rate on the dev split, with the same trials for every method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gfa_peft.cli import UsageError
+from gfa_peft.cli.sweep import float_list, add_grid_arguments, run_spec, spec_from_args
+from gfa_peft.experiments.cache import write_json_atomic
+from gfa_peft.experiments.recipes import LEARNING_RATES_FILE, RECIPES, recipe_key
+from gfa_peft.experiments.sweep import choose_learning_rates
+from gfa_peft.experiments.tasks import TASKS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tune",
+        help="pick each method's learning rate on the dev split (same grid, same number of trials per method)",
+        description=(
+            "Train every method at one anchor for each learning rate of --lrs on each task, evaluate on the dev "
+            "split (never the test split), and pick, per method, the rate with the best dev accuracy averaged over "
+            "the tasks (ties to the smaller rate). Writes OUT/lr_choice.json; --save-defaults also records the "
+            "choices as the recipe's defaults in the package's default_lrs.json. Resumes like `gfa sweep`."
+        ),
+    )
+    add_grid_arguments(parser, anchors="4")
+    parser.add_argument("--lrs", type=float_list, required=True, metavar="LR,LR,...",
+                        help="the learning rates to try, the same for every method given")
+    parser.add_argument("--out", default="runs/tune", metavar="DIR", help="the tuning sweep's folder (default: %(default)s)")
+    parser.add_argument("--save-defaults", action="store_true",
+                        help=f"record the chosen rates in {LEARNING_RATES_FILE.name} under the model's recipe")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.eval_split != "test":
+        raise UsageError("tuning always evaluates on the dev split: drop --eval-split")
+    spec = spec_from_args(args, eval_split="dev")
+    unknown = [task for task in spec.tasks if task not in TASKS]
+    if unknown:
+        raise UsageError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
+    kinds = {TASKS[task].kind for task in spec.tasks}
+    if len(kinds) > 1:
+        raise UsageError("tune on tasks of one kind (all classification or all multiple choice): they share a recipe")
+    out = Path(args.out)
+    summary = run_spec(spec, out, progress=not args.no_progress)
+    choices = choose_learning_rates(summary["cells"])
+    key = recipe_key(spec.model, kinds.pop())
+    record = {"recipe": key, "recipe_settings": RECIPES[key].__dict__, "spec": {**spec.__dict__},
+              "choices": choices}
+    write_json_atomic(out / "lr_choice.json", record)
+    for method, choice in choices.items():
+        trials = ", ".join(f"{lr:g}: {mean:.1f}" for lr, mean in choice["mean_by_lr"].items())
+        print(f"{method}: chose lr {choice['lr']:g} (mean dev accuracy % by lr: {trials})")
+    if args.save_defaults:
+        saved = json.loads(LEARNING_RATES_FILE.read_text(encoding="utf-8")) if LEARNING_RATES_FILE.is_file() else {}
+        saved.setdefault(key, {}).update({method: choice["lr"] for method, choice in choices.items()})
+        write_json_atomic(LEARNING_RATES_FILE, saved)
+        print(f"saved as the {key} recipe's defaults in {LEARNING_RATES_FILE}")
+    return 0

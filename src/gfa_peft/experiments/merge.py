@@ -1,0 +1,230 @@
+"""Merge a GFA adapter into a safetensors checkpoint one shard at a time, never loading the model.
+
+Each adapted module's weight becomes W + s * slice(B A), its slice formed by itself from the
+factors (`slice_of_product`) and added in float32; every other tensor is copied unchanged, shard
+by shard, so memory holds one shard plus one module's update. Which way a weight is stored is
+read from the base model's own classes, built on the meta device from its config.json: GFA lays
+updates out as (out, in, ...), and transformers' GPT-2 `Conv1D` stores (in, out), which a shape
+test cannot tell apart for square weights. `modules_to_save` tensors saved with the adapter
+(e.g. a classifier head) replace the base's.
+
+Everything is checked from file headers before anything is written, and the output folder is
+built under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft.utils import load_peft_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from gfa_peft.experiments.presets import load_architecture
+from gfa_peft.layout import Layout
+from gfa_peft.scatter import SliceSpec, slice_of_product
+from gfa_peft.tuner.checkpoint import FACTOR_KEYS, read_safetensors_header
+from gfa_peft.tuner.config import GfaConfig
+from gfa_peft.weight_ops import WeightOp, op_for
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Weights in other formats are never copied: they would hold the unmerged base next to the merged one.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".index.json")
+SAVED_MODULE_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Addition:
+    """One adapted weight: where its update sits in the grid, and how its layer stores it."""
+
+    spec: SliceSpec
+    op: WeightOp
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything `write_merged` needs, checked against the checkpoint's headers."""
+
+    base: Path
+    shards: tuple[str, ...]
+    index: str | None
+    B: torch.Tensor
+    A: torch.Tensor
+    additions: dict[str, Addition]  # checkpoint key -> its update
+    replacements: dict[str, torch.Tensor]  # checkpoint key -> tensor saved with the adapter
+    copied: tuple[str, ...]
+    skipped: tuple[str, ...]
+    n_tensors: int
+
+
+def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> MergePlan:
+    """Read and check an adapter and a base checkpoint; raise ValueError naming the first problem."""
+    adapter_dir, base = Path(adapter_dir), Path(base_dir)
+    config = read_gfa_config(adapter_dir)
+    layout = Layout.from_dict(config.layout)
+    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    missing = [key for key in FACTOR_KEYS if key not in weights]
+    if missing:
+        raise ValueError(f"the adapter in {adapter_dir} holds no GFA factors {missing}")
+    B, A = (weights[key].float() for key in FACTOR_KEYS)
+    shards, index = checkpoint_shards(base)
+    headers = {key: entry for shard in shards for key, entry in read_safetensors_header(base / shard).items()}
+    model = load_architecture(base)
+    modules = dict(model.named_modules())
+
+    additions = {}
+    for piece in layout.modules:
+        module = modules.get(piece.name)
+        if module is None:
+            raise ValueError(
+                f"adapter module {piece.name!r} is not a module of the base model ({type(model).__name__} in {base})"
+            )
+        op = op_for(module, piece.name)
+        if tuple(op.weight().shape) != piece.shape:
+            raise ValueError(
+                f"module {piece.name!r} has update shape {list(piece.shape)} in the adapter but "
+                f"{list(op.weight().shape)} in the base model"
+            )
+        key = checkpoint_key(f"{piece.name}.weight", headers, model)
+        _check_shape(key, headers[key]["shape"], module.weight.shape)
+        additions[key] = Addition(SliceSpec(piece, layout.k, config.scale), op)
+
+    replacements = {}
+    for saved_key, tensor in weights.items():
+        if saved_key in FACTOR_KEYS:
+            continue
+        key = checkpoint_key(saved_key.removeprefix(SAVED_MODULE_PREFIX), headers, model)
+        _check_shape(key, headers[key]["shape"], tensor.shape)
+        replacements[key] = tensor
+
+    copied, skipped = [], []
+    for entry in sorted(os.listdir(base)):
+        if (base / entry).is_file() and entry not in shards and entry != index:
+            (skipped if entry.endswith(WEIGHT_SUFFIXES) else copied).append(entry)
+    return MergePlan(
+        base=base, shards=shards, index=index, B=B, A=A, additions=additions, replacements=replacements,
+        copied=tuple(copied), skipped=tuple(skipped), n_tensors=len(headers),
+    )
+
+
+def read_gfa_config(adapter_dir: Path) -> GfaConfig:
+    """The adapter's config, after checking it is a GFA adapter with a layout and a complete weights file."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir} holds no adapter_config.json")
+    peft_type = json.loads(path.read_text(encoding="utf-8")).get("peft_type")
+    if peft_type != "GFA":
+        raise ValueError(f"{adapter_dir} holds a {peft_type} adapter, not a GFA one")
+    config = GfaConfig.from_pretrained(str(adapter_dir))  # also checks the weights file against the config
+    if config.layout is None:
+        raise ValueError(f"{path} records no layout; save the adapter with this package's GfaConfig")
+    return config
+
+
+def checkpoint_shards(base: Path) -> tuple[tuple[str, ...], str | None]:
+    """The safetensors files of a checkpoint folder, in order, and its index file (None for a single file)."""
+    if not (base / "config.json").is_file():
+        raise ValueError(f"base model folder {base} has no config.json")
+    if (base / INDEX_FILE).is_file():
+        weight_map = json.loads((base / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
+        shards = tuple(sorted(set(weight_map.values())))
+        missing = [shard for shard in shards if not (base / shard).is_file()]
+        if missing:
+            raise ValueError(f"{base / INDEX_FILE} lists shards that are missing: {missing}")
+        return shards, INDEX_FILE
+    if (base / SINGLE_FILE).is_file():
+        return (SINGLE_FILE,), None
+    others = [name for name in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (base / name).is_file()]
+    hint = f"; it has {others[0]}: only safetensors checkpoints are merged" if others else ""
+    raise ValueError(f"base model folder {base} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def checkpoint_key(name: str, headers: dict, model: nn.Module) -> str:
+    """The checkpoint's key for a parameter of `model`, which may lack the model's base prefix
+    (a checkpoint of the bare `GPT2Model` says `h.0...` where `GPT2LMHeadModel` says `transformer.h.0...`)."""
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    for key in (name, name.removeprefix(prefix)):
+        if key in headers:
+            return key
+    raise ValueError(f"the base checkpoint holds no tensor {name!r} (is it a checkpoint of this architecture?)")
+
+
+def _check_shape(key: str, stored: list[int], expected) -> None:
+    if list(stored) != list(expected):
+        raise ValueError(
+            f"tensor {key!r} has shape {list(stored)} in the base checkpoint, the adapter needs {list(expected)}"
+        )
+
+
+def write_merged(plan: MergePlan, out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the merged checkpoint to `out_dir` (built under a temporary name, then renamed into place)
+    and return a summary. `overwrite` replaces an existing folder once the new one is complete."""
+    out = Path(out_dir)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        with tqdm(total=plan.n_tensors, unit="tensor", desc="merging", disable=not progress) as bar:
+            for shard in plan.shards:
+                merge_shard(plan, shard, building / shard, bar)
+        for name in (plan.index, *plan.copied):
+            if name is not None:
+                shutil.copy2(plan.base / name, building / name)
+        os.chmod(building, 0o777 & ~_umask())
+        _move_into_place(building, out, overwrite)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return {
+        "base": str(plan.base),
+        "out": str(out),
+        "shards": len(plan.shards),
+        "tensors": plan.n_tensors,
+        "merged_modules": len(plan.additions),
+        "replaced_tensors": sorted(plan.replacements),
+        "copied_files": list(plan.copied),
+        "skipped_weight_files": list(plan.skipped),
+    }
+
+
+def merge_shard(plan: MergePlan, shard: str, destination: Path, bar: tqdm) -> None:
+    """Copy one shard with the adapter's updates added and its saved tensors substituted."""
+    tensors = {}
+    with safe_open(plan.base / shard, framework="pt") as source:
+        metadata = source.metadata() or {"format": "pt"}
+        for key in source.keys():
+            tensor = source.get_tensor(key)
+            if key in plan.additions:
+                addition = plan.additions[key]
+                update = addition.op.stored(slice_of_product(plan.B, plan.A, addition.spec))
+                tensor = (tensor.float() + update).to(tensor.dtype)
+            elif key in plan.replacements:
+                tensor = plan.replacements[key].to(tensor.dtype).contiguous()
+            tensors[key] = tensor
+            bar.update()
+    save_file(tensors, destination, metadata=metadata)
+
+
+def _move_into_place(building: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        os.rename(building, out)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists")
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rename(out, retired / out.name)
+    os.rename(building, out)
+    shutil.rmtree(retired)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

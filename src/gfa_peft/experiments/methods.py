@@ -1,0 +1,145 @@
+"""The methods a run can train, each placed at a budget: its PEFT config and its exact adapter-only count.
+
+Every adapter method sits where `gfa_peft.budget.rank_anchors` places it at an anchor (or at an explicit rank),
+so a sweep compares methods at the same budgets:
+
+- `gfa`: this package's GFA, rank nearest the anchor's budget, scale 1;
+- `lora`, `dora`: PEFT's LoRA and DoRA at the anchor's LoRA rank, with lora_alpha = r (scaling alpha / r = 1,
+  so like GFA each adds its factor product unscaled and the tuned learning rate is the one step-size knob);
+- `vera`, `vblora`: PEFT's VeRA and VB-LoRA, the shared-parameter competitors, at the knob value nearest the
+  budget (VB-LoRA: R = 4, top-k = 2, vector length from `budget.vblora_vector_length`);
+- `full`: full fine-tuning of the target matrices themselves (no anchor); biases and the rest stay frozen.
+
+Counts are adapter-only: a classification head, trained by every method, is never part of them (the paper's
+convention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftConfig, VBLoRAConfig, VeraConfig
+
+from gfa_peft.budget import (
+    VBLORA_TOPK,
+    Shape,
+    dora_params,
+    gfa_params,
+    lora_params,
+    ordered_layout,
+    rank_anchors,
+    vera_params,
+)
+from gfa_peft.tuner import GfaConfig
+
+METHODS = ("gfa", "lora", "dora", "vera", "vblora", "full")
+RANKED_METHODS = ("gfa", "lora", "dora", "vera")
+"""Methods whose size is a rank, so `--rank` can set it directly (VB-LoRA's knob is its bank size)."""
+
+
+class PlacementError(ValueError):
+    """A method that cannot be placed as asked: an anchor it cannot reach, a rank out of range."""
+
+
+class UnreachableAnchor(PlacementError):
+    """A budget below the method's smallest configuration (LoRA or DoRA at "1/2"): a sweep leaves the cell empty."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A method at one size: the anchor (or explicit rank) asked for, the knob chosen, the exact count."""
+
+    method: str
+    anchor: str | None
+    """The anchor label, None for an explicit rank or for full fine-tuning."""
+    knobs: dict
+    """The method's size settings, e.g. {"r": 3} for GFA or {"num_vectors": 24, ...} for VB-LoRA."""
+    trainable: int
+    """Adapter-only trainable parameters (no head)."""
+    budget: int | None
+    """The anchor's budget (LoRA's count at its rank), None without an anchor."""
+
+    @property
+    def label(self) -> str:
+        """How the run is named: the anchor ("1_2", "4"), "r64" for an explicit rank, "full"."""
+        if self.anchor is not None:
+            return self.anchor.replace("/", "_")
+        return f"r{self.knobs['r']}" if "r" in self.knobs else self.method
+
+
+def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | None = None,
+          rank: int | None = None) -> Placement:
+    """Place `method` on the target modules `named_shapes` at `anchor` or at an explicit `rank`.
+
+    Full fine-tuning takes neither; every other method takes exactly one (VB-LoRA only an anchor).
+    Raises PlacementError for an unknown method, a missing or extra size, an anchor the method cannot reach
+    (e.g. LoRA at "1/2") or a rank out of range; ValueError from `rank_anchors` for a malformed anchor.
+    """
+    if method not in METHODS:
+        raise PlacementError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    shapes = [shape for _, shape in named_shapes]
+    if method == "full":
+        if anchor is not None or rank is not None:
+            raise PlacementError("full fine-tuning trains the target matrices themselves: give no anchor or rank")
+        return Placement("full", None, {}, sum(math.prod(shape) for shape in shapes), None)
+    if (anchor is None) == (rank is None):
+        raise PlacementError(f"method {method!r} needs exactly one of an anchor or a rank")
+    if rank is not None:
+        return _at_rank(method, named_shapes, rank)
+    (placed,) = rank_anchors(named_shapes, [anchor])
+    knobs, trainable = {
+        "gfa": ({"r": placed.gfa_rank}, placed.gfa_params),
+        "lora": ({"r": placed.lora_rank}, placed.lora_params),
+        "dora": ({"r": placed.lora_rank}, placed.dora_params),
+        "vera": ({"r": placed.vera_rank}, placed.vera_params),
+        "vblora": ({"r": placed.vblora_rank, "num_vectors": placed.vblora_num_vectors,
+                    "vector_length": placed.vblora_vector_length, "topk": VBLORA_TOPK}, placed.vblora_params),
+    }[method]
+    if trainable is None:
+        smallest = {"lora": "LoRA r=1", "dora": "DoRA r=1", "vera": "VeRA r=1",
+                    "vblora": f"VB-LoRA with {VBLORA_TOPK} vectors"}
+        raise UnreachableAnchor(
+            f"{method} cannot reach anchor {anchor} (budget {placed.budget:,} parameters): its smallest "
+            f"configuration, {smallest[method]}, is larger"
+        )
+    return Placement(method, anchor, knobs, trainable, placed.budget)
+
+
+def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int) -> Placement:
+    if method not in RANKED_METHODS:
+        raise PlacementError(f"{method} has no rank to set: its size knob is the bank size, so give an anchor")
+    if rank < 1:
+        raise PlacementError(f"rank must be a positive integer, got {rank}")
+    shapes = [shape for _, shape in named_shapes]
+    if method == "gfa":
+        layout = ordered_layout(named_shapes)
+        if rank > layout.max_rank():
+            raise PlacementError(
+                f"GFA rank {rank} is out of range: the global matrix is {layout.m} x {layout.k}, "
+                f"so ranks go up to {layout.max_rank()}"
+            )
+        trainable = gfa_params(layout, rank)
+    else:
+        trainable = {"lora": lora_params, "dora": dora_params, "vera": vera_params}[method](shapes, rank)
+    return Placement(method, None, {"r": rank}, trainable, None)
+
+
+def peft_config(placement: Placement, targets: str | Sequence[str], task_type: str) -> PeftConfig:
+    """The PEFT config that trains `placement` on `targets` (PEFT `target_modules` semantics).
+
+    Not defined for full fine-tuning, which uses no adapter.
+    """
+    target_modules = targets if isinstance(targets, str) else list(targets)
+    common = {"target_modules": target_modules, "task_type": task_type}
+    knobs = placement.knobs
+    if placement.method == "gfa":
+        return GfaConfig(r=knobs["r"], scale=1.0, **common)
+    if placement.method in ("lora", "dora"):
+        return LoraConfig(r=knobs["r"], lora_alpha=knobs["r"], use_dora=placement.method == "dora", **common)
+    if placement.method == "vera":
+        return VeraConfig(r=knobs["r"], **common)
+    if placement.method == "vblora":
+        return VBLoRAConfig(**knobs, **common)
+    raise ValueError(f"method {placement.method!r} uses no PEFT adapter")

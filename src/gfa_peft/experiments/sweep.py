@@ -1,0 +1,264 @@
+"""A grid of runs (tasks x methods x anchors x seeds, optionally x learning rates) that resumes, and its tables.
+
+`run_sweep` checks every run of the grid before training any, skips the runs whose folder already holds
+`metrics.json` (so an interrupted sweep picks up where it stopped, redoing only the unfinished run), and then
+summarises the finished runs: one row per (task, method, anchor, learning rate) cell with the mean and
+standard deviation over seeds, the tie band, GFA-vs-DoRA verdicts, the retention table and the
+majority-class baselines. Accuracies in the summary are in percentage points.
+
+Tie band: twice the pooled seed standard deviation, pooled over every cell with at least two seeds
+(variance weighted by its n - 1); with no such cell, the paper's +/-1.4pp (from its pooled 0.7pp).
+A gap within the band is a tie; the band's edge itself counts as a tie, as the paper counts it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from gfa_peft.experiments.cache import write_json_atomic, write_text_atomic
+from gfa_peft.experiments.train import (
+    PreparedRun,
+    RunConfig,
+    RunConfigError,
+    execute,
+    is_finished,
+    load_run,
+    prepare,
+)
+
+PAPER_TIE_BAND = 1.4
+"""The paper's tie band in percentage points: +/-2 x its pooled seed standard deviation of 0.7pp."""
+RETENTION_FROM = "1/2"
+RETENTION_TO = "16"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The grid. `settings` are RunConfig fields shared by every run (steps, eval_split, cache, ...)."""
+
+    model: str = "minilm"
+    tasks: tuple[str, ...] = ("rt",)
+    methods: tuple[str, ...] = ("gfa", "lora", "dora")
+    anchors: tuple[str, ...] = ("1/2", "1", "4", "16")
+    seeds: tuple[int, ...] = (0,)
+    learning_rates: tuple[float, ...] | None = None
+    """None: each method's tuned default. A tuple: every run once per learning rate (tuning)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def configs(self) -> list[RunConfig]:
+        """Every run of the grid; full fine-tuning, which has no anchor, once per task and seed."""
+        base = RunConfig(model=self.model, **self.settings)
+        configs = []
+        for task in self.tasks:
+            for method in self.methods:
+                anchors = [None] if method == "full" else self.anchors
+                for anchor in anchors:
+                    for seed in self.seeds:
+                        for lr in self.learning_rates or [None]:
+                            configs.append(replace(base, task=task, method=method, anchor=anchor, seed=seed, lr=lr))
+        return configs
+
+
+@dataclass
+class Plan:
+    """The runs of a sweep that can be placed, their folders, and the cells no method can reach."""
+
+    runs: list[tuple[PreparedRun, Path]]
+    unreachable: list[str]
+
+
+def plan(spec: SweepSpec, root: Path) -> Plan:
+    """Prepare every run of the grid. Cells a method cannot reach (LoRA at "1/2") are left out and listed;
+    any other problem raises RunConfigError before anything is trained."""
+    runs, unreachable = [], []
+    for config in spec.configs():
+        try:
+            run = prepare(config)
+        except RunConfigError as error:
+            if not error.unreachable:
+                raise
+            unreachable.append(f"{config.task} {config.method} at {config.anchor}")
+            continue
+        runs.append((run, root / run.task.name / run.name))
+    return Plan(runs, unreachable)
+
+
+def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
+              log: Callable[[str], object] = tqdm.write) -> dict[str, Any]:
+    """Train every unfinished run of the grid into `root`, then write and return the summary."""
+    sweep = plan(spec, root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / "sweep.json", asdict(spec))
+    todo = [(run, folder) for run, folder in sweep.runs if not is_finished(folder)]
+    log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, {len(todo)} to run"
+        + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else ""))
+    for number, (run, folder) in enumerate(todo, 1):
+        log(f"[{number}/{len(todo)}] {run.task.name} {run.name}")
+        metrics = execute(run, folder, progress)
+        log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: accuracy {100 * metrics['accuracy']:.1f}%, "
+            f"{metrics['wall_seconds']:.0f} s")
+    return write_summary(root, [folder for _, folder in sweep.runs])
+
+
+# ---------------------------------------------------------------- summary
+
+def write_summary(root: Path, folders: Sequence[Path]) -> dict[str, Any]:
+    """Summarise the finished runs among `folders` into results.json, results.csv and the figure."""
+    from gfa_peft.experiments.plots import plot_sweep
+
+    results = [load_run(folder)[1] for folder in folders if is_finished(folder)]
+    summary = summarize(results)
+    summary["figure"] = str(root / "accuracy_vs_params.png")
+    write_json_atomic(root / "results.json", summary)
+    write_text_atomic(root / "results.csv", cells_csv(summary["cells"]))
+    plot_sweep(summary, Path(summary["figure"]))
+    return summary
+
+
+def anchor_label(result: dict[str, Any]) -> str:
+    """How a run's size is labelled in tables: its anchor, "r<rank>" for an explicit rank, "full"."""
+    if result["method"] == "full":
+        return "full"
+    return result["anchor"] if result["anchor"] is not None else f"r{result['knobs']['r']}"
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Cells (mean and std over seeds, in pp), the tie band, verdicts, retention and baselines."""
+    cells = cell_table(results)
+    band = tie_band(cells)
+    # A tuning grid has several learning rates per (task, method, anchor): no single accuracy to compare.
+    one_lr = len({(cell["task"], cell["method"], cell["anchor"]) for cell in cells}) == len(cells)
+    return {
+        "cells": cells,
+        "tie_band": band,
+        "verdicts": verdicts(cells, band["band_pp"]) if one_lr else [],
+        "retention": retention(cells) if one_lr else [],
+        "baselines": {result["task"]: 100 * result["majority_baseline"] for result in results},
+    }
+
+
+def choose_learning_rates(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each method's learning rate with the best accuracy averaged over tasks (ties to the smaller rate),
+    with every rate's average beside it."""
+    averages: dict[str, dict[float, list[float]]] = {}
+    for cell in cells:
+        averages.setdefault(cell["method"], {}).setdefault(cell["lr"], []).append(cell["mean"])
+    choices = {}
+    for method, by_lr in averages.items():
+        means = {lr: statistics.fmean(values) for lr, values in sorted(by_lr.items())}
+        best = max(means, key=lambda lr: (means[lr], -lr))
+        choices[method] = {"lr": best, "mean_by_lr": means}
+    return choices
+
+
+def cell_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, method, anchor, learning rate): accuracy mean, sample std (None for one seed), seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault((result["task"], result["method"], anchor_label(result), result["lr"]), []).append(result)
+    cells = []
+    for (task, method, anchor, lr), members in groups.items():
+        members.sort(key=lambda result: result["seed"])
+        values = [100 * result["accuracy"] for result in members]
+        cells.append({
+            "task": task, "method": method, "anchor": anchor, "lr": lr,
+            "adapter_params": members[0]["adapter_params"], "n": len(values),
+            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": {f"s{result['seed']}": value for result, value in zip(members, values, strict=True)},
+            **{f"{metric}_mean": 100 * statistics.fmean(result[metric] for result in members)
+               for metric in ("f1", "matthews") if metric in members[0]},
+        })
+    return sorted(cells, key=lambda cell: (cell["task"], cell["method"], cell["adapter_params"], cell["lr"]))
+
+
+def tie_band(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """+/- 2 x the pooled seed std over cells with >= 2 seeds; the paper's 1.4pp when there is none."""
+    pooled = [cell for cell in cells if cell["n"] > 1]
+    if not pooled:
+        return {"band_pp": PAPER_TIE_BAND, "pooled_std_pp": None, "cells_pooled": 0,
+                "source": "paper (+/-1.4pp from its pooled 0.7pp std): no cell has two or more seeds here"}
+    degrees = sum(cell["n"] - 1 for cell in pooled)
+    pooled_std = math.sqrt(sum((cell["n"] - 1) * cell["std"] ** 2 for cell in pooled) / degrees)
+    return {"band_pp": 2 * pooled_std, "pooled_std_pp": pooled_std, "cells_pooled": len(pooled),
+            "source": f"2 x pooled seed std over {len(pooled)} cells ({degrees} degrees of freedom)"}
+
+
+def verdicts(cells: Sequence[dict[str, Any]], band: float, method: str = "gfa",
+             rival: str = "dora") -> list[dict[str, Any]]:
+    """GFA against DoRA at every (task, anchor) where both ran: win, tie (|gap| <= band) or loss."""
+    means = {(cell["task"], cell["method"], cell["anchor"]): cell for cell in cells}
+    rows = []
+    for (task, name, anchor), ours in means.items():
+        theirs = means.get((task, rival, anchor))
+        if name != method or theirs is None:
+            continue
+        gap = ours["mean"] - theirs["mean"]
+        outcome = "win" if gap > band else "loss" if gap < -band else "tie"
+        rows.append({"task": task, "anchor": anchor, method: ours["mean"], rival: theirs["mean"], "gap_pp": gap,
+                     "verdict": outcome})
+    return rows
+
+
+def retention(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each (task, method) with both anchors: accuracy at "1/2" as a fraction of accuracy at "16"."""
+    means = {(cell["task"], cell["method"], cell["anchor"]): cell["mean"] for cell in cells}
+    rows = []
+    for (task, method, anchor), low in means.items():
+        high = means.get((task, method, RETENTION_TO))
+        if anchor == RETENTION_FROM and high is not None:
+            rows.append({"task": task, "method": method, "from": RETENTION_FROM, "to": RETENTION_TO,
+                         "accuracy_from": low, "accuracy_to": high, "retention": low / high, "drop_pp": high - low})
+    return rows
+
+
+def cells_csv(cells: Sequence[dict[str, Any]]) -> str:
+    """The cells as CSV: task, method, anchor, lr, adapter_params, n, mean, std, then one column per seed."""
+    seeds = sorted({seed for cell in cells for seed in cell["values"]}, key=lambda seed: int(seed[1:]))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["task", "method", "anchor", "lr", "adapter_params", "n", "mean", "std", *seeds])
+    for cell in cells:
+        writer.writerow([cell["task"], cell["method"], cell["anchor"], cell["lr"], cell["adapter_params"], cell["n"],
+                         f"{cell['mean']:.2f}", "" if cell["std"] is None else f"{cell['std']:.2f}",
+                         *(f"{cell['values'][seed]:.2f}" if seed in cell["values"] else "" for seed in seeds)])
+    return buffer.getvalue()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The cells, the tie band, the verdicts and the retention as plain-text tables."""
+    lines = [_table(["task", "method", "anchor", "adapter params", "accuracy %", "std", "seeds"],
+                    [[cell["task"], cell["method"], cell["anchor"], f"{cell['adapter_params']:,}",
+                      f"{cell['mean']:.1f}", "-" if cell["std"] is None else f"{cell['std']:.1f}", str(cell["n"])]
+                     for cell in summary["cells"]])]
+    lines.append("majority-class baseline: " + ", ".join(
+        f"{task} {value:.1f}%" for task, value in sorted(summary["baselines"].items())))
+    band = summary["tie_band"]
+    lines.append(f"tie band: +/-{band['band_pp']:.2f}pp, {band['source']}")
+    if summary["verdicts"]:
+        lines.append(_table(["task", "anchor", "GFA %", "DoRA %", "gap pp", "verdict"],
+                            [[row["task"], row["anchor"], f"{row['gfa']:.1f}", f"{row['dora']:.1f}",
+                              f"{row['gap_pp']:+.1f}", row["verdict"]] for row in summary["verdicts"]]))
+    if summary["retention"]:
+        lines.append(_table(["task", "method", "acc at 1/2 %", "acc at 16 %", "retention", "drop pp"],
+                            [[row["task"], row["method"], f"{row['accuracy_from']:.1f}", f"{row['accuracy_to']:.1f}",
+                              f"{100 * row['retention']:.1f}%", f"{row['drop_pp']:+.1f}"]
+                             for row in summary["retention"]]))
+    if "figure" in summary:
+        lines.append(f"figure: {summary['figure']}")
+    return "\n\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
+                     for row in [header, *rows])
+

@@ -1,0 +1,462 @@
+"""One fine-tuning run: a model, a task and a method at a budget, trained with transformers' Trainer and
+evaluated, written to a run folder.
+
+`prepare(config)` checks everything that can be checked without training (model, task, method, anchor,
+leakage, user files) and raises `RunConfigError` naming the problem, before anything is written.
+`execute(run, folder)` trains and evaluates. The run folder holds
+
+- `config.json`: the RunConfig and everything resolved from it (targets, placement, recipe, versions);
+- `adapter/` (a PEFT adapter folder) or, for full fine-tuning, `model/` (the whole tuned model with its
+  tokenizer, so base and tuned weights can be diffed, e.g. by `gfa lens --base ... --tuned ...`);
+- `train_log.json`: the Trainer's log (loss and learning rate every `LOG_EVERY` steps);
+- `metrics.json`, written atomically and last: its presence means the run finished.
+
+Under `torchrun` the processes share each global batch (the Trainer runs DDP) and the evaluation split;
+only the main process writes. docs/distributed.md tells what is checked and verified.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset, DatasetDict
+from peft import get_peft_model
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProgressCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+import gfa_peft
+from gfa_peft.experiments.assets import model_path
+from gfa_peft.experiments.cache import MissingAssetError, write_json_atomic
+from gfa_peft.experiments.distributed import (
+    GlobalBatchTrainer,
+    accelerator_available,
+    check_ranks_agree,
+    gather_in_rank_order,
+    launched_world_size,
+    per_rank_batch,
+    shard_for_rank,
+)
+from gfa_peft.experiments.encoding import choice_sequences, encode_choice_training, encode_classification
+from gfa_peft.experiments.evaluation import (
+    best_choices,
+    choice_log_likelihoods,
+    majority_label,
+    predict_classes,
+    task_metrics,
+)
+from gfa_peft.experiments.methods import Placement, UnreachableAnchor, peft_config, place
+from gfa_peft.experiments.recipes import RECIPES, default_learning_rate, recipe_key
+from gfa_peft.experiments.splits import carve
+from gfa_peft.experiments.tasks import Task, check_no_leakage, load_task, load_user_task
+from gfa_peft.targets import default_targets, find_targets, target_shapes
+
+BUNDLED_MODELS = ("minilm", "smollm2")
+HEAD_NAMES = ("classifier", "score")
+"""The classification heads of transformers' sequence classifiers (PEFT adds these to modules_to_save)."""
+LOG_EVERY = 10
+# Batches of similar lengths (less padding, the same examples per epoch); the option's name changed in transformers 5.
+_LENGTH_GROUPED = ({"train_sampling_strategy": "group_by_length"}
+                   if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else {"group_by_length": True})
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+
+
+class RunConfigError(ValueError):
+    """A run that cannot start: unknown model, task or method, unreachable anchor, leakage, bad user files."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+        """True when only the budget is the problem: the method cannot reach the anchor."""
+
+
+def _knob(help_text: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. None means: the model's recipe (`recipes.RECIPES`) or the tuned default."""
+
+    model: str = _knob("'minilm', 'smollm2' (bundled, see `gfa assets`) or a model folder with config and tokenizer",
+                       "minilm")
+    task: str | None = _knob("a task of `gfa assets list` (rt, trec6, arc_easy, boolq, ...); or use --train-file")
+    train_file: str | None = _knob("your own classification data: a CSV or JSONL file with text (or text_a, "
+                                   "text_b) and label columns, carved into train/dev/test (docs/data.md)")
+    eval_file: str | None = _knob("with --train-file: the test examples (the training file is then carved into "
+                                  "train/dev only)")
+    method: str = _knob("gfa, lora, dora, vera, vblora, or full (fine-tune the target matrices themselves)", "gfa")
+    anchor: str | None = _knob("the budget: '1/2' (0.3 x LoRA r=1) or a LoRA rank 1, 2, 4, 8, 16, ...; every method "
+                               "is placed at it by gfa_peft.budget.rank_anchors")
+    rank: int | None = _knob("an explicit rank instead of an anchor (gfa, lora, dora, vera), e.g. a LoRA r=64 proxy")
+    seed: int = _knob("seed of the head and adapter initialisation and of the data order", 0)
+    steps: int | None = _knob("optimiser steps (default: the recipe's; exclusive with --epochs)")
+    epochs: float | None = _knob("passes over the training split instead of a number of steps")
+    lr: float | None = _knob("peak learning rate (default: the method's tuned value, recipes/default_lrs.json)")
+    batch_size: int | None = _knob("training batch size: the global batch, which the N processes of a torchrun "
+                                        "run share (N must divide it)")
+    max_length: int | None = _knob("tokens per example; longer ones lose the end of the text (classification) "
+                                   "or the start of the query (multiple choice)")
+    targets: str | list[str] | None = _knob("target module names (PEFT target_modules semantics); default: PEFT's LoRA "
+                                      "default for the model type (query,value for BERT; q_proj,v_proj for Llama); "
+                                      "or 'all-linear'")
+    warmup_ratio: float | None = _knob("fraction of the steps spent in linear learning-rate warm-up")
+    weight_decay: float = _knob("AdamW weight decay", 0.0)
+    eval_split: Literal["test", "dev"] = _knob("split to evaluate on: test, or dev (learning-rate tuning)", "test")
+    eval_task: str | None = _knob("evaluate on this task's split instead (same labels; leakage is checked)")
+    max_eval_examples: int | None = _knob("evaluate on a fixed subset of this many examples (hash of their ids)")
+    eval_batch_size: int | None = _knob("evaluation batch size")
+    cache: str | None = _knob("asset cache folder (default: $GFA_CACHE or ~/.cache/gfa-peft)")
+
+
+@dataclass
+class PreparedRun:
+    """A RunConfig checked and resolved: everything `execute` needs except the weights."""
+
+    config: RunConfig
+    task: Task
+    data: DatasetDict
+    eval_task: Task
+    eval_data: Dataset
+    model_dir: Path
+    recipe: str
+    targets: str | list[str]
+    placement: Placement
+    steps: int | None
+    epochs: float | None
+    lr: float
+    batch_size: int
+    max_length: int
+    warmup_ratio: float
+    eval_batch_size: int
+
+    @property
+    def kind(self) -> str:
+        return self.task.kind
+
+    @property
+    def name(self) -> str:
+        """The run folder's name: method, size, seed, and what differs from a default run."""
+        parts = [self.config.method] + ([self.placement.label] if self.config.method != "full" else [])
+        parts.append(f"s{self.config.seed}")
+        if self.config.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        if self.config.eval_task is not None:
+            parts.append(f"on-{self.eval_task.name}")
+        if self.config.eval_split != "test":
+            parts.append(self.config.eval_split)
+        return "-".join(parts)
+
+    def resolved(self) -> dict[str, Any]:
+        """What config.json records beside the RunConfig."""
+        return {
+            "task": self.task.name, "task_kind": self.kind, "eval_task": self.eval_task.name,
+            "eval_examples": self.eval_data.num_rows, "model_dir": str(self.model_dir), "recipe": self.recipe,
+            "targets": self.targets, "placement": asdict(self.placement), "steps": self.steps,
+            "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "max_length": self.max_length,
+            "warmup_ratio": self.warmup_ratio, "eval_batch_size": self.eval_batch_size,
+            "versions": _versions(),
+        }
+
+
+def prepare(config: RunConfig) -> PreparedRun:
+    """Check and resolve `config` without loading weights; raises RunConfigError naming the problem."""
+    try:
+        return _prepare(config)
+    except (ValueError, TypeError, MissingAssetError) as error:
+        raise RunConfigError(str(error), unreachable=isinstance(error, UnreachableAnchor)) from None
+
+
+def _prepare(config: RunConfig) -> PreparedRun:
+    cache = Path(config.cache) if config.cache else None
+    task, data = _load_training_task(config, cache)
+    eval_task, eval_data = _evaluation_split(config, task, data, cache)
+    model_dir = _model_dir(config.model, cache)
+    skeleton = _skeleton(model_dir, task.kind)
+    targets = config.targets or default_targets(skeleton)
+    targets = targets if isinstance(targets, str) else list(targets)
+    placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank)
+    if config.steps is not None and config.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
+    _check_positive(config)
+    if config.warmup_ratio is not None and not 0 <= config.warmup_ratio < 1:
+        raise ValueError(f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}")
+    key = recipe_key(config.model, task.kind)
+    recipe = RECIPES[key]
+    batch_size = config.batch_size or recipe.batch_size
+    per_rank_batch(batch_size, launched_world_size())  # raises on every rank when the processes cannot share it
+    return PreparedRun(
+        config=config, task=task, data=data, eval_task=eval_task, eval_data=eval_data, model_dir=model_dir,
+        recipe=key, targets=targets, placement=placement,
+        steps=None if config.epochs is not None else config.steps or recipe.steps, epochs=config.epochs,
+        lr=config.lr if config.lr is not None else default_learning_rate(key, config.method),
+        batch_size=batch_size, max_length=config.max_length or recipe.max_length,
+        warmup_ratio=recipe.warmup_ratio if config.warmup_ratio is None else config.warmup_ratio,
+        eval_batch_size=config.eval_batch_size or recipe.eval_batch_size,
+    )
+
+
+def _load_training_task(config: RunConfig, cache: Path | None) -> tuple[Task, DatasetDict]:
+    if (config.task is None) == (config.train_file is None):
+        raise ValueError("give a task (--task) or your own data (--train-file), not both or neither")
+    if config.train_file is None:
+        if config.eval_file is not None:
+            raise ValueError("--eval-file goes with --train-file")
+        task, data = load_task(config.task, cache)
+    else:
+        task, data = load_user_task(config.train_file, config.eval_file)
+    if task.test_only or not data["train"].num_rows:
+        raise ValueError(f"task {task.name!r} has no training split (it is a test-only task)")
+    return task, data
+
+
+def _evaluation_split(config: RunConfig, task: Task, data: DatasetDict, cache: Path | None) -> tuple[Task, Dataset]:
+    if config.eval_split not in ("test", "dev"):
+        raise ValueError(f"eval split must be 'test' or 'dev', got {config.eval_split!r}")
+    eval_task, eval_data = task, data
+    if config.eval_task is not None:
+        eval_task, eval_data = load_task(config.eval_task, cache)
+        check_no_leakage(task.name, eval_task)
+        if (eval_task.kind, eval_task.label_names) != (task.kind, task.label_names):
+            raise ValueError(f"task {eval_task.name!r} has other labels than {task.name!r}: "
+                             f"{list(eval_task.label_names)} vs {list(task.label_names)}")
+    split = eval_data[config.eval_split]
+    if not split.num_rows:
+        raise ValueError(f"task {eval_task.name!r} has no {config.eval_split} split")
+    if config.max_eval_examples is not None:
+        if config.max_eval_examples < 1:
+            raise ValueError(f"--max-eval-examples must be positive, got {config.max_eval_examples}")
+        split = _fixed_subset(split, config.max_eval_examples)
+    return eval_task, split
+
+
+def _fixed_subset(split: Dataset, size: int) -> Dataset:
+    """`size` examples chosen by the hash of their ids (as splits are), so every run sees the same ones."""
+    if size >= split.num_rows:
+        return split
+    rows = [{"id": identifier, "index": index} for index, identifier in enumerate(split["id"])]
+    kept = carve(rows, {"kept": size / split.num_rows, "rest": 1 - size / split.num_rows})["kept"]
+    return split.select(sorted(row["index"] for row in kept))
+
+
+def _model_dir(model: str, cache: Path | None) -> Path:
+    if model in BUNDLED_MODELS:
+        return model_path(model, cache)
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model {model!r} is not one of {', '.join(BUNDLED_MODELS)} nor a folder with config.json")
+    return folder
+
+
+def _skeleton(model_dir: Path, kind: str) -> nn.Module:
+    """The model `execute` will build, on the meta device (no weights), to find the targets and their shapes."""
+    config = AutoConfig.from_pretrained(model_dir)
+    if kind == "multiple_choice" and not any(name.endswith("ForCausalLM") for name in config.architectures or []):
+        raise ValueError(f"multiple-choice tasks are scored by a causal LM; {model_dir} is a "
+                         f"{config.model_type} model with architectures {config.architectures}")
+    with torch.device("meta"):
+        return _model_class(kind).from_config(config)
+
+
+def _model_class(kind: str) -> type:
+    return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+
+
+def _check_positive(config: RunConfig) -> None:
+    for name in ("steps", "epochs", "lr", "batch_size", "max_length", "eval_batch_size"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+# ---------------------------------------------------------------- execution
+
+class LossBar(ProgressCallback):
+    """The Trainer's progress bar (steps, rate, ETA) with the latest loss on it instead of printed log lines."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+
+def train(config: RunConfig, folder: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Prepare, train and evaluate one run into `folder`; returns its metrics."""
+    return execute(prepare(config), Path(folder), progress)
+
+
+def execute(run: PreparedRun, folder: Path, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate a prepared run; writes the run folder (main process only) and returns the metrics.
+
+    Anything already in `folder` is removed first: callers decide whether a finished run may be redone.
+    """
+    started = time.perf_counter()
+    set_seed(run.config.seed)
+    tokenizer = _tokenizer(run.model_dir)
+    model = _build_model(run, tokenizer)
+    adapter_params, trainable_params = _trainable_counts(model, run)
+    if adapter_params != run.placement.trainable:  # the budget arithmetic and the built model must agree
+        raise RuntimeError(f"{run.config.method} has {adapter_params:,} adapter parameters, "
+                           f"budget.py promised {run.placement.trainable:,}")
+    examples, collate = _training_examples(run, tokenizer)
+    arguments = TrainingArguments(
+        output_dir=str(folder), max_steps=run.steps or -1, num_train_epochs=run.epochs or 1.0,
+        learning_rate=run.lr, per_device_train_batch_size=per_rank_batch(run.batch_size, launched_world_size()),
+        warmup_steps=run.warmup_ratio,
+        weight_decay=run.config.weight_decay,
+        lr_scheduler_type="linear", logging_steps=LOG_EVERY, save_strategy="no", report_to="none",
+        seed=run.config.seed, data_seed=run.config.seed, remove_unused_columns=False, disable_tqdm=not progress,
+        **_LENGTH_GROUPED,
+        # On a CPU-only machine transformers joins torchrun's processes into one DDP job only with use_cpu;
+        # without it each process trains alone. A classifier's loss is a per-example mean that ignores the
+        # global token count, so transformers must not rescale it by the number of processes.
+        use_cpu=not accelerator_available(), average_tokens_across_devices=run.kind != "classification",
+    )
+    if arguments.world_size != launched_world_size():
+        raise RuntimeError(f"{launched_world_size()} processes were launched but transformers trains with "
+                           f"{arguments.world_size}: the processes would train unsynchronised copies")
+    check_ranks_agree(model, asdict(run.config))  # the same flags and GFA layout on every rank, or all stop here
+    if arguments.should_save:
+        _fresh_folder(folder)
+        write_json_atomic(folder / CONFIG_FILE, {"config": asdict(run.config), "resolved": run.resolved()})
+    trainer = GlobalBatchTrainer(model=model, args=arguments, train_dataset=examples, data_collator=collate)
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossBar)
+    trained = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - trained
+
+    evaluated = time.perf_counter()
+    predictions, labels = _predict(run, trainer.model, tokenizer, progress and trainer.is_world_process_zero())
+    eval_seconds = time.perf_counter() - evaluated
+    baseline = majority_label(list(run.data["train"]["label"]))
+    metrics = {
+        "task": run.task.name, "eval_task": run.eval_task.name, "eval_split": run.config.eval_split,
+        "eval_examples": len(labels), "model": run.config.model, "method": run.config.method,
+        "anchor": run.placement.anchor, "knobs": run.placement.knobs, "seed": run.config.seed, "lr": run.lr,
+        **task_metrics(run.eval_task.metrics, predictions, labels),
+        "majority_baseline": task_metrics(["accuracy"], [baseline] * len(labels), labels)["accuracy"],
+        "adapter_params": adapter_params, "trainable_params": trainable_params, "budget": run.placement.budget,
+        "steps": result.global_step, "train_loss": result.training_loss,
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+    }
+    if arguments.should_save:
+        _save_weights(run, trainer.model, tokenizer, folder)
+        write_json_atomic(folder / "train_log.json", trainer.state.log_history)
+        metrics["wall_seconds"] = time.perf_counter() - started
+        write_json_atomic(folder / METRICS_FILE, metrics)  # last: its presence marks the run finished
+    metrics.setdefault("wall_seconds", time.perf_counter() - started)
+    return metrics
+
+
+def is_finished(folder: Path) -> bool:
+    """Whether `folder` holds a finished run (its metrics file, written last)."""
+    return (folder / METRICS_FILE).is_file()
+
+
+def _fresh_folder(folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RunConfigError(f"the tokenizer of {model_dir} has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _build_model(run: PreparedRun, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    extra = {"num_labels": len(run.task.label_names)} if run.kind == "classification" else {}
+    model: PreTrainedModel = _model_class(run.kind).from_pretrained(run.model_dir, dtype=torch.float32, **extra)
+    if model.config.pad_token_id is None:  # decoders classify from the last token that is not padding
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if run.config.method != "full":
+        task_type = "SEQ_CLS" if run.kind == "classification" else "CAUSAL_LM"
+        return get_peft_model(model, peft_config(run.placement, run.targets, task_type))
+    model.requires_grad_(False)
+    for _, module in find_targets(model, run.targets):
+        module.weight.requires_grad_(True)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            module.requires_grad_(True)
+    return model
+
+
+def _trainable_counts(model: nn.Module, run: PreparedRun) -> tuple[int, int]:
+    """(adapter-only, all) trainable parameters: the head, trained by every method, is not the adapter's."""
+    trainable = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+    if run.config.method == "full":
+        adapter = sum(module.weight.numel() for _, module in find_targets(model, run.targets))
+    else:
+        adapter = sum(parameter.numel() for name, parameter in trainable.items() if ".modules_to_save." not in name)
+    return adapter, sum(parameter.numel() for parameter in trainable.values())
+
+
+def _training_examples(run: PreparedRun, tokenizer: PreTrainedTokenizerBase) -> tuple[list[dict], Any]:
+    if run.kind == "classification":
+        examples = encode_classification(tokenizer, run.data["train"], run.task.text_columns, run.max_length)
+        return examples, DataCollatorWithPadding(tokenizer)
+    examples = encode_choice_training(tokenizer, run.data["train"], run.max_length)
+    return examples, DataCollatorForSeq2Seq(tokenizer)
+
+
+def _predict(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+             progress: bool) -> tuple[list[int], list[int]]:
+    """Predictions for the evaluation split; under torchrun each process predicts its own share."""
+    labels = list(run.eval_data["label"])
+    share = shard_for_rank(run.eval_data)
+    device = next(model.parameters()).device
+    if run.kind == "classification":
+        examples = encode_classification(tokenizer, share, run.task.text_columns, run.max_length)
+        pad = DataCollatorWithPadding(tokenizer)
+        predictions = predict_classes(model, examples, lambda batch: pad(batch).to(device), run.eval_batch_size,
+                                      progress)
+        return gather_in_rank_order(predictions), labels
+    sequences = choice_sequences(tokenizer, share, run.max_length)
+    scores = choice_log_likelihoods(model, sequences, tokenizer.pad_token_id, run.eval_batch_size, progress)
+    return gather_in_rank_order(best_choices(sequences, scores)), labels
+
+
+def _save_weights(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    if run.config.method == "full":
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+    else:
+        model.save_pretrained(folder / "adapter")
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"gfa_peft": gfa_peft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def load_run(folder: Path) -> tuple[dict, dict]:
+    """A finished run's (config record, metrics)."""
+    return (json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")),
+            json.loads((folder / METRICS_FILE).read_text(encoding="utf-8")))
+

@@ -1,0 +1,103 @@
+"""`gfa merge` streams an adapter into a sharded checkpoint; plain transformers then reproduces the adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from gfa_peft import GfaConfig
+from gfa_peft.cli import main
+from toy_models import tiny_gpt2, tiny_llama, token_batch
+
+CASES = {
+    "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"]),
+    # Conv1D stores (in, out); c_proj's weights are square, so only the module type tells the orientation.
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"]),
+}
+
+
+def trained_adapter(build, targets):
+    torch.manual_seed(0)
+    model = get_peft_model(build(), GfaConfig(r=2, target_modules=targets))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for seed in range(3):
+        ids = token_batch(seed)["input_ids"]
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def saved(request, tmp_path_factory):
+    """A base checkpoint in several shards, an adapter trained on it, and the adapted model's logits."""
+    build, targets = CASES[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    build().save_pretrained(folder / "base", max_shard_size="20KB")
+    model = trained_adapter(build, targets)
+    model.save_pretrained(folder / "adapter")
+    ids = token_batch(7)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return folder, ids, logits
+
+
+def test_merged_shards_load_with_plain_transformers_and_give_the_adapted_outputs(saved, capsys):
+    folder, ids, adapted_logits = saved
+    base, out = folder / "base", folder / "merged"
+    shards = [name for name in os.listdir(base) if name.endswith(".safetensors")]
+    assert len(shards) > 2
+
+    assert main(["merge", str(folder / "adapter"), "--base", str(base), "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shards"] == len(shards) and summary["merged_modules"] > 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(base))
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        merged_logits, base_logits = merged(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert (adapted_logits - base_logits).abs().max() > 1e-3  # the adapter changes something to check
+    torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_that_does_not_fit_the_checkpoint_exits_2_and_writes_nothing(tmp_path, capsys):
+    torch.manual_seed(0)
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    trained_adapter(tiny_llama, ["q_proj"]).save_pretrained(tmp_path / "llama_adapter")
+    out = tmp_path / "merged"
+    code = main(["merge", str(tmp_path / "llama_adapter"), "--base", str(tmp_path / "gpt2"), "--out", str(out)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "adapter module 'model.layers.0.self_attn.q_proj' is not a module of the base model" in error
+    assert sorted(os.listdir(tmp_path)) == ["gpt2", "llama_adapter"]
+
+
+def test_adapter_whose_shapes_differ_from_the_checkpoint_exits_2(tmp_path, capsys):
+    wide = tiny_llama()
+    wide.config.intermediate_size = 64
+    AutoModelForCausalLM.from_config(wide.config).save_pretrained(tmp_path / "wide")
+    trained_adapter(tiny_llama, ["down_proj"]).save_pretrained(tmp_path / "adapter")
+    code = main(["merge", str(tmp_path / "adapter"), "--base", str(tmp_path / "wide"), "--out", str(tmp_path / "m")])
+    assert code == 2
+    assert "update shape [32, 48] in the adapter but [32, 64] in the base model" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+def test_existing_output_is_kept_unless_overwrite(saved, tmp_path, capsys):
+    folder, _, _ = saved
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    arguments = ["merge", str(folder / "adapter"), "--base", str(folder / "base"), "--out", str(out), "--no-progress"]
+    assert main(arguments) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+    assert main([*arguments, "--overwrite"]) == 0
+    assert "keep.txt" not in os.listdir(out) and "config.json" in os.listdir(out)
