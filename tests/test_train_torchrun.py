@@ -89,6 +89,14 @@ def test_two_processes_train_the_same_adapter_as_one_and_write_it_once(setup, ca
     assert result.stdout.count("run folder:") == 1  # one process reports
 
 
+def test_world_size_that_does_not_divide_the_batch_is_refused_before_anything_starts(setup, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun tells each of its processes; no process group is needed
+    assert main(train_arguments(setup, setup / "odd", batch_size=5)) == 2
+    assert "a global batch of 5 does not split evenly over 2 processes" in capsys.readouterr().err
+    assert not (setup / "odd").exists()
+
+
+@pytest.mark.slow
 def test_world_size_that_does_not_divide_the_batch_stops_every_rank(setup):
     result = torchrun(train_arguments(setup, setup / "odd", batch_size=5))
     assert result.returncode != 0

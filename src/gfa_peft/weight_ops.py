@@ -8,6 +8,8 @@ the forward with a given weight, the gradient for the input and the gradient for
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,10 +17,21 @@ from transformers.pytorch_utils import Conv1D
 
 
 class WeightOp:
-    """A layer's weight-dependent computation, bias excluded (the layer adds its own bias)."""
+    """A layer's weight-dependent computation, bias excluded (the layer adds its own bias).
+
+    `fusable` says whether the update can be added to the weight inside the layer's op. A
+    quantized weight cannot: the layer then runs its own forward and the update's product is added.
+    """
+
+    fusable = True
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The update's shape in GFA's orientation."""
+        return tuple(self.weight().shape)
 
     def weight(self) -> torch.Tensor:
         """The layer's weight in GFA's orientation; a view that shares the layer's storage."""
@@ -64,6 +77,23 @@ class Conv1DOp(LinearOp):
         return update.T
 
 
+class QuantizedLinearOp(LinearOp):
+    """A bitsandbytes 8-bit (`Linear8bitLt`) or 4-bit (`Linear4bit`) linear layer, QLoRA-style: the frozen
+    weight stays quantized and runs through the layer's own kernels; only the update is in float."""
+
+    fusable = False
+
+    @property
+    def shape(self):
+        return (self.layer.out_features, self.layer.in_features)
+
+    def weight(self):
+        """A dequantized copy (not a view): writing to it does not change the layer."""
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(self.layer.weight, getattr(self.layer, "state", None))
+
+
 class Conv2dOp(WeightOp):
     def __init__(self, layer: nn.Conv2d):
         if layer.padding_mode != "zeros":
@@ -105,7 +135,6 @@ class EmbeddingOp(WeightOp):
         )
 
 
-# Order matters only for subclasses; Conv1D is not an nn.Linear, so plain type lookup suffices.
 OPS: dict[type, type[WeightOp]] = {
     nn.Linear: LinearOp,
     Conv1D: Conv1DOp,
@@ -114,12 +143,24 @@ OPS: dict[type, type[WeightOp]] = {
 }
 
 
+def quantized_ops() -> dict[type, type[WeightOp]]:
+    """bitsandbytes' quantized linear layers, when bitsandbytes is loaded (a model holding its
+    layers has imported it; it is an optional dependency)."""
+    if "bitsandbytes" not in sys.modules:
+        return {}
+    bnb = sys.modules["bitsandbytes"]
+    return {bnb.nn.Linear8bitLt: QuantizedLinearOp, bnb.nn.Linear4bit: QuantizedLinearOp}
+
+
 def op_for(layer: nn.Module, name: str = "") -> WeightOp:
-    """The op of a supported layer; a `TypeError` naming the module and its type otherwise."""
-    for layer_type, op_type in OPS.items():
-        if isinstance(layer, layer_type):
-            return op_type(layer)
-    supported = ", ".join(t.__name__ for t in OPS)
+    """The op of a supported layer; a `TypeError` naming the module and its type otherwise.
+
+    The most specific registered class wins (bitsandbytes' layers are `nn.Linear` subclasses)."""
+    ops = {**OPS, **quantized_ops()}
+    for layer_type in type(layer).__mro__:
+        if layer_type in ops:
+            return ops[layer_type](layer)
+    supported = ", ".join(t.__name__ for t in ops)
     raise TypeError(
         f"GFA cannot adapt module {name or layer.__class__.__name__!r} of type "
         f"{type(layer).__module__}.{type(layer).__qualname__}; supported types: {supported}"
@@ -128,4 +169,4 @@ def op_for(layer: nn.Module, name: str = "") -> WeightOp:
 
 def update_shape(layer: nn.Module, name: str = "") -> tuple[int, ...]:
     """The shape of this layer's update in GFA's orientation, e.g. (out, in) for a linear map."""
-    return tuple(op_for(layer, name).weight().shape)
+    return op_for(layer, name).shape

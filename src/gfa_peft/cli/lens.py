@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 from gfa_peft.budget import DEFAULT_ANCHORS, ordered_layout, rank_anchors
 from gfa_peft.cli import UsageError
 from gfa_peft.cli.count import _output_path, _parse_list, _parse_order, _parse_targets
+from gfa_peft.experiments.bench_report import write_atomic
 from gfa_peft.experiments.cache import write_json_atomic
 from gfa_peft.experiments.lens_inputs import deltas_from_adapter, deltas_from_file, deltas_from_models, save_deltas
 from gfa_peft.lens import (
@@ -283,13 +282,7 @@ def plot_lens(data: Mapping, path: Path) -> None:
     axes.set_title(f"approximation lens: {len(data['modules'])} modules, m x k = {data['m']:,} x {data['k']:,}")
     axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     finally:
         plt.close(figure)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} must differ from the adapter and the base folders")
     try:
         plan = plan_merge(adapter, base)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OSError) as error:  # files that do not fit, are missing or unreadable
         raise UsageError(str(error)) from None
     written = write_merged(plan, out, overwrite=args.overwrite, progress=not args.no_progress)
     summary = {"adapter": str(adapter), **written}

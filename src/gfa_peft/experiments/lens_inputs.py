@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from transformers import (
     PretrainedConfig,
 )
 
+from gfa_peft.experiments.bench_report import write_atomic
 from gfa_peft.experiments.presets import load_architecture
 from gfa_peft.targets import ALL_LINEAR, default_targets, find_targets, target_shapes
 from gfa_peft.weight_ops import op_for
@@ -142,16 +142,9 @@ def deltas_from_file(path: str | os.PathLike, targets: Targets | None = None) ->
 
 def save_deltas(path: str | os.PathLike, deltas: Mapping[str, Tensor]) -> None:
     """Write deltas for `deltas_from_file`, recording their order; atomically (temporary file, then rename)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        tensors = {name: delta.contiguous() for name, delta in deltas.items()}
-        save_file(tensors, temporary, metadata={MODULE_ORDER_KEY: json.dumps(list(deltas))})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    tensors = {name: delta.contiguous() for name, delta in deltas.items()}
+    metadata = {MODULE_ORDER_KEY: json.dumps(list(deltas))}
+    write_atomic(Path(path), lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def _folder(path: str | os.PathLike, role: str) -> Path:

@@ -33,7 +33,7 @@ from gfa_peft.layout import Layout
 from gfa_peft.scatter import SliceSpec, slice_of_product
 from gfa_peft.tuner.checkpoint import FACTOR_KEYS, read_safetensors_header
 from gfa_peft.tuner.config import GfaConfig
-from gfa_peft.weight_ops import WeightOp, op_for
+from gfa_peft.weight_ops import WeightOp, op_for, update_shape
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -88,15 +88,15 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
             raise ValueError(
                 f"adapter module {piece.name!r} is not a module of the base model ({type(model).__name__} in {base})"
             )
-        op = op_for(module, piece.name)
-        if tuple(op.weight().shape) != piece.shape:
+        shape = update_shape(module, piece.name)
+        if shape != piece.shape:
             raise ValueError(
                 f"module {piece.name!r} has update shape {list(piece.shape)} in the adapter but "
-                f"{list(op.weight().shape)} in the base model"
+                f"{list(shape)} in the base model"
             )
         key = checkpoint_key(f"{piece.name}.weight", headers, model)
         _check_shape(key, headers[key]["shape"], module.weight.shape)
-        additions[key] = Addition(SliceSpec(piece, layout.k, config.scale), op)
+        additions[key] = Addition(SliceSpec(piece, layout.k, config.scale), op_for(module, piece.name))
 
     replacements = {}
     for saved_key, tensor in weights.items():

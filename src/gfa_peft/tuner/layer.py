@@ -52,6 +52,11 @@ class GfaLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = self._adapters_here(check_adapters_to_merge(self, adapter_names))
+        if adapter_names and not self.op.fusable:
+            raise NotImplementedError(
+                f"GFA cannot merge into the quantized layer {type(self.base_layer).__name__}: merge the adapter "
+                "into the unquantized checkpoint instead (`gfa merge ADAPTER --base DIR --out DIR`)"
+            )
         weight = self.op.weight()
         with torch.no_grad():
             for adapter_name in adapter_names:
@@ -80,14 +85,14 @@ class GfaLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         adapters = [(self.gfa_slice[name], self.gfa_B[name], self.gfa_A[name]) for name in active]
         dropouts = [self.gfa_dropout[name] for name in active]
-        if self.training and any(isinstance(dropout, nn.Dropout) for dropout in dropouts):
-            # Dropout feeds the update a different input than the frozen weight, so the two cannot be fused.
-            out = self.op.forward(x, self.op.weight())
+        if not self.op.fusable or (self.training and any(isinstance(dropout, nn.Dropout) for dropout in dropouts)):
+            # A quantized weight, or dropout feeding the update a different input than the frozen weight:
+            # the base layer runs as it is and each update's product is added.
+            out = self.base_layer(x, *args, **kwargs)
             for adapter, dropout in zip(adapters, dropouts):
-                out = out + scattered_op(dropout(x), self.op, None, [adapter])
-        else:
-            out = scattered_op(x, self.op, self.op.weight(), adapters)
-        return self.op.add_bias(out)
+                out = out + scattered_op(dropout(x), self.op, None, [adapter]).to(out.dtype)
+            return out
+        return self.op.add_bias(scattered_op(x, self.op, self.op.weight(), adapters))
 
     def __repr__(self) -> str:
         return "gfa." + super().__repr__()

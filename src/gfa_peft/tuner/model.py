@@ -102,8 +102,8 @@ class GfaModel(BaseTuner):
             self.gfa_layouts: dict[str, Layout] = {}
         reference = next(iter(targets.values())).weight
         dtype = reference.dtype
-        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
+        if not dtype.is_floating_point or (autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)):
+            dtype = torch.float32  # quantized (int8, packed 4-bit) weights train float32 factors
         device = torch.device("meta") if low_cpu_mem_usage else reference.device
         sigma = config.init_sigma if config.init_sigma is not None else 1.0 / math.sqrt(layout.k)
         A = torch.randn(config.r, layout.k, dtype=dtype, device=device) * sigma

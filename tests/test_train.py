@@ -1,0 +1,296 @@
+"""`gfa train` and its parts on tiny models and tasks written here: run folders, counts, scoring, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import gfa_peft  # noqa: F401  (registers GFA with PEFT for PeftModel.from_pretrained)
+from gfa_peft.cli import main
+from gfa_peft.experiments import train as train_module
+from gfa_peft.experiments.encoding import IGNORE_INDEX, choice_sequences, encode_choice_training
+from gfa_peft.experiments.evaluation import (
+    best_choices,
+    choice_log_likelihoods,
+    f1_positive,
+    majority_label,
+    matthews,
+)
+from gfa_peft.experiments.tasks import load_task
+from gfa_peft.experiments.train import RunConfig, RunConfigError, is_finished, prepare, train
+from tiny_assets import fake_cache, sentiment_rows
+
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return fake_cache(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(cache) -> Path:
+    return cache / "models" / "smollm2"
+
+
+def config(cache: Path, **fields) -> RunConfig:
+    return RunConfig(**{"task": "rt", "steps": STEPS, "lr": 1e-2, "cache": str(cache), **fields})
+
+
+def saved_tensor_sizes(adapter: Path) -> dict[str, int]:
+    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as file:
+        return {key: file.get_slice(key).get_shape() for key in file.keys()}
+
+
+# ---------------------------------------------------------------- a classification run, end to end
+
+def test_run_folder_metrics_and_a_reloaded_adapter_reproduce_the_accuracy(cache, tmp_path):
+    folder = tmp_path / "run"
+    metrics = train(config(cache, method="gfa", anchor="1/2"), folder, progress=False)
+
+    assert sorted(path.name for path in folder.iterdir()) == ["adapter", "config.json", "metrics.json",
+                                                              "train_log.json"]
+    assert json.loads((folder / "metrics.json").read_text()) == metrics
+    assert {"accuracy", "majority_baseline", "adapter_params", "trainable_params", "train_seconds", "eval_seconds",
+            "wall_seconds", "steps"} <= metrics.keys()
+    assert metrics["steps"] == STEPS and metrics["eval_split"] == "test"
+    record = json.loads((folder / "config.json").read_text())
+    assert record["config"]["anchor"] == "1/2" and record["resolved"]["targets"] == ["query", "value"]
+
+    # the adapter count is what the saved factors hold (the head is saved too, but is not the adapter's)
+    sizes = saved_tensor_sizes(folder / "adapter")
+    adapter_sizes = [math.prod(shape) for key, shape in sizes.items() if "gfa_" in key]
+    assert metrics["adapter_params"] == sum(adapter_sizes)
+    # tiny BERT, q+v: four 16x16 modules, d = 1024, m = k = 32; "1/2" is round(0.3 x 4 x 32) = 38 -> r = 1
+    assert metrics["adapter_params"] == 1 * (32 + 32) and metrics["budget"] == 38
+
+    # the saved adapter on a fresh base predicts the test split with the reported accuracy
+    model_dir = cache / "models" / "minilm"
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, folder / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _, data = load_task("rt", cache)
+    correct = 0
+    for row in data["test"]:
+        with torch.no_grad():
+            logits = model(**tokenizer(row["text"], return_tensors="pt")).logits
+        correct += int(logits.argmax(-1).item() == row["label"])
+    assert metrics["accuracy"] == correct / data["test"].num_rows
+
+    labels = list(data["test"]["label"])
+    majority = max(set(data["train"]["label"]), key=list(data["train"]["label"]).count)
+    assert metrics["majority_baseline"] == labels.count(majority) / len(labels)
+
+
+@pytest.mark.parametrize("method, anchor, expected", [
+    ("lora", "1", 1 * 4 * (16 + 16)),                 # r (p + q) per module
+    ("dora", "1", 1 * 4 * (16 + 16) + 4 * 16),        # + one magnitude per output row
+    ("vera", "1", 4 * 16 + 4 * 16),                   # sum p + N r with r = (128 - 64) / 4 = 16
+    ("vblora", "1", 3 * (16 + 4 * 128 // 16)),        # n (L + R sum(p + q) / L), L = 16, n = 128 / 48 -> 3
+])
+def test_every_method_trains_at_its_budget_placement(cache, tmp_path, method, anchor, expected):
+    metrics = train(config(cache, method=method, anchor=anchor), tmp_path / method, progress=False)
+    assert metrics["adapter_params"] == expected
+    assert is_finished(tmp_path / method)
+
+
+def test_explicit_rank_overrides_the_anchor(cache, tmp_path):
+    metrics = train(config(cache, method="lora", rank=8), tmp_path / "lora-r8", progress=False)
+    assert metrics["knobs"] == {"r": 8} and metrics["anchor"] is None
+    assert metrics["adapter_params"] == 8 * 4 * (16 + 16)
+    assert prepare(config(cache, method="lora", rank=8)).name == "lora-r8-s0-lr0.01"
+
+
+def test_full_fine_tuning_changes_only_the_target_weights_and_saves_a_model_to_diff(cache, tmp_path):
+    folder = tmp_path / "full"
+    metrics = train(config(cache, method="full"), folder, progress=False)
+    assert metrics["adapter_params"] == 4 * 16 * 16
+    base = AutoModelForSequenceClassification.from_pretrained(cache / "models" / "minilm", num_labels=2).state_dict()
+    tuned = AutoModelForSequenceClassification.from_pretrained(folder / "model").state_dict()
+    changed = {name for name in base if not name.startswith("classifier") and not torch.equal(base[name], tuned[name])}
+    assert changed == {f"bert.encoder.layer.{layer}.attention.self.{name}.weight"
+                       for layer in range(2) for name in ("query", "value")}
+
+
+def test_seeds_reproduce_and_differ(cache, tmp_path):
+    first = train(config(cache, method="gfa", anchor="1"), tmp_path / "a", progress=False)
+    again = train(config(cache, method="gfa", anchor="1"), tmp_path / "b", progress=False)
+    other = train(config(cache, method="gfa", anchor="1", seed=1), tmp_path / "c", progress=False)
+    assert first["train_loss"] == again["train_loss"]
+    assert first["train_loss"] != other["train_loss"]
+
+
+# ---------------------------------------------------------------- multiple choice on a causal LM
+
+def test_multiple_choice_run_trains_on_the_gold_answer_and_scores_every_question(cache, tmp_path):
+    metrics = train(config(cache, model="smollm2", task="arc_easy", method="gfa", anchor="1"), tmp_path / "mc",
+                    progress=False)
+    assert metrics["eval_examples"] == 10 and 0 <= metrics["accuracy"] <= 1
+    # tiny Llama, q (16x16) and v (8x16) in 2 layers: LoRA r=1 = 2 (32 + 24) = 112 parameters;
+    # d = 768, k = 27, m = 29, so GFA takes r = 2 (112 / 56)
+    assert metrics["budget"] == 112 and metrics["adapter_params"] == 2 * (29 + 27)
+
+
+def test_training_labels_cover_the_answer_only_and_truncation_keeps_it(llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    data = Dataset.from_dict({"query": ["the sky is blue and the grass is"], "choices": [["red", "good grass"]],
+                              "label": [1]})
+    (example,) = encode_choice_training(tokenizer, data, max_length=5)
+    answer = tokenizer(" good grass", add_special_tokens=False)["input_ids"]
+    assert len(example["input_ids"]) == 5 and example["input_ids"][-2:] == answer
+    assert example["labels"] == [IGNORE_INDEX] * 3 + answer
+    assert example["input_ids"][:3] == tokenizer("the sky is blue and the grass is")["input_ids"][-3:]
+
+
+def test_batched_choice_scores_equal_one_sequence_at_a_time(llama_dir):
+    """Padding, batching and length sorting must not change a choice's summed log-likelihood."""
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    data = Dataset.from_dict({"query": ["what colour is the sky ?", "the film was"],
+                              "choices": [["blue", "the grass is red", "fun"], ["good", "dull and boring"]],
+                              "label": [0, 1]})
+    sequences = choice_sequences(tokenizer, data, max_length=32)
+    batched = choice_log_likelihoods(model, sequences, tokenizer.pad_token_id, batch_size=4, progress=False)
+    for sequence, score in zip(sequences, batched, strict=True):
+        ids = torch.tensor([sequence.input_ids])
+        with torch.no_grad():
+            log_probs = model(input_ids=ids).logits[0].log_softmax(-1)
+        start = len(sequence.input_ids) - sequence.choice_length
+        expected = sum(log_probs[t - 1, sequence.input_ids[t]].item() for t in range(start, len(sequence.input_ids)))
+        assert score == pytest.approx(expected, abs=1e-4)
+    assert best_choices(sequences, batched) == [
+        int(np.argmax(batched[0:3])), int(np.argmax(batched[3:5]))]
+
+
+# ---------------------------------------------------------------- metrics against independent references
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=2, max_size=40))
+def test_binary_matthews_is_the_pearson_correlation_of_the_labels(pairs):
+    predictions, labels = zip(*pairs)
+    if len(set(predictions)) < 2 or len(set(labels)) < 2:
+        assert matthews(predictions, labels) == 0.0
+    else:
+        assert matthews(predictions, labels) == pytest.approx(np.corrcoef(predictions, labels)[0, 1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=2, max_size=40))
+def test_multiclass_matthews_is_the_covariance_of_one_hot_codes(pairs):
+    """Gorodkin's R_K: cov(X, Y) / sqrt(cov(X, X) cov(Y, Y)) with cov summed over the one-hot columns."""
+    predictions, labels = (np.eye(4)[list(column)] for column in zip(*pairs))
+
+    def cov(a, b):
+        return ((a - a.mean(0)) * (b - b.mean(0))).sum()
+
+    denominator = math.sqrt(cov(predictions, predictions) * cov(labels, labels))
+    expected = cov(predictions, labels) / denominator if denominator else 0.0
+    assert matthews(*zip(*pairs)) == pytest.approx(expected)
+
+
+def test_f1_and_majority_by_hand():
+    # TP = 2, FP = 1, FN = 1: F1 = 4 / (4 + 1 + 1)
+    assert f1_positive([1, 1, 1, 0, 0], [1, 1, 0, 1, 0]) == pytest.approx(4 / 6)
+    assert majority_label([2, 0, 2, 0, 1]) == 0
+
+
+# ---------------------------------------------------------------- bad input: exit 2, nothing written
+
+def write_csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+@pytest.fixture
+def user_files(tmp_path) -> dict[str, Path]:
+    rows = [f"{row['text']},{row['label']}" for row in sentiment_rows(20, 5)]
+    return {
+        "good": write_csv(tmp_path / "good.csv", "text,label", rows),
+        "no_label": write_csv(tmp_path / "no_label.csv", "text,score", rows),
+        "unseen": write_csv(tmp_path / "unseen.csv", "text,label", ["good fun,2"]),
+    }
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--task", "rt", "--model", "nope"], "model 'nope' is not one of"),
+    (["--task", "rt", "--method", "adalora", "--anchor", "1"], "unknown method 'adalora'"),
+    (["--task", "rt", "--method", "lora", "--anchor", "1/2"], "lora cannot reach anchor 1/2"),
+    (["--task", "rt", "--method", "vera", "--anchor", "1/2"], "vera cannot reach anchor 1/2"),
+    (["--task", "rt", "--method", "gfa", "--anchor", "64"], "out of range"),
+    (["--task", "rt", "--method", "gfa", "--anchor", "half"], "is not '1/2' or a positive integer"),
+    (["--task", "rt", "--method", "gfa"], "needs exactly one of an anchor or a rank"),
+    (["--task", "rt", "--method", "vblora", "--rank", "4"], "no rank to set"),
+    (["--task", "rt", "--method", "full", "--anchor", "4"], "give no anchor or rank"),
+    (["--task", "rt", "--anchor", "1", "--steps", "5", "--epochs", "1"], "not both"),
+    (["--task", "rt", "--anchor", "1", "--eval-task", "sst2"], "must not be tested on 'sst2'"),
+    (["--task", "sst2", "--anchor", "1"], "has no training split"),
+    (["--task", "arc_easy", "--anchor", "1"], "scored by a causal LM"),
+    (["--train-file", "{no_label}", "--anchor", "1"], "lacks column(s) text"),
+    (["--train-file", "{good}", "--eval-file", "{unseen}", "--anchor", "1"], "labels that .* never uses: 2"),
+    (["--task", "rt", "--train-file", "{good}", "--anchor", "1"], "not both or neither"),
+])
+def test_bad_input_exits_2_before_anything_is_written(cache, tmp_path, user_files, capsys, arguments, message):
+    runs = tmp_path / "runs"
+    arguments = [argument.format(**user_files) for argument in arguments]
+    code = main(["train", *arguments, "--lr", "0.01", "--steps", "2", "--cache", str(cache), "--runs", str(runs)]
+                if "--epochs" not in arguments else
+                ["train", *arguments, "--lr", "0.01", "--cache", str(cache), "--runs", str(runs)])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not runs.exists()
+
+
+def test_a_finished_run_is_not_overwritten_without_asking(cache, tmp_path, capsys):
+    arguments = ["train", "--task", "rt", "--anchor", "1", "--lr", "0.01", "--steps", "2", "--cache", str(cache),
+                 "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(arguments) == 0
+    before = (tmp_path / "run" / "metrics.json").read_text()
+    assert main(arguments) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "run" / "metrics.json").read_text() == before
+    assert main([*arguments, "--overwrite"]) == 0
+
+
+def test_an_interrupted_run_leaves_no_metrics_and_is_redone(cache, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_predict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(cache, anchor="1"), folder, progress=False)
+    assert (folder / "config.json").is_file() and not is_finished(folder)
+    monkeypatch.undo()
+    train(config(cache, anchor="1"), folder, progress=False)
+    assert is_finished(folder)
+
+
+def test_prepare_errors_are_run_config_errors(cache):
+    with pytest.raises(RunConfigError) as raised:
+        prepare(config(cache, method="dora", anchor="1/2"))
+    assert raised.value.unreachable
+    with pytest.raises(RunConfigError) as raised:
+        prepare(config(cache, task="nope", anchor="1"))
+    assert not raised.value.unreachable
