@@ -247,7 +247,7 @@ def user_files(tmp_path) -> dict[str, Path]:
     (["--task", "rt", "--anchor", "1", "--eval-task", "sst2"], "must not be tested on 'sst2'"),
     (["--task", "sst2", "--anchor", "1"], "has no training split"),
     (["--task", "arc_easy", "--anchor", "1"], "scored by a causal LM"),
-    (["--train-file", "{no_label}", "--anchor", "1"], "lacks column(s) text"),
+    (["--train-file", "{no_label}", "--anchor", "1"], r"lacks column\(s\) label"),
     (["--train-file", "{good}", "--eval-file", "{unseen}", "--anchor", "1"], "labels that .* never uses: 2"),
     (["--task", "rt", "--train-file", "{good}", "--anchor", "1"], "not both or neither"),
 ])
@@ -294,3 +294,16 @@ def test_prepare_errors_are_run_config_errors(cache):
     with pytest.raises(RunConfigError) as raised:
         prepare(config(cache, task="nope", anchor="1"))
     assert not raised.value.unreachable
+
+
+# ---------------------------------------------------------------- the real bundled model (slow)
+
+@pytest.mark.slow
+def test_real_minilm_gfa_at_half_beats_the_majority_class_on_trec6(tmp_path):
+    try:
+        run = prepare(RunConfig(model="minilm", task="trec6", method="gfa", anchor="1/2"))
+    except RunConfigError as error:
+        pytest.skip(f"bundled assets not installed: {error}")
+    metrics = train_module.execute(run, tmp_path / "run", progress=False)
+    assert metrics["adapter_params"] == 2_661  # r = 1 on MiniLM q+v: m + k = 1,331 + 1,330 (docs/budget.md)
+    assert metrics["accuracy"] > metrics["majority_baseline"] + 0.3

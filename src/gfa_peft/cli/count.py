@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from gfa_peft.budget import DEFAULT_ANCHORS, budget_report
 from gfa_peft.cli import UsageError
+from gfa_peft.cli.arguments import output_path, parse_list, parse_module_order, parse_targets
 from gfa_peft.experiments.cache import write_json_atomic
 from gfa_peft.experiments.presets import load_architecture, preset_names
-from gfa_peft.layout import ModuleOrder
 from gfa_peft.targets import ALL_LINEAR, default_targets, target_shapes
 
 
@@ -52,12 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    output = _output_path(args.json)
-    anchors = _parse_list(args.anchors, "--anchors")
-    module_order = _parse_order(args.module_order)
+    output = output_path(args.json)
+    anchors = parse_list(args.anchors, "--anchors")
+    module_order = parse_module_order(args.module_order)
     try:
         model = load_architecture(args.model)
-        targets = _parse_targets(args.targets) if args.targets else default_targets(model)
+        targets = parse_targets(args.targets) if args.targets else default_targets(model)
         report = budget_report(target_shapes(model, targets), anchors, module_order)
     except (ValueError, TypeError) as error:  # bad names, anchors, orders; modules no method can adapt
         raise UsageError(str(error)) from None
@@ -113,32 +112,3 @@ def _cell(value) -> str:
     if value is None:
         return "-"
     return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _parse_list(text: str, flag: str) -> list[str]:
-    items = [item.strip() for item in text.split(",")]
-    if not all(items):
-        raise UsageError(f"{flag} {text!r} has an empty entry")
-    return items
-
-
-def _parse_targets(text: str) -> str | list[str]:
-    return ALL_LINEAR if text.strip().lower() == ALL_LINEAR else _parse_list(text, "--targets")
-
-
-def _parse_order(text: str) -> ModuleOrder:
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-def _output_path(json_arg: str | None) -> Path | None:
-    if json_arg is None or json_arg == "-":
-        return None
-    path = Path(json_arg)
-    if not path.parent.is_dir():
-        raise UsageError(f"cannot write {json_arg!r}: folder {str(path.parent)!r} does not exist")
-    if path.is_dir():
-        raise UsageError(f"cannot write {json_arg!r}: it is a folder")
-    return path

@@ -14,7 +14,7 @@ import torch
 
 from gfa_peft.budget import DEFAULT_ANCHORS, ordered_layout, rank_anchors
 from gfa_peft.cli import UsageError
-from gfa_peft.cli.count import _output_path, _parse_list, _parse_order, _parse_targets
+from gfa_peft.cli.arguments import output_path, parse_list, parse_module_order, parse_targets
 from gfa_peft.experiments.bench_report import write_atomic
 from gfa_peft.experiments.cache import write_json_atomic
 from gfa_peft.experiments.lens_inputs import deltas_from_adapter, deltas_from_file, deltas_from_models, save_deltas
@@ -90,19 +90,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    json_path, plot_path, deltas_path = (_output_path(path) for path in (args.json, args.plot, args.save_deltas))
+    json_path, plot_path, deltas_path = (output_path(path) for path in (args.json, args.plot, args.save_deltas))
     if args.deltas and args.save_deltas and Path(args.deltas).resolve() == deltas_path.resolve():
         raise UsageError("--save-deltas would overwrite the --deltas input")
-    orders = [_parse_order(order) for order in _parse_list(args.module_order, "--module-order")]
+    orders = [parse_module_order(order) for order in parse_list(args.module_order, "--module-order")]
     if len({str(order) for order in orders}) < len(orders):
         raise UsageError(f"--module-order {args.module_order!r} names an order twice")
     budgets = _parse_budgets(args.budgets) if args.budgets else None
-    anchor_labels = _parse_list(args.anchors, "--anchors")
+    anchor_labels = parse_list(args.anchors, "--anchors")
     if args.grid_points < 0:
         raise UsageError(f"--grid-points must be >= 0, got {args.grid_points}")
     if args.tie_tolerance < 0 or not 0 < args.rtol < 1:
         raise UsageError("--tie-tolerance must be >= 0 and --rtol in (0, 1)")
-    targets = _parse_targets(args.targets) if args.targets else None
+    targets = parse_targets(args.targets) if args.targets else None
 
     try:
         deltas = _load_deltas(args, targets)
@@ -191,7 +191,7 @@ def _describe_source(args: argparse.Namespace) -> dict:
 
 def _parse_budgets(text: str) -> list[int]:
     budgets = []
-    for item in _parse_list(text, "--budgets"):
+    for item in parse_list(text, "--budgets"):
         try:
             budget = int(item.replace("_", ""))
         except ValueError:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from gfa_peft.cli import UsageError
-from gfa_peft.cli.count import _output_path
+from gfa_peft.cli.arguments import output_path
 from gfa_peft.experiments.cache import write_json_atomic
 from gfa_peft.experiments.merge import plan_merge, write_merged
 
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     adapter, base, out = Path(args.adapter), Path(args.base), Path(args.out)
-    summary_path = _output_path(args.json)
+    summary_path = output_path(args.json)
     for flag, folder in (("ADAPTER", adapter), ("--base", base)):
         if not folder.is_dir():
             raise UsageError(f"{flag} {str(folder)!r} is not a folder")

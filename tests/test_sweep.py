@@ -1,0 +1,178 @@
+"""`gfa sweep`, `gfa tune` and `gfa demo` on tiny models, and the summary arithmetic against hand computations."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gfa_peft.cli import main
+from gfa_peft.experiments import sweep as sweep_module
+from gfa_peft.experiments.sweep import (
+    PAPER_TIE_BAND,
+    SweepSpec,
+    choose_learning_rates,
+    retention,
+    run_sweep,
+    summarize,
+    tie_band,
+    verdicts,
+)
+from gfa_peft.experiments.train import RunConfigError, is_finished
+from tiny_assets import fake_cache
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return fake_cache(tmp_path_factory.mktemp("cache"))
+
+
+def spec(cache: Path, **fields) -> SweepSpec:
+    return SweepSpec(**{"model": "minilm", "tasks": ("rt",), "methods": ("gfa", "lora"), "anchors": ("1/2", "1"),
+                        "seeds": (0, 1), "learning_rates": (1e-2,), "settings": {"steps": 2, "cache": str(cache)},
+                        **fields})
+
+
+# ---------------------------------------------------------------- running, skipping, resuming
+
+def test_sweep_runs_the_grid_skips_finished_runs_and_redoes_unfinished_ones(cache, tmp_path, monkeypatch):
+    root = tmp_path / "sweep"
+    summary = run_sweep(spec(cache), root, progress=False, log=lambda message: None)
+    folders = sorted(path.relative_to(root).as_posix() for path in root.glob("rt/*"))
+    # LoRA cannot reach 1/2: gfa at 1/2 and 1, lora at 1, two seeds each
+    assert folders == [f"rt/{name}-s{seed}-lr0.01" for name in ("gfa-1", "gfa-1_2", "lora-1") for seed in (0, 1)]
+    assert all(is_finished(root / folder) for folder in folders)
+    for name in ("results.json", "results.csv", "accuracy_vs_params.png", "sweep.json"):
+        assert (root / name).stat().st_size > 0
+    assert json.loads((root / "results.json").read_text())["cells"] == summary["cells"]
+    with (root / "results.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["method"], row["anchor"], row["n"]) for row in rows] == [("gfa", "1/2", "2"), ("gfa", "1", "2"),
+                                                                          ("lora", "1", "2")]
+    assert {cell["anchor"]: cell["adapter_params"] for cell in summary["cells"] if cell["method"] == "gfa"} == {
+        "1/2": 64, "1": 128}
+
+    trained = []
+    monkeypatch.setattr(sweep_module, "execute", lambda run, folder, progress: trained.append(folder.name))
+    run_sweep(spec(cache), root, progress=False, log=lambda message: None)
+    assert trained == []  # everything finished: nothing is trained again
+
+    (root / "rt" / "lora-1-s1-lr0.01" / "metrics.json").unlink()  # as if interrupted before its metrics
+    monkeypatch.undo()
+    counted = []
+    original = sweep_module.execute
+    monkeypatch.setattr(sweep_module, "execute", lambda *args: counted.append(args[1].name) or original(*args))
+    run_sweep(spec(cache), root, progress=False, log=lambda message: None)
+    assert counted == ["lora-1-s1-lr0.01"]
+
+
+def test_a_bad_run_anywhere_in_the_grid_stops_the_sweep_before_any_training(cache, tmp_path):
+    with pytest.raises(RunConfigError, match="unknown task 'nope'"):
+        run_sweep(spec(cache, tasks=("rt", "nope")), tmp_path / "sweep", progress=False)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_command_bad_input_exits_2_and_writes_nothing(cache, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--methods", "gfa,adalora", "--lrs", "0.01", "--cache", str(cache), "--out", str(out),
+                 "--steps", "1"])
+    assert code == 2 and "unknown method 'adalora'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_tune_picks_each_methods_best_dev_rate(cache, tmp_path, capsys):
+    out = tmp_path / "tune"
+    code = main(["tune", "--methods", "gfa,lora", "--anchors", "1", "--lrs", "0.001,0.01", "--steps", "2",
+                 "--cache", str(cache), "--out", str(out), "--no-progress"])
+    assert code == 0
+    record = json.loads((out / "lr_choice.json").read_text())
+    results = [json.loads(path.read_text()) for path in out.glob("rt/*/metrics.json")]
+    assert len(results) == 4 and {result["eval_split"] for result in results} == {"dev"}
+    for method in ("gfa", "lora"):
+        accuracy = {result["lr"]: result["accuracy"] for result in results if result["method"] == method}
+        best = max(sorted(accuracy), key=lambda lr: accuracy[lr])  # ties to the smaller rate
+        assert record["choices"][method]["lr"] == best
+    assert "chose lr" in capsys.readouterr().out
+
+
+def test_demo_prints_the_table_and_the_figure(cache, tmp_path, capsys, monkeypatch):
+    from gfa_peft.cli import demo
+
+    monkeypatch.setattr(demo, "DEMO", SweepSpec(**{**demo.DEMO.__dict__, "settings": {"steps": 2}}))
+    assert main(["demo", "--cache", str(cache), "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"figure: {tmp_path / 'demo' / 'accuracy_vs_params.png'}" in printed
+    assert "majority-class baseline: rt" in printed and "tie band: +/-1.40pp" in printed
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert sorted((cell["method"], cell["anchor"]) for cell in results["cells"]) == sorted(
+        [("gfa", "1/2"), ("gfa", "1"), ("gfa", "4"), ("gfa", "16"), ("lora", "1"), ("lora", "4"), ("lora", "16"),
+         ("dora", "1"), ("dora", "4"), ("dora", "16")])
+
+
+# ---------------------------------------------------------------- the summary's arithmetic, by hand
+
+def result(task, method, anchor, seed, accuracy, params=100, lr=0.01, baseline=0.5):
+    return {"task": task, "method": method, "anchor": anchor, "knobs": {"r": 1}, "seed": seed, "lr": lr,
+            "accuracy": accuracy, "adapter_params": params, "majority_baseline": baseline}
+
+
+def test_tie_band_is_twice_the_pooled_seed_std():
+    results = [result("a", "gfa", "1", 0, 0.70), result("a", "gfa", "1", 1, 0.72),          # var 2
+               result("a", "dora", "1", 0, 0.80), result("a", "dora", "1", 1, 0.81),
+               result("a", "dora", "1", 2, 0.85),                                              # var 7
+               result("a", "lora", "1", 0, 0.60)]                                              # one seed: not pooled
+    band = tie_band(summarize(results)["cells"])
+    pooled = math.sqrt((1 * 2 + 2 * 7) / 3)
+    assert band["pooled_std_pp"] == pytest.approx(pooled)
+    assert band["band_pp"] == pytest.approx(2 * pooled) and band["cells_pooled"] == 2
+
+
+def test_one_seed_falls_back_to_the_papers_band():
+    band = tie_band(summarize([result("a", "gfa", "1", 0, 0.7), result("a", "dora", "1", 0, 0.8)])["cells"])
+    assert band["band_pp"] == PAPER_TIE_BAND == 1.4 and band["pooled_std_pp"] is None
+    assert "paper" in band["source"]
+
+
+@pytest.mark.parametrize("gfa, dora, verdict", [(0.75, 0.73, "win"), (0.73, 0.75, "loss"), (0.743, 0.73, "tie"),
+                                                 (0.7275, 0.7375, "tie")])
+def test_verdicts_compare_gfa_with_dora_within_the_band(gfa, dora, verdict):
+    cells = summarize([result("a", "gfa", "4", 0, gfa), result("a", "dora", "4", 0, dora),
+                       result("a", "gfa", "1/2", 0, 0.7)])["cells"]
+    (row,) = verdicts(cells, band=1.4)  # "1/2" has no DoRA: no verdict there
+    assert row["verdict"] == verdict and row["gap_pp"] == pytest.approx(100 * (gfa - dora))
+
+
+def test_a_gap_exactly_at_the_band_is_a_tie():
+    cells = [{"task": "a", "method": "gfa", "anchor": "1", "mean": 75.0},
+             {"task": "a", "method": "dora", "anchor": "1", "mean": 73.5}]
+    assert verdicts(cells, band=1.5)[0]["verdict"] == "tie"
+
+
+def test_retention_is_accuracy_at_half_over_accuracy_at_16():
+    cells = summarize([result("a", "gfa", "1/2", 0, 0.776), result("a", "gfa", "1/2", 1, 0.780),
+                       result("a", "gfa", "16", 0, 0.80), result("a", "gfa", "16", 1, 0.80),
+                       result("a", "lora", "16", 0, 0.81)])["cells"]
+    (row,) = retention(cells)
+    assert row["retention"] == pytest.approx(77.8 / 80.0) and row["drop_pp"] == pytest.approx(2.2)
+
+
+def test_learning_rate_choice_averages_over_tasks_and_breaks_ties_low():
+    cells = summarize([result("a", "gfa", "4", 0, 0.70, lr=0.01), result("b", "gfa", "4", 0, 0.90, lr=0.01),
+                       result("a", "gfa", "4", 0, 0.75, lr=0.03), result("b", "gfa", "4", 0, 0.80, lr=0.03),
+                       result("a", "lora", "4", 0, 0.70, lr=0.001), result("a", "lora", "4", 0, 0.70, lr=0.003)])
+    choices = choose_learning_rates(cells["cells"])
+    assert choices["gfa"]["lr"] == 0.01 and choices["gfa"]["mean_by_lr"][0.03] == pytest.approx(77.5)
+    assert choices["lora"]["lr"] == 0.001
+    assert cells["verdicts"] == [] and cells["retention"] == []  # several rates per cell: nothing to compare
