@@ -200,6 +200,7 @@ def test_a_failing_worker_is_reported_with_its_traceback(tmp_path):
         (["--seq-len", "1"], "sequence length must be at least 2"),
         (["--device", "tpu"], "the bench runs on 'cpu' or 'cuda[:N]'"),
         (["--json", "missing/records.json"], "does not exist"),
+        (["--json", "."], "it is a folder"),
         (["--out", "a-file"], "is not a folder"),
     ],
 )

@@ -104,7 +104,7 @@ def test_tune_picks_each_methods_best_dev_rate(cache, tmp_path, capsys):
         accuracy = {result["lr"]: result["accuracy"] for result in results if result["method"] == method}
         best = max(sorted(accuracy), key=lambda lr: accuracy[lr])  # ties to the smaller rate
         assert record["choices"][method]["lr"] == best
-    assert "chose lr" in capsys.readouterr().out
+    assert "chosen" in capsys.readouterr().out
 
 
 def test_demo_prints_the_table_and_the_figure(cache, tmp_path, capsys, monkeypatch):

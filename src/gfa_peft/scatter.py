@@ -106,14 +106,16 @@ def add_factor_grads(
         grad_A[:, cols].addmm_(B[rows].T, grad, alpha=spec.scale)
 
 
-class Workspace(threading.local):
-    """Per-thread scratch memory for module-sized weights and weight gradients, on the CPU.
+class BackwardWorkspace(threading.local):
+    """Per-thread scratch memory for the module-sized tensors of a backward pass, on the CPU.
 
-    A CPU allocation of more than 32 MB is served by a fresh mmap that page-faults on first touch,
-    every step (about as slow as the arithmetic it holds); reusing one flat buffer per dtype, grown
-    to the largest module, avoids that and costs one module's worth of memory. A view's contents
-    never outlive the call that fills it. On accelerators the caching allocator already reuses
-    memory, so views there are plain allocations.
+    A CPU allocation of more than 32 MB is served by a fresh mmap that page-faults on first touch
+    (about as slow as the arithmetic it holds), and each adapted module needs two such tensors in
+    backward: its effective weight, then its weight gradient. One flat buffer per dtype, grown to
+    the largest module, serves them all and is released when the backward pass ends, so it never
+    adds to the memory held at the end of the forward pass, where a training step peaks. A view's
+    contents never outlive the call that fills it. On accelerators the caching allocator already
+    reuses memory, so views there are plain allocations.
     """
 
     def __init__(self):
@@ -122,13 +124,15 @@ class Workspace(threading.local):
     def buffer(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
+        if not self.flat:
+            torch.autograd.Variable._execution_engine.queue_callback(self.flat.clear)
         numel = math.prod(shape)
         if dtype not in self.flat or self.flat[dtype].numel() < numel:
             self.flat[dtype] = torch.empty(numel, dtype=dtype, device=device)
         return self.flat[dtype][:numel].view(shape)
 
 
-WORKSPACE = Workspace()
+WORKSPACE = BackwardWorkspace()
 
 
 def effective_weight(
@@ -136,10 +140,12 @@ def effective_weight(
     specs: Sequence[SliceSpec],
     factors: Sequence[torch.Tensor],
     like: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W + sum_a s_a * slice_a, or only the sum of the scaled slices when there is no W; in the dtype of
-    `like` (the base weight, or the input when there is none). Lives in the workspace."""
-    weight = WORKSPACE.buffer(specs[0].piece.shape, like.dtype, like.device)
+    `like` (the base weight, or the input when there is none); written into `weight` when given."""
+    if weight is None:
+        weight = torch.empty(specs[0].piece.shape, dtype=like.dtype, device=like.device)
     base = base_weight
     for spec, B, A in zip(specs, factors[0::2], factors[1::2]):
         add_slice(weight, base, B, A, spec)
@@ -167,7 +173,8 @@ class ScatteredOp(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             like = grad_out if base_weight is None else base_weight
-            weight = effective_weight(base_weight, ctx.specs, factors, like)
+            buffer = WORKSPACE.buffer(ctx.specs[0].piece.shape, like.dtype, like.device)
+            weight = effective_weight(base_weight, ctx.specs, factors, like, buffer)
             grad_x = ctx.op.grad_input(grad_out, x, weight.to(grad_out.dtype)).to(x.dtype)
         factor_grads: list[torch.Tensor | None] = [None] * len(factors)
         if any(ctx.needs_input_grad[4:]):

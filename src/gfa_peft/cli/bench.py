@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 import transformers
 
 from gfa_peft.cli import UsageError
+from gfa_peft.cli.arguments import output_path, parse_list
 from gfa_peft.experiments.bench import METHODS, QUICK, BenchSettings, plan, run_bench
 from gfa_peft.experiments.bench_models import SCOPES, SHAPES
 from gfa_peft.experiments.bench_report import format_summary, format_tables, write_outputs
@@ -84,7 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"seed of the weights and tokens, the same for every method (default: {FULL.seed})",
     )
     parser.add_argument(
-        "--json", metavar="FILE", help="also write the records (one per cell and method) as a JSON list to FILE"
+        "--json", metavar="FILE",
+        help="also write the records (one per cell and method) as a JSON list to FILE; '-': to stdout instead of "
+        "the tables",
     )
     parser.add_argument(
         "--out", metavar="DIR",
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         plan(settings)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
-    json_path = _file_path(args.json, "--json") if args.json else None
+    json_path = output_path(args.json)
     out = args.out or (None if args.quick else DEFAULT_OUT)
     out_folder = _folder_path(out) if out else None
 
@@ -113,13 +118,17 @@ def run(args: argparse.Namespace) -> int:
         f"({settings.batch_size} x {settings.seq_len}), {settings.warmup} warm-up + 1 memory + {settings.steps} timed "
         f"steps per method, wall time {wall_s:.0f} s"
     )
-    print(format_tables(records), format_summary(records), run_line, sep="\n\n")
+    if args.json == "-":
+        json.dump(records, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_tables(records), format_summary(records), run_line, sep="\n\n")
     if json_path is not None:
         write_json_atomic(json_path, records)
     if out_folder is not None:
         config = _run_config(settings, args, started, wall_s, load_before)
         written = write_outputs(out_folder, records, config, run_line)
-        print("wrote " + ", ".join(str(path) for path in written))
+        print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     return 0
 
 
@@ -127,10 +136,10 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
     """The full run's settings, or `QUICK`'s with --quick, with every flag given applied on top."""
     base = QUICK if args.quick else FULL
     given = {
-        "shapes": _parse_list(args.shapes, "--shapes"),
-        "scopes": _parse_list(args.scopes, "--scopes"),
-        "anchors": _parse_list(args.anchors, "--anchors"),
-        "methods": _parse_list(args.methods, "--methods"),
+        "shapes": _names_given(args.shapes, "--shapes"),
+        "scopes": _names_given(args.scopes, "--scopes"),
+        "anchors": _names_given(args.anchors, "--anchors"),
+        "methods": _names_given(args.methods, "--methods"),
         "steps": args.steps,
         "warmup": args.warmup,
         "batch_size": args.batch_size,
@@ -148,22 +157,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
     return dataclasses.replace(base, **{key: value for key, value in given.items() if value is not None})
 
 
-def _parse_list(text: str | None, flag: str) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    items = tuple(item.strip() for item in text.split(","))
-    if not all(items):
-        raise UsageError(f"{flag} {text!r} has an empty entry")
-    return items
-
-
-def _file_path(text: str, flag: str) -> Path:
-    path = Path(text)
-    if path.is_dir():
-        raise UsageError(f"{flag} {text!r} is a folder, not a file")
-    if not path.parent.is_dir():
-        raise UsageError(f"cannot write {flag} {text!r}: folder {str(path.parent)!r} does not exist")
-    return path
+def _names_given(text: str | None, flag: str) -> tuple[str, ...] | None:
+    return None if text is None else tuple(parse_list(text, flag))
 
 
 def _folder_path(text: str) -> Path:

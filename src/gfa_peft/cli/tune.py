@@ -10,7 +10,7 @@ from gfa_peft.cli import UsageError
 from gfa_peft.cli.sweep import float_list, add_grid_arguments, run_spec, spec_from_args
 from gfa_peft.experiments.cache import write_json_atomic
 from gfa_peft.experiments.recipes import LEARNING_RATES_FILE, RECIPES, recipe_key
-from gfa_peft.experiments.sweep import choose_learning_rates
+from gfa_peft.experiments.sweep import choose_learning_rates, text_table
 from gfa_peft.experiments.tasks import TASKS
 
 
@@ -51,12 +51,24 @@ def run(args: argparse.Namespace) -> int:
     record = {"recipe": key, "recipe_settings": RECIPES[key].__dict__, "spec": {**spec.__dict__},
               "choices": choices}
     write_json_atomic(out / "lr_choice.json", record)
-    for method, choice in choices.items():
-        trials = ", ".join(f"{lr:g}: {mean:.1f}" for lr, mean in choice["mean_by_lr"].items())
-        print(f"{method}: chose lr {choice['lr']:g} (mean dev accuracy % by lr: {trials})")
+    print(format_trials(summary["cells"], choices))
     if args.save_defaults:
         saved = json.loads(LEARNING_RATES_FILE.read_text(encoding="utf-8")) if LEARNING_RATES_FILE.is_file() else {}
         saved.setdefault(key, {}).update({method: choice["lr"] for method, choice in choices.items()})
         write_json_atomic(LEARNING_RATES_FILE, saved)
         print(f"saved as the {key} recipe's defaults in {LEARNING_RATES_FILE}")
     return 0
+
+
+def format_trials(cells: list[dict], choices: dict[str, dict]) -> str:
+    """Dev accuracy of every trial: one row per method and rate, one column per task and anchor, then the mean."""
+    columns = sorted({(cell["task"], cell["anchor"]) for cell in cells})
+    accuracy = {(cell["method"], cell["lr"], cell["task"], cell["anchor"]): cell["mean"] for cell in cells}
+    rows = []
+    for method, choice in choices.items():
+        for lr, mean in choice["mean_by_lr"].items():
+            values = [accuracy.get((method, lr, task, anchor)) for task, anchor in columns]
+            rows.append([method, f"{lr:g}", *("-" if value is None else f"{value:.1f}" for value in values),
+                         f"{mean:.1f}", "chosen" if lr == choice["lr"] else ""])
+    header = ["method", "lr", *(f"{task} @{anchor}" for task, anchor in columns), "mean", ""]
+    return "dev accuracy %\n" + text_table(header, rows)

@@ -29,7 +29,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "minilm": Recipe(steps=250, batch_size=16, max_length=64, eval_batch_size=128),
-    "smollm2": Recipe(steps=60, batch_size=8, max_length=128, eval_batch_size=16),
+    "smollm2": Recipe(steps=40, batch_size=8, max_length=128, eval_batch_size=16),
 }
 RECIPE_FOR_KIND = {"classification": "minilm", "multiple_choice": "smollm2"}
 

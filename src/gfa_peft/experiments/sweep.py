@@ -235,7 +235,7 @@ def cells_csv(cells: Sequence[dict[str, Any]]) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The cells, the tie band, the verdicts and the retention as plain-text tables."""
-    lines = [_table(["task", "method", "anchor", "adapter params", "accuracy %", "std", "seeds"],
+    lines = [text_table(["task", "method", "anchor", "adapter params", "accuracy %", "std", "seeds"],
                     [[cell["task"], cell["method"], cell["anchor"], f"{cell['adapter_params']:,}",
                       f"{cell['mean']:.1f}", "-" if cell["std"] is None else f"{cell['std']:.1f}", str(cell["n"])]
                      for cell in summary["cells"]])]
@@ -244,11 +244,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     band = summary["tie_band"]
     lines.append(f"tie band: +/-{band['band_pp']:.2f}pp, {band['source']}")
     if summary["verdicts"]:
-        lines.append(_table(["task", "anchor", "GFA %", "DoRA %", "gap pp", "verdict"],
+        lines.append(text_table(["task", "anchor", "GFA %", "DoRA %", "gap pp", "verdict"],
                             [[row["task"], row["anchor"], f"{row['gfa']:.1f}", f"{row['dora']:.1f}",
                               f"{row['gap_pp']:+.1f}", row["verdict"]] for row in summary["verdicts"]]))
     if summary["retention"]:
-        lines.append(_table(["task", "method", "acc at 1/2 %", "acc at 16 %", "retention", "drop pp"],
+        lines.append(text_table(["task", "method", "acc at 1/2 %", "acc at 16 %", "retention", "drop pp"],
                             [[row["task"], row["method"], f"{row['accuracy_from']:.1f}", f"{row['accuracy_to']:.1f}",
                               f"{100 * row['retention']:.1f}%", f"{row['drop_pp']:+.1f}"]
                              for row in summary["retention"]]))
@@ -257,7 +257,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n\n".join(lines)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned plain-text columns."""
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
                      for row in [header, *rows])
