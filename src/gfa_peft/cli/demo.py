@@ -11,13 +11,13 @@ from gfa_peft.experiments.sweep import SweepSpec, format_summary
 
 DEMO = SweepSpec(model="minilm", tasks=("rt",), methods=("gfa", "lora", "dora"), anchors=("1/2", "1", "4", "16"),
                  seeds=(0,))
-"""MiniLM on Rotten Tomatoes; GFA, LoRA and DoRA at anchors 1/2 (GFA only), 1, 4 and 16; one seed: 7 runs."""
+"""MiniLM on Rotten Tomatoes; GFA, LoRA and DoRA at anchors 1/2 (GFA only), 1, 4 and 16; one seed: 10 runs."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="GFA vs LoRA vs DoRA on MiniLM / Rotten Tomatoes at 4 budgets: 7 runs, ~10 min on 2 CPU cores",
+        help="GFA vs LoRA vs DoRA on MiniLM / Rotten Tomatoes at 4 budgets (10 runs of the minilm recipe)",
         description=(
             "The sweep `gfa sweep --model minilm --tasks rt --methods gfa,lora,dora --anchors 1/2,1,4,16 --seeds 0`: "
             "GFA at the sub-LoRA-r=1 budget 1/2 and at the budgets of LoRA ranks 1, 4 and 16, LoRA and DoRA at those "
