@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from gfa_peft.cli import main
 from gfa_peft.experiments import sweep as sweep_module
@@ -23,20 +22,9 @@ from gfa_peft.experiments.sweep import (
     verdicts,
 )
 from gfa_peft.experiments.train import RunConfigError, is_finished
-from tiny_assets import fake_cache
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return fake_cache(tmp_path_factory.mktemp("cache"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec(cache: Path, **fields) -> SweepSpec:

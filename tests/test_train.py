@@ -30,23 +30,11 @@ from gfa_peft.experiments.evaluation import (
 )
 from gfa_peft.experiments.tasks import load_task
 from gfa_peft.experiments.train import RunConfig, RunConfigError, is_finished, prepare, train
-from tiny_assets import fake_cache, sentiment_rows
+from tiny_assets import sentiment_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return fake_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
