@@ -111,8 +111,9 @@ def test_demo_prints_the_table_and_the_figure(cache, tmp_path, capsys, monkeypat
 
 # ---------------------------------------------------------------- the summary's arithmetic, by hand
 
-def result(task, method, anchor, seed, accuracy, params=100, lr=0.01, baseline=0.5):
-    return {"task": task, "method": method, "anchor": anchor, "knobs": {"r": 1}, "seed": seed, "lr": lr,
+def result(task, method, anchor, seed, accuracy, params=100, lr=0.01, baseline=0.5, order=None):
+    knobs = {"r": 1} if order is None else {"r": 1, "module_order": order}
+    return {"task": task, "method": method, "anchor": anchor, "knobs": knobs, "seed": seed, "lr": lr,
             "accuracy": accuracy, "adapter_params": params, "majority_baseline": baseline}
 
 
@@ -143,8 +144,8 @@ def test_verdicts_compare_gfa_with_dora_within_the_band(gfa, dora, verdict):
 
 
 def test_a_gap_exactly_at_the_band_is_a_tie():
-    cells = [{"task": "a", "method": "gfa", "anchor": "1", "mean": 75.0},
-             {"task": "a", "method": "dora", "anchor": "1", "mean": 73.5}]
+    cells = [{"task": "a", "method": "gfa", "anchor": "1", "module_order": None, "mean": 75.0},
+             {"task": "a", "method": "dora", "anchor": "1", "module_order": None, "mean": 73.5}]
     assert verdicts(cells, band=1.5)[0]["verdict"] == "tie"
 
 
@@ -164,3 +165,30 @@ def test_learning_rate_choice_averages_over_tasks_and_breaks_ties_low():
     assert choices["gfa"]["lr"] == 0.01 and choices["gfa"]["mean_by_lr"][0.03] == pytest.approx(77.5)
     assert choices["lora"]["lr"] == 0.001
     assert cells["verdicts"] == [] and cells["retention"] == []  # several rates per cell: nothing to compare
+
+
+# ---------------------------------------------------------------- the permutation diagnostic: GFA across module orders
+
+def test_module_orders_multiply_only_the_gfa_runs(cache, tmp_path):
+    grid = spec(cache, module_orders=("model", "by_name", "7"), seeds=(0,))
+    names = sorted(run.name for run, _ in sweep_module.plan(grid, tmp_path).runs)
+    assert names == sorted(["gfa-1_2-s0-order-model-lr0.01", "gfa-1_2-s0-order-by_name-lr0.01",
+                            "gfa-1_2-s0-order-7-lr0.01", "gfa-1-s0-order-model-lr0.01",
+                            "gfa-1-s0-order-by_name-lr0.01", "gfa-1-s0-order-7-lr0.01", "lora-1-s0-lr0.01"])
+
+
+def test_order_spread_sets_the_spread_of_order_means_against_the_seed_spread():
+    results = [result("a", "gfa", "16", 0, 0.70, order="model"), result("a", "gfa", "16", 1, 0.72, order="model"),
+               result("a", "gfa", "16", 0, 0.74, order=3), result("a", "gfa", "16", 1, 0.74, order=3),
+               result("a", "gfa", "16", 0, 0.80, order="by_name"), result("a", "gfa", "16", 1, 0.78, order="by_name"),
+               result("a", "lora", "16", 0, 0.60)]
+    summary = summarize(results)
+    (row,) = summary["order_spread"]
+    assert row["orders"] == pytest.approx({"model": 71.0, "3": 74.0, "by_name": 79.0})
+    means = [71.0, 74.0, 79.0]
+    mean = sum(means) / 3
+    assert row["order_std_pp"] == pytest.approx(math.sqrt(sum((value - mean) ** 2 for value in means) / 2))
+    assert row["order_range_pp"] == pytest.approx(8.0)
+    assert row["seed_std_pp"] == pytest.approx(math.sqrt((2 + 0 + 2) / 3))  # sample variances 2, 0, 2; 1 dof each
+    assert {cell["module_order"] for cell in summary["cells"]} == {"model", 3, "by_name", None}
+

@@ -30,6 +30,7 @@ from gfa_peft.experiments.evaluation import (
 )
 from gfa_peft.experiments.tasks import load_task
 from gfa_peft.experiments.train import RunConfig, RunConfigError, is_finished, prepare, train
+from gfa_peft.layout import order_modules
 from tiny_assets import sentiment_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,6 +109,19 @@ def test_explicit_rank_overrides_the_anchor(cache, tmp_path):
     assert metrics["knobs"] == {"r": 8} and metrics["anchor"] is None
     assert metrics["adapter_params"] == 8 * 4 * (16 + 16)
     assert prepare(config(cache, method="lora", rank=8)).name == "lora-r8-s0-lr0.01"
+
+
+def test_module_order_reaches_the_gfa_adapter_and_names_the_run(cache, tmp_path):
+    metrics = train(config(cache, method="gfa", anchor="1", module_order="3"), tmp_path / "gfa", progress=False)
+    assert metrics["knobs"]["module_order"] == 3
+    saved = json.loads((tmp_path / "gfa" / "adapter" / "adapter_config.json").read_text())
+    assert saved["module_order"] == 3
+    in_model_order = [f"bert.encoder.layer.{layer}.attention.self.{name}" for layer in range(2)
+                      for name in ("query", "value")]
+    names = [name.removeprefix("base_model.model.") for name, _, _ in saved["layout"]["modules"]]
+    assert names == order_modules(in_model_order, 3) != in_model_order
+    assert prepare(config(cache, method="gfa", anchor="1", module_order="by_name")).name == \
+        "gfa-1-s0-order-by_name-lr0.01"
 
 
 def test_full_fine_tuning_changes_only_the_target_weights_and_saves_a_model_to_diff(cache, tmp_path):
@@ -231,6 +245,8 @@ def user_files(tmp_path) -> dict[str, Path]:
     (["--task", "rt", "--method", "gfa"], "needs exactly one of an anchor or a rank"),
     (["--task", "rt", "--method", "vblora", "--rank", "4"], "no rank to set"),
     (["--task", "rt", "--method", "full", "--anchor", "4"], "give no anchor or rank"),
+    (["--task", "rt", "--method", "lora", "--anchor", "1", "--module-order", "3"], "GFA's setting; lora has none"),
+    (["--task", "rt", "--method", "gfa", "--anchor", "1", "--module-order", "random"], "module_order must be"),
     (["--task", "rt", "--anchor", "1", "--steps", "5", "--epochs", "1"], "not both"),
     (["--task", "rt", "--anchor", "1", "--eval-task", "sst2"], "must not be tested on 'sst2'"),
     (["--task", "sst2", "--anchor", "1"], "has no training split"),

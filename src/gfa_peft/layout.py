@@ -145,6 +145,14 @@ def build_layout(named_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> Layout:
     return Layout(modules=tuple(pieces), d=offset, m=m, k=k)
 
 
+def parse_module_order(text: str) -> ModuleOrder:
+    """A module order written as text (a flag, a config file): an integer is a permutation seed."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def order_modules(names: Sequence[str], module_order: ModuleOrder = "model") -> list[str]:
     """Reorder module names (given in the model's own order) for the concatenation.
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Each name is a module of this package whose `register` adds one subcommand.
-COMMANDS: list[str] = ["count", "assets", "lens", "bench", "merge", "train", "sweep", "demo", "tune"]
+COMMANDS: list[str] = ["count", "assets", "lens", "bench", "merge", "train", "sweep", "demo", "tune", "inspect"]
 
 
 class UsageError(Exception):
@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:  # raised by a flag's parser (cli/arguments.py)
+        print(f"gfa: error: {error}", file=sys.stderr)
+        return 2
     try:
         return args.run(args) or 0
     except UsageError as error:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from gfa_peft.cli import UsageError
-from gfa_peft.layout import ModuleOrder
+from gfa_peft.experiments.cache import write_json_atomic
 from gfa_peft.targets import ALL_LINEAR
 
 
@@ -17,17 +22,14 @@ def parse_list(text: str, flag: str) -> list[str]:
     return items
 
 
+def comma_list(flag: str) -> Callable[[str], list[str]]:
+    """`parse_list` for `flag`, as an argparse type."""
+    return functools.partial(parse_list, flag=flag)
+
+
 def parse_targets(text: str) -> str | list[str]:
     """`--targets`: a comma list of module names, or all-linear."""
     return ALL_LINEAR if text.strip().lower() == ALL_LINEAR else parse_list(text, "--targets")
-
-
-def parse_module_order(text: str) -> ModuleOrder:
-    """`--module-order`: model, by_name, or an integer seed."""
-    try:
-        return int(text)
-    except ValueError:
-        return text
 
 
 def output_path(argument: str | None) -> Path | None:
@@ -40,3 +42,15 @@ def output_path(argument: str | None) -> Path | None:
     if path.is_dir():
         raise UsageError(f"cannot write {argument!r}: it is a folder")
     return path
+
+
+def emit_json(report: Mapping[str, Any], json_argument: str | None, path: Path | None) -> bool:
+    """Write `report` where `--json` asks: to standard output ('-') or to the file `path` (atomically).
+    Returns whether the readable report should be printed too (not when the JSON took standard output)."""
+    if json_argument == "-":
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return False
+    if path is not None:
+        write_json_atomic(path, report)
+    return True

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gfa_peft.cli import UsageError
+from gfa_peft.experiments.text_table import text_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,16 +71,13 @@ def _show(result: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(result, indent=2))
         return
     header = ("asset", "kind", "status", "MB", "train", "dev", "test")
-    rows = [header]
+    rows = []
     for asset in result["assets"]:
         splits = asset["splits"] or {}
         megabytes = "" if asset["megabytes"] is None else f"{asset['megabytes']:.1f}"
         rows.append((asset["asset"], asset["kind"], asset["status"], megabytes,
                      *(str(splits.get(split, "")) for split in ("train", "dev", "test"))))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.rjust(width) if column >= 3 else cell.ljust(width)
-                        for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
+    print(text_table(header, rows, left=3))
     print(f"cache: {result['cache']}")
     for package in result.get("packages", []):
         print(f"package {package['package']}: {package['folder'] or 'not installed'}")

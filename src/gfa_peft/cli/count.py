@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from gfa_peft.budget import DEFAULT_ANCHORS, budget_report
 from gfa_peft.cli import UsageError
-from gfa_peft.cli.arguments import output_path, parse_list, parse_module_order, parse_targets
-from gfa_peft.experiments.cache import write_json_atomic
+from gfa_peft.cli.arguments import emit_json, output_path, parse_list, parse_targets
 from gfa_peft.experiments.presets import load_architecture, preset_names
+from gfa_peft.layout import parse_module_order
 from gfa_peft.targets import ALL_LINEAR, default_targets, target_shapes
+from gfa_peft.experiments.text_table import text_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,13 +60,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:  # bad names, anchors, orders; modules no method can adapt
         raise UsageError(str(error)) from None
     report = {"model": args.model, "targets": targets, "module_order": module_order, **report}
-    if args.json == "-":
-        json.dump(report, sys.stdout, indent=2)
-        print()
-        return 0
-    if output is not None:
-        write_json_atomic(output, report)
-    print(format_report(report))
+    if emit_json(report, args.json, output):
+        print(format_report(report))
     return 0
 
 
@@ -91,9 +85,7 @@ def format_report(report: dict) -> str:
          anchor["vblora_num_vectors"], anchor["vblora"]]
         for anchor in report["anchors"]
     ]
-    cells = [header] + [[_cell(value) for value in row] for row in rows]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in cells]
+    lines.append(text_table(header, [[_cell(value) for value in row] for row in rows]))
     smallest = report["smallest"]
     vblora = report["vblora"]
     lines += [

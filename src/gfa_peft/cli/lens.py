@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -14,10 +12,9 @@ import torch
 
 from gfa_peft.budget import DEFAULT_ANCHORS, ordered_layout, rank_anchors
 from gfa_peft.cli import UsageError
-from gfa_peft.cli.arguments import output_path, parse_list, parse_module_order, parse_targets
-from gfa_peft.experiments.bench_report import write_atomic
-from gfa_peft.experiments.cache import write_json_atomic
+from gfa_peft.cli.arguments import emit_json, output_path, parse_list, parse_targets
 from gfa_peft.experiments.lens_inputs import deltas_from_adapter, deltas_from_file, deltas_from_models, save_deltas
+from gfa_peft.layout import parse_module_order
 from gfa_peft.lens import (
     DEFAULT_RTOL,
     DEFAULT_TIE_TOLERANCE,
@@ -27,6 +24,7 @@ from gfa_peft.lens import (
     module_order_effect,
 )
 from gfa_peft.targets import ALL_LINEAR
+from gfa_peft.experiments.text_table import text_table
 
 DEFAULT_GRID_POINTS = 40
 
@@ -147,14 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
     if deltas_path is not None:
         save_deltas(deltas_path, deltas)
-    if args.json == "-":
-        json.dump(data, sys.stdout, indent=2)
-        print()
-    elif json_path is not None:
-        write_json_atomic(json_path, data)
+    show_text = emit_json(data, args.json, json_path)
     if plot_path is not None:
         plot_lens(data, plot_path)
-    if args.json != "-":
+    if show_text:
         print(format_report(data))
     return 0
 
@@ -225,7 +219,7 @@ def format_report(data: Mapping) -> str:
          str(record["lora_equal_rank"]), _percent(record["e_lora_equal_rel"]), record["favoured"]]
         for record in data["budgets"]
     ]
-    lines += _table(header, rows)
+    lines.append(text_table(header, rows))
     crossovers = data["crossovers"]
     lines += ["", "crossovers: " + ("; ".join(
         f"{crossover['from']} -> {crossover['to']} at P = {crossover['budget']:,}" for crossover in crossovers
@@ -236,7 +230,7 @@ def format_report(data: Mapping) -> str:
         labels = list(orders)
         rows = [[f"{points[0]['budget']:,}", *(_percent(point["e_gfa_rel"]) for point in points)]
                 for points in zip(*orders.values())]
-        lines += _table(["budget", *labels], rows)
+        lines.append(text_table(["budget", *labels], rows))
     return "\n".join(lines)
 
 
@@ -244,19 +238,12 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:.4g}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    cells = [header, *rows]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    return ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
 
 
 def plot_lens(data: Mapping, path: Path) -> None:
     """E / ||Delta*||^2 against the budget on a log-x axis: GFA (every module order), LoRA's optimal and
     equal-rank allocations, with the rank anchors as labelled vertical lines. Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gfa_peft.experiments.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
     from matplotlib.ticker import NullLocator
 
     records = data["budgets"]
@@ -283,6 +270,6 @@ def plot_lens(data: Mapping, path: Path) -> None:
     axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
     try:
-        write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+        save_figure(figure, path)
     finally:
         plt.close(figure)

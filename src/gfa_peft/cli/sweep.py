@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from gfa_peft.cli import UsageError
-from gfa_peft.cli.train import add_config_arguments, config_from_args, parse_list
+from gfa_peft.cli.arguments import comma_list, parse_list
+from gfa_peft.cli.train import add_config_arguments, config_from_args
 from gfa_peft.experiments.sweep import SweepSpec, format_summary, run_sweep
 from gfa_peft.experiments.train import RunConfig, RunConfigError
 
-GRID_FIELDS = ("model", "task", "method", "anchor", "rank", "seed", "lr", "train_file", "eval_file", "eval_task")
+GRID_FIELDS = ("model", "task", "method", "anchor", "rank", "module_order", "seed", "lr", "train_file", "eval_file",
+               "eval_task")
 """RunConfig fields that the grid sets (or that a sweep does not vary); the other fields are flags shared by all runs."""
 
 
@@ -30,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_grid_arguments(parser)
     parser.add_argument("--lrs", type=float_list, metavar="LR,LR,...",
                         help="run every cell at each of these learning rates (default: each method's tuned rate)")
+    parser.add_argument("--module-orders", type=comma_list("--module-orders"), metavar="ORDERS",
+                        help="run every GFA cell once per concatenation order: 'model', 'by_name', integer seeds of "
+                        "random permutations (the permutation diagnostic; default: the model's order only)")
     parser.add_argument("--out", default="runs/sweep", metavar="DIR", help="the sweep's folder (default: %(default)s)")
     parser.set_defaults(run=run)
 
@@ -37,11 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_grid_arguments(parser: argparse.ArgumentParser, anchors: str = "1/2,1,4,16") -> None:
     """The grid's flags and the RunConfig flags shared by every run (also used by `gfa tune`)."""
     parser.add_argument("--model", default="minilm", help="'minilm', 'smollm2' or a model folder (default: %(default)s)")
-    parser.add_argument("--tasks", type=parse_list, default=["rt"], metavar="NAMES",
+    parser.add_argument("--tasks", type=comma_list("--tasks"), default=["rt"], metavar="NAMES",
                         help="comma-separated tasks (default: rt)")
-    parser.add_argument("--methods", type=parse_list, default=["gfa", "lora", "dora"], metavar="NAMES",
+    parser.add_argument("--methods", type=comma_list("--methods"), default=["gfa", "lora", "dora"], metavar="NAMES",
                         help="comma-separated methods: gfa, lora, dora, vera, vblora, full (default: gfa,lora,dora)")
-    parser.add_argument("--anchors", type=parse_list, default=parse_list(anchors), metavar="LABELS",
+    parser.add_argument("--anchors", type=comma_list("--anchors"), default=anchors, metavar="LABELS",
                         help=f"comma-separated anchors: '1/2' or LoRA ranks (default: {anchors})")
     parser.add_argument("--seeds", type=int_list, default=[0], metavar="S,S,...", help="comma-separated seeds (default: 0)")
     add_config_arguments(parser, exclude=GRID_FIELDS)
@@ -56,7 +61,9 @@ def spec_from_args(args: argparse.Namespace, **settings) -> SweepSpec:
                if name not in GRID_FIELDS and value != getattr(defaults, name)}
     return SweepSpec(model=args.model, tasks=tuple(args.tasks), methods=tuple(args.methods),
                      anchors=tuple(args.anchors), seeds=tuple(args.seeds),
-                     learning_rates=tuple(args.lrs) if getattr(args, "lrs", None) else None, settings=changed)
+                     learning_rates=tuple(args.lrs) if getattr(args, "lrs", None) else None,
+                     module_orders=tuple(args.module_orders) if getattr(args, "module_orders", None) else None,
+                     settings=changed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,14 +84,14 @@ def run_spec(spec: SweepSpec, out: Path, progress: bool = True) -> dict:
 
 def int_list(text: str) -> list[int]:
     try:
-        return [int(item) for item in parse_list(text)]
+        return [int(item) for item in parse_list(text, "--seeds")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def float_list(text: str) -> list[float]:
     try:
-        values = [float(item) for item in parse_list(text)]
+        values = [float(item) for item in parse_list(text, "--lrs")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
     if not all(value > 0 for value in values):

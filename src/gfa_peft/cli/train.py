@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from gfa_peft.cli import UsageError
+from gfa_peft.cli.arguments import parse_targets
 from gfa_peft.experiments.distributed import RankMismatchError, rank_and_world
 from gfa_peft.experiments.train import RunConfig, RunConfigError, execute, is_finished, prepare
-from gfa_peft.targets import ALL_LINEAR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,18 +88,3 @@ def _parser_for(name: str, hint: Any):
     if name == "targets":
         return parse_targets
     return next(arg for arg in typing.get_args(hint) or (hint,) if arg is not type(None))
-
-
-def parse_targets(text: str) -> str | list[str]:
-    """'all-linear', or comma-separated module names."""
-    if text.strip().lower() == ALL_LINEAR:
-        return ALL_LINEAR
-    return parse_list(text)
-
-
-def parse_list(text: str) -> list[str]:
-    """Comma-separated entries, none empty (an argparse type)."""
-    items = [item.strip() for item in text.split(",")]
-    if not all(items):
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry")
-    return items

@@ -10,7 +10,8 @@ from gfa_peft.cli import UsageError
 from gfa_peft.cli.sweep import float_list, add_grid_arguments, run_spec, spec_from_args
 from gfa_peft.experiments.cache import write_json_atomic
 from gfa_peft.experiments.recipes import LEARNING_RATES_FILE, RECIPES, recipe_key
-from gfa_peft.experiments.sweep import choose_learning_rates, text_table
+from gfa_peft.experiments.sweep import choose_learning_rates
+from gfa_peft.experiments.text_table import text_table
 from gfa_peft.experiments.tasks import TASKS
 
 

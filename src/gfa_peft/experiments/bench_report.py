@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from gfa_peft.experiments.bench import reference_anchor
-from gfa_peft.experiments.cache import write_json_atomic
+from gfa_peft.experiments.cache import write_json_atomic, write_text_atomic
+from gfa_peft.experiments.text_table import text_table
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,8 @@ def format_tables(records: Sequence[dict]) -> str:
     """One aligned table per group of records measured side by side."""
     blocks = []
     for title, members in group_records(records).items():
-        cells = [[name for name, _ in COLUMNS]] + [[show(record) for _, show in COLUMNS] for record in members]
-        widths = [max(len(row[column]) for row in cells) for column in range(len(COLUMNS))]
-        lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
-        blocks.append("\n".join([title + ":", *lines]))
+        table = text_table([name for name, _ in COLUMNS], [[show(record) for _, show in COLUMNS] for record in members])
+        blocks.append(f"{title}:\n{table}")
     return "\n\n".join(blocks)
 
 
@@ -166,10 +163,7 @@ def markdown_report(records: Sequence[dict], run_line: str) -> str:
 def plot_ratios(records: Sequence[dict], path: Path) -> None:
     """Step time (wall and, on CPU, CPU time) and peak memory over LoRA's, per cell, for GFA, DoRA and the floor,
     with the targets marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gfa_peft.experiments.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
 
     cells = list(dict.fromkeys(record["cell"] for record in records if record["time_ratio_to_lora"] is not None))
     time_targets = _target_lines("median_time") + _target_lines("worst_time")
@@ -198,7 +192,7 @@ def plot_ratios(records: Sequence[dict], path: Path) -> None:
     figure.suptitle("gfa bench: paired against PEFT's LoRA at the same anchor (anchor 1/2 against LoRA r=1)")
     figure.tight_layout()
     try:
-        write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+        save_figure(figure, path)
     finally:
         plt.close(figure)
 
@@ -218,22 +212,10 @@ def write_outputs(folder: Path, records: Sequence[dict], run_config: dict, run_l
     paths = [folder / name for name in ("results.json", "results.md", "plot.png", "config.json")]
     write_json_atomic(paths[0], list(records))
     report = markdown_report(records, run_line)
-    write_atomic(paths[1], lambda temporary: temporary.write_text(report, encoding="utf-8"))
+    write_text_atomic(paths[1], report)
     plot_ratios(records, paths[2])
     write_json_atomic(paths[3], run_config)
     return paths
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(temporary)` into a temporary file beside `path`, then rename it over `path`."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _against(value: float, target: float | None) -> str:

@@ -54,10 +54,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` through a temporary file in the same folder, then rename it over `path`."""
+    write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(temporary)` into a temporary file beside `path`, then rename it over `path`: a reader sees the old
+    file or the whole new one, never a part."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        write(Path(temporary))
         os.chmod(temporary, _mode(0o666))
         os.replace(temporary, path)
     except BaseException:

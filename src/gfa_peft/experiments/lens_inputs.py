@@ -30,7 +30,7 @@ from transformers import (
     PretrainedConfig,
 )
 
-from gfa_peft.experiments.bench_report import write_atomic
+from gfa_peft.experiments.cache import write_atomic
 from gfa_peft.experiments.presets import load_architecture
 from gfa_peft.targets import ALL_LINEAR, default_targets, find_targets, target_shapes
 from gfa_peft.weight_ops import op_for

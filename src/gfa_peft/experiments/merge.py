@@ -22,17 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft.utils import load_peft_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from gfa_peft.experiments.presets import load_architecture
-from gfa_peft.layout import Layout
+from gfa_peft.experiments.saved_adapter import load_saved_adapter
 from gfa_peft.scatter import SliceSpec, slice_of_product
-from gfa_peft.tuner.checkpoint import FACTOR_KEYS, read_safetensors_header
-from gfa_peft.tuner.config import GfaConfig
+from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import WeightOp, op_for, update_shape
 
 SINGLE_FILE = "model.safetensors"
@@ -68,14 +66,9 @@ class MergePlan:
 
 def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> MergePlan:
     """Read and check an adapter and a base checkpoint; raise ValueError naming the first problem."""
-    adapter_dir, base = Path(adapter_dir), Path(base_dir)
-    config = read_gfa_config(adapter_dir)
-    layout = Layout.from_dict(config.layout)
-    weights = load_peft_weights(str(adapter_dir), device="cpu")
-    missing = [key for key in FACTOR_KEYS if key not in weights]
-    if missing:
-        raise ValueError(f"the adapter in {adapter_dir} holds no GFA factors {missing}")
-    B, A = (weights[key].float() for key in FACTOR_KEYS)
+    base = Path(base_dir)
+    adapter = load_saved_adapter(adapter_dir)
+    layout = adapter.layout
     shards, index = checkpoint_shards(base)
     headers = {key: entry for shard in shards for key, entry in read_safetensors_header(base / shard).items()}
     model = load_architecture(base)
@@ -96,12 +89,10 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
             )
         key = checkpoint_key(f"{piece.name}.weight", headers, model)
         _check_shape(key, headers[key]["shape"], module.weight.shape)
-        additions[key] = Addition(SliceSpec(piece, layout.k, config.scale), op_for(module, piece.name))
+        additions[key] = Addition(SliceSpec(piece, layout.k, adapter.config.scale), op_for(module, piece.name))
 
     replacements = {}
-    for saved_key, tensor in weights.items():
-        if saved_key in FACTOR_KEYS:
-            continue
+    for saved_key, tensor in adapter.others.items():
         key = checkpoint_key(saved_key.removeprefix(SAVED_MODULE_PREFIX), headers, model)
         _check_shape(key, headers[key]["shape"], tensor.shape)
         replacements[key] = tensor
@@ -111,23 +102,9 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
         if (base / entry).is_file() and entry not in shards and entry != index:
             (skipped if entry.endswith(WEIGHT_SUFFIXES) else copied).append(entry)
     return MergePlan(
-        base=base, shards=shards, index=index, B=B, A=A, additions=additions, replacements=replacements,
-        copied=tuple(copied), skipped=tuple(skipped), n_tensors=len(headers),
+        base=base, shards=shards, index=index, B=adapter.B, A=adapter.A, additions=additions,
+        replacements=replacements, copied=tuple(copied), skipped=tuple(skipped), n_tensors=len(headers),
     )
-
-
-def read_gfa_config(adapter_dir: Path) -> GfaConfig:
-    """The adapter's config, after checking it is a GFA adapter with a layout and a complete weights file."""
-    path = adapter_dir / "adapter_config.json"
-    if not path.is_file():
-        raise ValueError(f"{adapter_dir} holds no adapter_config.json")
-    peft_type = json.loads(path.read_text(encoding="utf-8")).get("peft_type")
-    if peft_type != "GFA":
-        raise ValueError(f"{adapter_dir} holds a {peft_type} adapter, not a GFA one")
-    config = GfaConfig.from_pretrained(str(adapter_dir))  # also checks the weights file against the config
-    if config.layout is None:
-        raise ValueError(f"{path} records no layout; save the adapter with this package's GfaConfig")
-    return config
 
 
 def checkpoint_shards(base: Path) -> tuple[tuple[str, ...], str | None]:

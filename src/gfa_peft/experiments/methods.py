@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from peft import LoraConfig, PeftConfig, VBLoRAConfig, VeraConfig
 
@@ -32,6 +32,7 @@ from gfa_peft.budget import (
     rank_anchors,
     vera_params,
 )
+from gfa_peft.layout import ModuleOrder, order_modules
 from gfa_peft.tuner import GfaConfig
 
 METHODS = ("gfa", "lora", "dora", "vera", "vblora", "full")
@@ -70,15 +71,23 @@ class Placement:
 
 
 def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | None = None,
-          rank: int | None = None) -> Placement:
+          rank: int | None = None, module_order: ModuleOrder | None = None) -> Placement:
     """Place `method` on the target modules `named_shapes` at `anchor` or at an explicit `rank`.
 
     Full fine-tuning takes neither; every other method takes exactly one (VB-LoRA only an anchor).
+    `module_order` (GFA only; None: the model's order) is recorded among GFA's knobs.
     Raises PlacementError for an unknown method, a missing or extra size, an anchor the method cannot reach
-    (e.g. LoRA at "1/2") or a rank out of range; ValueError from `rank_anchors` for a malformed anchor.
+    (e.g. LoRA at "1/2"), a rank out of range or a module order for another method or of an unknown kind;
+    ValueError from `rank_anchors` for a malformed anchor.
     """
     if method not in METHODS:
         raise PlacementError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    if module_order is not None:
+        if method != "gfa":
+            raise PlacementError(f"a module order is GFA's setting; {method} has none")
+        order_modules([], module_order)  # raises ValueError naming a bad order
+        placement = place(method, named_shapes, anchor, rank)
+        return replace(placement, knobs={**placement.knobs, "module_order": module_order})
     shapes = [shape for _, shape in named_shapes]
     if method == "full":
         if anchor is not None or rank is not None:
@@ -135,7 +144,7 @@ def peft_config(placement: Placement, targets: str | Sequence[str], task_type: s
     common = {"target_modules": target_modules, "task_type": task_type}
     knobs = placement.knobs
     if placement.method == "gfa":
-        return GfaConfig(r=knobs["r"], scale=1.0, **common)
+        return GfaConfig(r=knobs["r"], scale=1.0, module_order=knobs.get("module_order", "model"), **common)
     if placement.method in ("lora", "dora"):
         return LoraConfig(r=knobs["r"], lora_alpha=knobs["r"], use_dora=placement.method == "dora", **common)
     if placement.method == "vera":

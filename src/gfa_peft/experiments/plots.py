@@ -6,8 +6,7 @@ dashed. Full fine-tuning, when present, is a single point at its count.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from gfa_peft.experiments.cache import write_atomic  # noqa: E402
+
 STYLE = {"gfa": ("GFA", "tab:red", "o"), "lora": ("LoRA", "tab:blue", "s"), "dora": ("DoRA", "tab:green", "^"),
          "vera": ("VeRA", "tab:purple", "D"), "vblora": ("VB-LoRA", "tab:orange", "v"),
          "full": ("full FT (targets)", "black", "*")}
+
+ORDER_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+"""Line styles of the GFA module orders of a permutation sweep (reused after six)."""
 
 
 def plot_sweep(summary: dict[str, Any], path: Path) -> None:
@@ -27,14 +31,16 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(1, max(len(tasks), 1), figsize=(4.5 * max(len(tasks), 1), 3.6), squeeze=False)
     for axis, task in zip(axes[0], tasks, strict=False):
         for method, (label, color, marker) in STYLE.items():
-            cells = sorted((cell for cell in summary["cells"] if cell["task"] == task and cell["method"] == method),
-                           key=lambda cell: cell["adapter_params"])
-            if not cells:
-                continue
-            axis.errorbar([cell["adapter_params"] for cell in cells], [cell["mean"] for cell in cells],
-                          yerr=[cell["std"] or 0.0 for cell in cells], label=label, color=color, marker=marker,
-                          capsize=3, linewidth=1.5, markersize=6)
-            for cell in cells:
+            ours = [cell for cell in summary["cells"] if cell["task"] == task and cell["method"] == method]
+            for order, linestyle in zip(dict.fromkeys(cell["module_order"] for cell in ours),
+                                        itertools.cycle(ORDER_LINESTYLES)):
+                cells = sorted((cell for cell in ours if cell["module_order"] == order),
+                               key=lambda cell: cell["adapter_params"])
+                axis.errorbar([cell["adapter_params"] for cell in cells], [cell["mean"] for cell in cells],
+                              yerr=[cell["std"] or 0.0 for cell in cells], color=color, marker=marker,
+                              label=label if order is None else f"{label} ({order})", linestyle=linestyle,
+                              capsize=3, linewidth=1.5, markersize=6)
+            for cell in ours:
                 if cell["anchor"] == "1/2":
                     axis.annotate("r=1/2", (cell["adapter_params"], cell["mean"]), textcoords="offset points",
                                   xytext=(0, -14), ha="center", fontsize=8, color=color)
@@ -47,13 +53,12 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        save_figure(figure, path)
     finally:
         plt.close(figure)
+
+
+def save_figure(figure: plt.Figure, path: Path) -> None:
+    """Save `figure` as a PNG into `path`, written atomically."""
+    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))

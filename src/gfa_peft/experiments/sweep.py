@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from gfa_peft.experiments.cache import write_json_atomic, write_text_atomic
+from gfa_peft.experiments.text_table import text_table
 from gfa_peft.experiments.train import (
     PreparedRun,
     RunConfig,
@@ -52,6 +54,9 @@ class SweepSpec:
     seeds: tuple[int, ...] = (0,)
     learning_rates: tuple[float, ...] | None = None
     """None: each method's tuned default. A tuple: every run once per learning rate (tuning)."""
+    module_orders: tuple[str, ...] | None = None
+    """None: GFA in the model's order. A tuple: every GFA run once per concatenation order (the permutation
+    diagnostic)."""
     settings: dict[str, Any] = field(default_factory=dict)
 
     def configs(self) -> list[RunConfig]:
@@ -61,10 +66,11 @@ class SweepSpec:
         for task in self.tasks:
             for method in self.methods:
                 anchors = [None] if method == "full" else self.anchors
-                for anchor in anchors:
-                    for seed in self.seeds:
-                        for lr in self.learning_rates or [None]:
-                            configs.append(replace(base, task=task, method=method, anchor=anchor, seed=seed, lr=lr))
+                orders = self.module_orders if method == "gfa" and self.module_orders else [None]
+                for anchor, order, seed, lr in itertools.product(anchors, orders, self.seeds,
+                                                                 self.learning_rates or [None]):
+                    configs.append(replace(base, task=task, method=method, anchor=anchor, module_order=order,
+                                           seed=seed, lr=lr))
         return configs
 
 
@@ -86,7 +92,9 @@ def plan(spec: SweepSpec, root: Path) -> Plan:
         except RunConfigError as error:
             if not error.unreachable:
                 raise
-            unreachable.append(f"{config.task} {config.method} at {config.anchor}")
+            label = f"{config.task} {config.method} at {config.anchor}"
+            if label not in unreachable:  # one label per cell, not one per seed
+                unreachable.append(label)
             continue
         runs.append((run, root / run.task.name / run.name))
     return Plan(runs, unreachable)
@@ -136,14 +144,20 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     cells = cell_table(results)
     band = tie_band(cells)
     # A tuning grid has several learning rates per (task, method, anchor): no single accuracy to compare.
-    one_lr = len({(cell["task"], cell["method"], cell["anchor"]) for cell in cells}) == len(cells)
+    one_lr = len({_variant(cell) for cell in cells}) == len(cells)
     return {
         "cells": cells,
         "tie_band": band,
         "verdicts": verdicts(cells, band["band_pp"]) if one_lr else [],
         "retention": retention(cells) if one_lr else [],
+        "order_spread": order_spread(cells),
         "baselines": {result["task"]: 100 * result["majority_baseline"] for result in results},
     }
+
+
+def _variant(cell: dict[str, Any]) -> tuple:
+    """What tells cells apart at one learning rate: task, method, anchor and GFA's module order."""
+    return cell["task"], cell["method"], cell["anchor"], cell["module_order"]
 
 
 def choose_learning_rates(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -161,23 +175,27 @@ def choose_learning_rates(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str
 
 
 def cell_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, method, anchor, learning rate): accuracy mean, sample std (None for one seed), seeds."""
+    """One row per (task, method, anchor, learning rate, module order): accuracy mean, sample std (None for one
+    seed), seeds. The module order is None for GFA in the model's order (and for every other method)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for result in results:
-        groups.setdefault((result["task"], result["method"], anchor_label(result), result["lr"]), []).append(result)
+        key = (result["task"], result["method"], anchor_label(result), result["lr"],
+               result["knobs"].get("module_order"))
+        groups.setdefault(key, []).append(result)
     cells = []
-    for (task, method, anchor, lr), members in groups.items():
+    for (task, method, anchor, lr, module_order), members in groups.items():
         members.sort(key=lambda result: result["seed"])
         values = [100 * result["accuracy"] for result in members]
         cells.append({
-            "task": task, "method": method, "anchor": anchor, "lr": lr,
+            "task": task, "method": method, "anchor": anchor, "lr": lr, "module_order": module_order,
             "adapter_params": members[0]["adapter_params"], "n": len(values),
             "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "values": {f"s{result['seed']}": value for result, value in zip(members, values, strict=True)},
             **{f"{metric}_mean": 100 * statistics.fmean(result[metric] for result in members)
                for metric in ("f1", "matthews") if metric in members[0]},
         })
-    return sorted(cells, key=lambda cell: (cell["task"], cell["method"], cell["adapter_params"], cell["lr"]))
+    return sorted(cells, key=lambda cell: (cell["task"], cell["method"], str(cell["module_order"]),
+                                           cell["adapter_params"], cell["lr"]))
 
 
 def tie_band(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -194,49 +212,72 @@ def tie_band(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def verdicts(cells: Sequence[dict[str, Any]], band: float, method: str = "gfa",
              rival: str = "dora") -> list[dict[str, Any]]:
-    """GFA against DoRA at every (task, anchor) where both ran: win, tie (|gap| <= band) or loss."""
-    means = {(cell["task"], cell["method"], cell["anchor"]): cell for cell in cells}
+    """GFA (in each module order) against DoRA at every (task, anchor) where both ran: win, tie (|gap| <= band)
+    or loss."""
+    means = {_variant(cell): cell for cell in cells}
     rows = []
-    for (task, name, anchor), ours in means.items():
-        theirs = means.get((task, rival, anchor))
+    for (task, name, anchor, module_order), ours in means.items():
+        theirs = means.get((task, rival, anchor, None))
         if name != method or theirs is None:
             continue
         gap = ours["mean"] - theirs["mean"]
         outcome = "win" if gap > band else "loss" if gap < -band else "tie"
-        rows.append({"task": task, "anchor": anchor, method: ours["mean"], rival: theirs["mean"], "gap_pp": gap,
-                     "verdict": outcome})
+        rows.append({"task": task, "anchor": anchor, "module_order": module_order, method: ours["mean"],
+                     rival: theirs["mean"], "gap_pp": gap, "verdict": outcome})
     return rows
 
 
 def retention(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each (task, method) with both anchors: accuracy at "1/2" as a fraction of accuracy at "16"."""
-    means = {(cell["task"], cell["method"], cell["anchor"]): cell["mean"] for cell in cells}
+    """Each (task, method, module order) with both anchors: accuracy at "1/2" as a fraction of accuracy at "16"."""
+    means = {_variant(cell): cell["mean"] for cell in cells}
     rows = []
-    for (task, method, anchor), low in means.items():
-        high = means.get((task, method, RETENTION_TO))
+    for (task, method, anchor, module_order), low in means.items():
+        high = means.get((task, method, RETENTION_TO, module_order))
         if anchor == RETENTION_FROM and high is not None:
-            rows.append({"task": task, "method": method, "from": RETENTION_FROM, "to": RETENTION_TO,
-                         "accuracy_from": low, "accuracy_to": high, "retention": low / high, "drop_pp": high - low})
+            rows.append({"task": task, "method": method, "module_order": module_order, "from": RETENTION_FROM,
+                         "to": RETENTION_TO, "accuracy_from": low, "accuracy_to": high, "retention": low / high,
+                         "drop_pp": high - low})
+    return rows
+
+
+def order_spread(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where GFA ran in several module orders at a (task, anchor, lr): the spread of the orders' mean accuracies
+    (sample std and range) beside the seed spread within them (pooled seed std), the permutation diagnostic."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for cell in cells:
+        if cell["method"] == "gfa":
+            groups.setdefault((cell["task"], cell["anchor"], cell["lr"]), []).append(cell)
+    rows = []
+    for (task, anchor, lr), members in groups.items():
+        if len(members) < 2:
+            continue
+        means = [cell["mean"] for cell in members]
+        rows.append({"task": task, "anchor": anchor, "lr": lr,
+                     "orders": {str(cell["module_order"] or "model"): cell["mean"] for cell in members},
+                     "order_std_pp": statistics.stdev(means), "order_range_pp": max(means) - min(means),
+                     "seed_std_pp": tie_band(members)["pooled_std_pp"]})
     return rows
 
 
 def cells_csv(cells: Sequence[dict[str, Any]]) -> str:
-    """The cells as CSV: task, method, anchor, lr, adapter_params, n, mean, std, then one column per seed."""
+    """The cells as CSV: task, method, module_order, anchor, lr, adapter_params, n, mean, std, then one column per
+    seed."""
     seeds = sorted({seed for cell in cells for seed in cell["values"]}, key=lambda seed: int(seed[1:]))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["task", "method", "anchor", "lr", "adapter_params", "n", "mean", "std", *seeds])
+    writer.writerow(["task", "method", "module_order", "anchor", "lr", "adapter_params", "n", "mean", "std", *seeds])
     for cell in cells:
-        writer.writerow([cell["task"], cell["method"], cell["anchor"], cell["lr"], cell["adapter_params"], cell["n"],
+        writer.writerow([cell["task"], cell["method"], "" if cell["module_order"] is None else cell["module_order"],
+                         cell["anchor"], cell["lr"], cell["adapter_params"], cell["n"],
                          f"{cell['mean']:.2f}", "" if cell["std"] is None else f"{cell['std']:.2f}",
                          *(f"{cell['values'][seed]:.2f}" if seed in cell["values"] else "" for seed in seeds)])
     return buffer.getvalue()
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The cells, the tie band, the verdicts and the retention as plain-text tables."""
+    """The cells, the tie band, the verdicts, the retention and the module-order spread as plain-text tables."""
     lines = [text_table(["task", "method", "anchor", "adapter params", "accuracy %", "std", "seeds"],
-                    [[cell["task"], cell["method"], cell["anchor"], f"{cell['adapter_params']:,}",
+                    [[cell["task"], method_label(cell), cell["anchor"], f"{cell['adapter_params']:,}",
                       f"{cell['mean']:.1f}", "-" if cell["std"] is None else f"{cell['std']:.1f}", str(cell["n"])]
                      for cell in summary["cells"]])]
     lines.append("majority-class baseline: " + ", ".join(
@@ -245,21 +286,28 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"tie band: +/-{band['band_pp']:.2f}pp, {band['source']}")
     if summary["verdicts"]:
         lines.append(text_table(["task", "anchor", "GFA %", "DoRA %", "gap pp", "verdict"],
-                            [[row["task"], row["anchor"], f"{row['gfa']:.1f}", f"{row['dora']:.1f}",
+                            [[row["task"], row["anchor"] + _order_suffix(row), f"{row['gfa']:.1f}", f"{row['dora']:.1f}",
                               f"{row['gap_pp']:+.1f}", row["verdict"]] for row in summary["verdicts"]]))
     if summary["retention"]:
         lines.append(text_table(["task", "method", "acc at 1/2 %", "acc at 16 %", "retention", "drop pp"],
-                            [[row["task"], row["method"], f"{row['accuracy_from']:.1f}", f"{row['accuracy_to']:.1f}",
+                            [[row["task"], method_label(row), f"{row['accuracy_from']:.1f}", f"{row['accuracy_to']:.1f}",
                               f"{100 * row['retention']:.1f}%", f"{row['drop_pp']:+.1f}"]
                              for row in summary["retention"]]))
+    if summary["order_spread"]:
+        lines.append("GFA across module orders: std of the orders' means against the pooled seed std\n" + text_table(
+            ["task", "anchor", "orders", "order std pp", "order range pp", "seed std pp"],
+            [[row["task"], row["anchor"], str(len(row["orders"])), f"{row['order_std_pp']:.2f}",
+              f"{row['order_range_pp']:.2f}", "-" if row["seed_std_pp"] is None else f"{row['seed_std_pp']:.2f}"]
+             for row in summary["order_spread"]]))
     if "figure" in summary:
         lines.append(f"figure: {summary['figure']}")
     return "\n\n".join(lines)
 
 
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    """Right-aligned plain-text columns."""
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
-                     for row in [header, *rows])
+def method_label(row: dict[str, Any]) -> str:
+    """The method, with GFA's module order when the run chose one: "gfa", "gfa (by_name)"."""
+    return row["method"] + _order_suffix(row)
 
+
+def _order_suffix(row: dict[str, Any]) -> str:
+    return "" if row.get("module_order") is None else f" ({row['module_order']})"

@@ -66,6 +66,7 @@ from gfa_peft.experiments.methods import Placement, UnreachableAnchor, peft_conf
 from gfa_peft.experiments.recipes import RECIPES, default_learning_rate, recipe_key
 from gfa_peft.experiments.splits import carve
 from gfa_peft.experiments.tasks import Task, check_no_leakage, load_task, load_user_task
+from gfa_peft.layout import parse_module_order
 from gfa_peft.targets import default_targets, find_targets, target_shapes
 
 BUNDLED_MODELS = ("minilm", "smollm2")
@@ -107,6 +108,9 @@ class RunConfig:
     anchor: str | None = _knob("the budget: '1/2' (0.3 x LoRA r=1) or a LoRA rank 1, 2, 4, 8, 16, ...; every method "
                                "is placed at it by gfa_peft.budget.rank_anchors")
     rank: int | None = _knob("an explicit rank instead of an anchor (gfa, lora, dora, vera), e.g. a LoRA r=64 proxy")
+    module_order: str | None = _knob("GFA only: the concatenation order of the target modules: 'model' (their "
+                                     "order in the model), 'by_name', or an integer seed of a random permutation "
+                                     "(default: model)")
     seed: int = _knob("seed of the head and adapter initialisation and of the data order", 0)
     steps: int | None = _knob("optimiser steps (default: the recipe's; exclusive with --epochs)")
     epochs: float | None = _knob("passes over the training split instead of a number of steps")
@@ -157,6 +161,8 @@ class PreparedRun:
         """The run folder's name: method, size, seed, and what differs from a default run."""
         parts = [self.config.method] + ([self.placement.label] if self.config.method != "full" else [])
         parts.append(f"s{self.config.seed}")
+        if self.config.module_order is not None:
+            parts.append(f"order-{self.config.module_order}")
         if self.config.lr is not None:
             parts.append(f"lr{self.lr:g}")
         if self.config.eval_task is not None:
@@ -193,7 +199,8 @@ def _prepare(config: RunConfig) -> PreparedRun:
     skeleton = _skeleton(model_dir, task.kind)
     targets = config.targets or default_targets(skeleton)
     targets = targets if isinstance(targets, str) else list(targets)
-    placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank)
+    module_order = None if config.module_order is None else parse_module_order(config.module_order)
+    placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank, module_order)
     if config.steps is not None and config.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     _check_positive(config)

@@ -9,7 +9,6 @@ from peft.tuners.tuners_utils import (
     BaseTuner,
     BaseTunerLayer,
     _ExcludedModule,
-    _get_submodules,
     _maybe_include_all_linear_layers,
     check_target_module_exists,
 )
