@@ -178,6 +178,38 @@ def test_rounds_alternate_order_and_memory_is_measured_after_the_warmup(monkeypa
     assert commands == ["step"] * 6 + ["memory"] * 3 + ["step"] * 9 + ["stop"] * 3
 
 
+def test_a_stopped_full_run_keeps_the_groups_it_finished(monkeypatch, tiny_shapes, tmp_path):
+    started = []
+
+    class FakeWorker:  # the second group's workers stop the run, as Ctrl-C would
+        def __init__(self, spec, log_path):
+            started.append(spec.rank)
+            if len(started) > 2:
+                raise KeyboardInterrupt
+
+        def receive(self, expected):
+            return {"trainable": 1}
+
+        def ask(self, command):
+            if command == "memory":
+                return {"resting_mem_mb": 1.0, "peak_mem_mb": 3.0, "step_mem_mb": 2.0}
+            return {"wall_s": 1.0, "cpu_s": 1.0}
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(bench, "WorkerHandle", FakeWorker)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--shapes", "tiny", "--scopes", "q+v", "--anchors", "1,4", "--methods", "gfa,lora",
+              "--out", str(out), "--no-progress"])
+    records = json.loads((out / "results.json").read_text())
+    assert [(record["anchor"], record["method"]) for record in records] == [("1", "gfa"), ("1", "lora")]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["groups_measured"], config["groups"]) == (1, 2)
+    assert "PARTIAL: 1 of 2 groups" in (out / "results.md").read_text()
+
+
 def test_a_failing_worker_is_reported_with_its_traceback(tmp_path):
     broken = BenchShapes("broken", "no-such-preset")
     settings = BenchSettings(shapes=(broken,), steps=1)

@@ -111,23 +111,35 @@ def run(args: argparse.Namespace) -> int:
     out_folder = _folder_path(out) if out else None
 
     started, load_before, clock = datetime.now(timezone.utc), _load(), time.perf_counter()
-    records = run_bench(settings, progress=not args.no_progress)
-    wall_s = time.perf_counter() - clock
-    run_line = (
-        f"{settings.device} {settings.dtype}, {settings.threads} threads, {settings.tokens:,} tokens a step "
-        f"({settings.batch_size} x {settings.seq_len}), {settings.warmup} warm-up + 1 memory + {settings.steps} timed "
-        f"steps per method, wall time {wall_s:.0f} s"
-    )
+
+    def run_line(done: int, total: int) -> str:
+        return (
+            f"{settings.device} {settings.dtype}, {settings.threads} threads, {settings.tokens:,} tokens a step "
+            f"({settings.batch_size} x {settings.seq_len}), {settings.warmup} warm-up + 1 memory + {settings.steps} "
+            f"timed steps per method, wall time {time.perf_counter() - clock:.0f} s"
+            + ("" if done == total else f"; PARTIAL: {done} of {total} groups measured so far")
+        )
+
+    def save(records: list[dict], done: int, total: int) -> list[Path]:
+        config = _run_config(settings, args, started, time.perf_counter() - clock, load_before)
+        return write_outputs(out_folder, records, {**config, "groups_measured": done, "groups": total},
+                             run_line(done, total))
+
+    def save_partial(records: list[dict], done: int, total: int) -> None:  # a stopped run keeps what it measured
+        if out_folder is not None and done < total:
+            save(records, done, total)
+
+    records = run_bench(settings, progress=not args.no_progress, after_group=save_partial)
+    groups = len(plan(settings))
     if args.json == "-":
         json.dump(records, sys.stdout, indent=2)
         print()
     else:
-        print(format_tables(records), format_summary(records), run_line, sep="\n\n")
+        print(format_tables(records), format_summary(records), run_line(groups, groups), sep="\n\n")
     if json_path is not None:
         write_json_atomic(json_path, records)
     if out_folder is not None:
-        config = _run_config(settings, args, started, wall_s, load_before)
-        written = write_outputs(out_folder, records, config, run_line)
+        written = save(records, groups, groups)
         print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     return 0
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,8 +155,11 @@ def _check_names(what: str, given: Sequence[str], allowed: Sequence[str] | None 
         raise ValueError(f"{what} {', '.join(map(repr, repeated))} given more than once")
 
 
-def run_bench(settings: BenchSettings, progress: bool = True) -> list[dict]:
+def run_bench(settings: BenchSettings, progress: bool = True,
+              after_group: Callable[[list[dict], int, int], object] = lambda records, done, total: None) -> list[dict]:
     """Measure every run of `plan(settings)`; one record per (cell, method), ratios to LoRA included.
+    After each group, `after_group(records so far with ratios, groups done, groups in all)`, e.g. to save a long
+    run as it goes.
 
     Record keys: cell, shapes, scope, anchor, method, rank, trainable, tokens, device, dtype, threads,
     step_time_s (median), step_times_s (every timed step), cpu_time_s (median process CPU seconds over all
@@ -169,9 +172,10 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> list[dict]:
     bar = tqdm(total=steps, desc="gfa bench", unit="step", disable=not progress)
     records = []
     with tempfile.TemporaryDirectory(prefix="gfa-bench-logs-") as log_dir, bar:
-        for runs in groups:
+        for done, runs in enumerate(groups, 1):
             bar.set_postfix_str(f"{runs[0].shapes.name} {runs[0].scope} r={reference_anchor(runs[0].anchor)}")
             records += measure_group(runs, settings, Path(log_dir), on_step=lambda: bar.update())
+            after_group(add_ratios(records), done, len(groups))
     return add_ratios(records)
 
 
