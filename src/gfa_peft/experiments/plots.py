@@ -40,10 +40,11 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
                               yerr=[cell["std"] or 0.0 for cell in cells], color=color, marker=marker,
                               label=label if order is None else f"{label} ({order})", linestyle=linestyle,
                               capsize=3, linewidth=1.5, markersize=6)
-            for cell in ours:
-                if cell["anchor"] == "1/2":
-                    axis.annotate("r=1/2", (cell["adapter_params"], cell["mean"]), textcoords="offset points",
-                                  xytext=(0, -14), ha="center", fontsize=8, color=color)
+            halves = [cell for cell in ours if cell["anchor"] == "1/2"]
+            if halves:  # one label under the lowest point, however many module orders share the budget
+                lowest = min(halves, key=lambda cell: cell["mean"])
+                axis.annotate("r=1/2", (lowest["adapter_params"], lowest["mean"]), textcoords="offset points",
+                              xytext=(0, -14), ha="center", fontsize=8, color=color)
         if task in summary["baselines"]:
             axis.axhline(summary["baselines"][task], color="gray", linestyle="--", linewidth=1, label="majority class")
         axis.set_xscale("log")
