@@ -131,8 +131,4 @@ def plot_ranks(report: Mapping, path: Path) -> None:
     axes.set_ylabel("rank of Delta W_i")
     axes.set_title(f"realized local ranks: {report['N']} modules, m x k = {report['m']:,} x {report['k']:,}")
     axes.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    try:
-        save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)

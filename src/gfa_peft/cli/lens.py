@@ -268,8 +268,4 @@ def plot_lens(data: Mapping, path: Path) -> None:
     axes.set_ylim(bottom=0)
     axes.set_title(f"approximation lens: {len(data['modules'])} modules, m x k = {data['m']:,} x {data['k']:,}")
     axes.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    try:
-        save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)

@@ -190,11 +190,7 @@ def plot_ratios(records: Sequence[dict], path: Path) -> None:
         panel.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="upper left")
     figure.suptitle("gfa bench: paired against PEFT's LoRA at the same anchor (anchor 1/2 against LoRA r=1)")
-    figure.tight_layout()
-    try:
-        save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
 
 
 def _target_lines(goal: str) -> list[tuple[float, str, str]]:

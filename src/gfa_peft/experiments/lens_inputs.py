@@ -117,7 +117,8 @@ def deltas_from_file(path: str | os.PathLike, targets: Targets | None = None) ->
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"deltas file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise ValueError(f"deltas file {str(path)!r} {problem}")
     with safe_open(path, framework="pt") as file:
         names = list(file.keys())
         recorded = json.loads((file.metadata() or {}).get(MODULE_ORDER_KEY, "null"))
@@ -150,7 +151,8 @@ def save_deltas(path: str | os.PathLike, deltas: Mapping[str, Tensor]) -> None:
 def _folder(path: str | os.PathLike, role: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"{role} folder {str(folder)!r} " + ("is not a folder" if folder.exists() else "does not exist"))
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"{role} folder {str(folder)!r} {problem}")
     return folder
 
 

@@ -53,13 +53,13 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
         axis.set_ylabel("accuracy (%)")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    try:
-        save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
 
 
 def save_figure(figure: plt.Figure, path: Path) -> None:
-    """Save `figure` as a PNG into `path`, written atomically."""
-    write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    """Lay `figure` out, save it as a PNG into `path` (written atomically) and close it."""
+    try:
+        figure.tight_layout()
+        write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+    finally:
+        plt.close(figure)

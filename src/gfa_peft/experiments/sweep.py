@@ -286,12 +286,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"tie band: +/-{band['band_pp']:.2f}pp, {band['source']}")
     if summary["verdicts"]:
         lines.append(text_table(["task", "anchor", "GFA %", "DoRA %", "gap pp", "verdict"],
-                            [[row["task"], row["anchor"] + _order_suffix(row), f"{row['gfa']:.1f}", f"{row['dora']:.1f}",
-                              f"{row['gap_pp']:+.1f}", row["verdict"]] for row in summary["verdicts"]]))
+                            [[row["task"], row["anchor"] + _order_suffix(row), f"{row['gfa']:.1f}",
+                              f"{row['dora']:.1f}", f"{row['gap_pp']:+.1f}", row["verdict"]]
+                             for row in summary["verdicts"]]))
     if summary["retention"]:
         lines.append(text_table(["task", "method", "acc at 1/2 %", "acc at 16 %", "retention", "drop pp"],
-                            [[row["task"], method_label(row), f"{row['accuracy_from']:.1f}", f"{row['accuracy_to']:.1f}",
-                              f"{100 * row['retention']:.1f}%", f"{row['drop_pp']:+.1f}"]
+                            [[row["task"], method_label(row), f"{row['accuracy_from']:.1f}",
+                              f"{row['accuracy_to']:.1f}", f"{100 * row['retention']:.1f}%", f"{row['drop_pp']:+.1f}"]
                              for row in summary["retention"]]))
     if summary["order_spread"]:
         lines.append("GFA across module orders: std of the orders' means against the pooled seed std\n" + text_table(
