@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -17,12 +16,11 @@ import torch
 import transformers
 
 from gfa_peft.cli import UsageError
-from gfa_peft.cli.arguments import output_path, parse_list
+from gfa_peft.cli.arguments import emit_json, output_path, parse_list
 from gfa_peft.experiments.bench import METHODS, QUICK, BenchSettings, plan, run_bench
 from gfa_peft.experiments.bench_models import SCOPES, SHAPES
 from gfa_peft.experiments.bench_report import format_summary, format_tables, write_outputs
 from gfa_peft.experiments.bench_worker import DTYPES
-from gfa_peft.experiments.cache import write_json_atomic
 
 FULL = BenchSettings()
 DEFAULT_OUT = "gfa-bench"
@@ -103,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     try:
-        plan(settings)
+        groups = len(plan(settings))
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     json_path = output_path(args.json)
@@ -130,14 +128,8 @@ def run(args: argparse.Namespace) -> int:
             save(records, done, total)
 
     records = run_bench(settings, progress=not args.no_progress, after_group=save_partial)
-    groups = len(plan(settings))
-    if args.json == "-":
-        json.dump(records, sys.stdout, indent=2)
-        print()
-    else:
+    if emit_json(records, args.json, json_path):
         print(format_tables(records), format_summary(records), run_line(groups, groups), sep="\n\n")
-    if json_path is not None:
-        write_json_atomic(json_path, records)
     if out_folder is not None:
         written = save(records, groups, groups)
         print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)

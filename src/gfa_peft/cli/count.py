@@ -8,9 +8,9 @@ from gfa_peft.budget import DEFAULT_ANCHORS, budget_report
 from gfa_peft.cli import UsageError
 from gfa_peft.cli.arguments import emit_json, output_path, parse_list, parse_targets
 from gfa_peft.experiments.presets import load_architecture, preset_names
+from gfa_peft.experiments.text_table import text_table
 from gfa_peft.layout import parse_module_order
 from gfa_peft.targets import ALL_LINEAR, default_targets, target_shapes
-from gfa_peft.experiments.text_table import text_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -14,6 +14,7 @@ from gfa_peft.budget import DEFAULT_ANCHORS, ordered_layout, rank_anchors
 from gfa_peft.cli import UsageError
 from gfa_peft.cli.arguments import emit_json, output_path, parse_list, parse_targets
 from gfa_peft.experiments.lens_inputs import deltas_from_adapter, deltas_from_file, deltas_from_models, save_deltas
+from gfa_peft.experiments.text_table import text_table
 from gfa_peft.layout import parse_module_order
 from gfa_peft.lens import (
     DEFAULT_RTOL,
@@ -24,7 +25,6 @@ from gfa_peft.lens import (
     module_order_effect,
 )
 from gfa_peft.targets import ALL_LINEAR
-from gfa_peft.experiments.text_table import text_table
 
 DEFAULT_GRID_POINTS = 40
 
@@ -236,8 +236,6 @@ def format_report(data: Mapping) -> str:
 
 def _percent(fraction: float) -> str:
     return f"{100 * fraction:.4g}"
-
-
 
 
 def plot_lens(data: Mapping, path: Path) -> None:
