@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from gfa_peft.budget import ordered_layout
-from gfa_peft.lens import DEFAULT_RTOL, LoraProblem, global_matrix, lens_report, module_spectra, top_singular_values
+from gfa_peft.analysis.budget import ordered_layout
+from gfa_peft.analysis.lens import DEFAULT_RTOL, LoraProblem, global_matrix, lens_report, module_spectra, top_singular_values
 
 
 def synthetic_deltas(layers: int, seed: int) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ import pytest
 from fake_asset_packages import MINILM_FILES, write_all
 
 from gfa_peft.cli import main
-from gfa_peft.experiments import assets
-from gfa_peft.experiments.assets import (
+from gfa_peft.data import assets
+from gfa_peft.data.assets import (
     MissingPackageError,
     Package,
     asset_statuses,
@@ -22,14 +22,14 @@ from gfa_peft.experiments.assets import (
     model_path,
     package_folder,
 )
-from gfa_peft.experiments.cache import (
+from gfa_peft.data.cache import (
     DONE,
     MissingAssetError,
     build_folder,
     cache_dir,
     read_record,
 )
-from gfa_peft.experiments.tasks import SPLITS, load_task
+from gfa_peft.data.tasks import SPLITS, load_task
 
 SOME = ["minilm", "rt", "trec6", "mrpc", "arc_easy"]
 

@@ -47,7 +47,7 @@ def test_rank_above_min_m_k_is_refused_and_model_untouched():
     model = MLP()
     pristine = copy.deepcopy(model)
     # lin0 alone: d = 200, k = 14, m = 15, so r <= 14
-    with pytest.raises(ValueError, match="r=15 is out of range.*between 1 and 14"):
+    with pytest.raises(ValueError, match="GfaConfig.r 15 is out of range.*from 1 to 14"):
         get_peft_model(model, GfaConfig(r=15, target_modules=["lin0"]))
     assert_untouched(model, pristine)
     get_peft_model(model, GfaConfig(r=14, target_modules=["lin0"]))
@@ -56,7 +56,7 @@ def test_rank_above_min_m_k_is_refused_and_model_untouched():
 def test_no_matching_module_lists_existing_names():
     model = MLP()
     pristine = copy.deepcopy(model)
-    with pytest.raises(ValueError, match=r"matches no module.*lin0, relu, lin1, lin2"):
+    with pytest.raises(ValueError, match=r"match no module.*lin0, relu, lin1, lin2"):
         get_peft_model(model, GfaConfig(target_modules=["q_proj"]))
     assert_untouched(model, pristine)
 

@@ -11,13 +11,13 @@ import statistics
 import pytest
 import torch
 
-from gfa_peft.budget import rank_anchors
+from gfa_peft.analysis.budget import rank_anchors
 from gfa_peft.cli import main
-from gfa_peft.experiments import bench
-from gfa_peft.experiments.bench import BenchSettings, Run, add_ratios, measure_group, plan
-from gfa_peft.experiments.bench_models import SCOPES, SHAPES, BenchShapes
-from gfa_peft.experiments.bench_report import format_summary, summarize
-from gfa_peft.experiments.bench_worker import CpuAllocationRecorder, WorkerError
+from gfa_peft.bench import plan as bench
+from gfa_peft.bench.plan import BenchSettings, Run, add_ratios, measure_group, plan
+from gfa_peft.bench.shapes import SCOPES, SHAPES, BenchShapes
+from gfa_peft.bench.report import format_summary, summarize
+from gfa_peft.bench.worker import CpuAllocationRecorder, WorkerError
 from gfa_peft.targets import target_shapes
 
 # A SmolLM2 with tiny widths: q_proj 64 -> 64, v_proj 64 -> 2 key-value heads x 16 = 32, two layers.

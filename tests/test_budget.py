@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from gfa_peft import GfaConfig
-from gfa_peft.budget import (
+from gfa_peft.analysis.budget import (
     VBLORA_TOPK,
     budget_report,
     dora_params,
@@ -32,7 +32,7 @@ from gfa_peft.budget import (
     vera_params,
 )
 from gfa_peft.cli import main
-from gfa_peft.experiments.presets import load_architecture
+from gfa_peft.data.presets import load_architecture
 from gfa_peft.layout import build_layout
 from gfa_peft.targets import target_shapes
 

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gfa_peft
 from gfa_peft import GfaConfig, GfaLayer
-from gfa_peft.experiments.distributed import (
+from gfa_peft.adapters.distributed import (
     RankMismatchError,
     check_ranks_agree,
     fully_shard_gfa,

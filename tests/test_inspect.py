@@ -1,4 +1,4 @@
-"""`gfa inspect` and `gfa_peft.diagnostics`: every module's realized rank, norm and share checked against the dense
+"""`gfa inspect` and `gfa_peft.analysis.ranks`: every module's realized rank, norm and share checked against the dense
 product B A cut with plain indexing, hand-computed ranks where the answer is known exactly, a saved adapter against
 the live model's own updates and PEFT's own counts, and bad input refused with exit code 2."""
 
@@ -17,7 +17,7 @@ from toy_models import CASES, MLP
 
 from gfa_peft import GfaConfig, delta_weights, factors, layout_of
 from gfa_peft.cli import main
-from gfa_peft.diagnostics import DEFAULT_RANK_TOL, realized_ranks
+from gfa_peft.analysis.ranks import DEFAULT_RANK_TOL, realized_ranks
 from gfa_peft.layout import build_layout
 
 CONV_EMBEDDING = CASES[1]

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gfa_peft.budget import ordered_layout
+from gfa_peft.analysis.budget import ordered_layout
 from gfa_peft.layout import order_modules
-from gfa_peft.lens import (
+from gfa_peft.analysis.lens import (
     Crossover,
     LoraProblem,
     check_budgets,

@@ -16,7 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel, L
 
 from gfa_peft import GfaConfig, delta_weights
 from gfa_peft.cli import main
-from gfa_peft.experiments.lens_inputs import deltas_from_adapter, deltas_from_file, save_deltas
+from gfa_peft.analysis.lens.inputs import deltas_from_adapter, deltas_from_file, save_deltas
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -73,8 +73,11 @@ def test_trainable_count_is_r_times_m_plus_k(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_adapter_starts_as_exact_noop(case):
     model, reference = make(case)
+    assert all(not torch.any(delta) for delta in gfa_peft.delta_weights(model).values())
     inputs = case.inputs()
-    assert torch.equal(case.output(model, inputs), case.output(reference, inputs))
+    # The update is exactly zero; the outputs agree to the last bits only, since a Conv2d's bias is added after
+    # the convolution here where the plain layer fuses it (oneDNN rounds the two differently on some CPUs).
+    torch.testing.assert_close(case.output(model, inputs), case.output(reference, inputs), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

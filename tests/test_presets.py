@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from gfa_peft.experiments.presets import architecture_config, load_architecture, preset_names
+from gfa_peft.data.presets import architecture_config, load_architecture, preset_names
 
 
 def bundled_folder(package: str) -> Path | None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gfa_peft.cli import main
-from gfa_peft.experiments import sweep as sweep_module
-from gfa_peft.experiments.sweep import (
+from gfa_peft.training import sweep as sweep_module
+from gfa_peft.training.sweep import (
     PAPER_TIE_BAND,
     SweepSpec,
     choose_learning_rates,
@@ -21,7 +21,7 @@ from gfa_peft.experiments.sweep import (
     tie_band,
     verdicts,
 )
-from gfa_peft.experiments.train import RunConfigError, is_finished
+from gfa_peft.training.run import RunConfigError, is_finished
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,11 +16,11 @@ from fake_asset_packages import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gfa_peft.experiments import task_sources
-from gfa_peft.experiments.assets import install
-from gfa_peft.experiments.cache import MissingAssetError
-from gfa_peft.experiments.splits import carve, deduplicate, normalise
-from gfa_peft.experiments.tasks import (
+from gfa_peft.data import task_sources
+from gfa_peft.data.assets import install
+from gfa_peft.data.cache import MissingAssetError
+from gfa_peft.data.splits import carve, deduplicate, normalise
+from gfa_peft.data.tasks import (
     SPLITS,
     TASKS,
     LeakageError,

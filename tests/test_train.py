@@ -19,17 +19,17 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import gfa_peft  # noqa: F401  (registers GFA with PEFT for PeftModel.from_pretrained)
 from gfa_peft.cli import main
-from gfa_peft.experiments import train as train_module
-from gfa_peft.experiments.encoding import IGNORE_INDEX, choice_sequences, encode_choice_training
-from gfa_peft.experiments.evaluation import (
+from gfa_peft.training import run as train_module
+from gfa_peft.data.encoding import IGNORE_INDEX, choice_sequences, encode_choice_training
+from gfa_peft.training.evaluation import (
     best_choices,
     choice_log_likelihoods,
     f1_positive,
     majority_label,
     matthews,
 )
-from gfa_peft.experiments.tasks import load_task
-from gfa_peft.experiments.train import RunConfig, RunConfigError, is_finished, prepare, train
+from gfa_peft.data.tasks import load_task
+from gfa_peft.training.run import RunConfig, RunConfigError, is_finished, prepare, train
 from gfa_peft.layout import order_modules
 from tiny_assets import sentiment_rows
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from gfa_peft.cli import main
-from gfa_peft.experiments.tasks import load_user_task
+from gfa_peft.data.tasks import load_user_task
 from tiny_assets import FILLER, NEGATIVE, POSITIVE, save_tiny_bert
 
 TIMEOUT_S = 150

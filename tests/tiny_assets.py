@@ -12,8 +12,8 @@ from datasets import ClassLabel, DatasetDict, Features, List, Value
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gfa_peft.experiments.cache import DONE, asset_folder
-from gfa_peft.experiments.tasks import dataset_from_rows
+from gfa_peft.data.cache import DONE, asset_folder
+from gfa_peft.data.tasks import dataset_from_rows
 
 POSITIVE = ["good", "great", "fine", "lovely", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring"]

@@ -73,6 +73,14 @@ class Layout:
     def max_rank(self) -> int:
         return min(self.m, self.k)
 
+    def check_rank(self, rank: int, name: str = "rank") -> None:
+        """Raise ValueError unless 1 <= rank <= min(m, k), the ranks an m x k matrix can have."""
+        if not 1 <= rank <= self.max_rank():
+            raise ValueError(
+                f"{name} {rank} is out of range: the global matrix is {self.m} x {self.k} (d={self.d}), "
+                f"so ranks go from 1 to {self.max_rank()}"
+            )
+
     def to_dict(self) -> dict:
         return {
             "d": self.d,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gfa_peft.internals import run_after_backward
 from gfa_peft.layout import ModuleSlice
 from gfa_peft.weight_ops import WeightOp
 
@@ -125,7 +126,7 @@ class BackwardWorkspace(threading.local):
         if device.type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         if not self.flat:
-            torch.autograd.Variable._execution_engine.queue_callback(self.flat.clear)
+            run_after_backward(self.flat.clear)
         numel = math.prod(shape)
         if dtype not in self.flat or self.flat[dtype].numel() < numel:
             self.flat[dtype] = torch.empty(numel, dtype=dtype, device=device)

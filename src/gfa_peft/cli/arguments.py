@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gfa_peft.cli import UsageError
-from gfa_peft.experiments.cache import write_json_atomic
+from gfa_peft.io.files import write_json_atomic
 from gfa_peft.targets import ALL_LINEAR
 
 

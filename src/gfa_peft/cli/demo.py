@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from gfa_peft.cli import COMMANDS
+
 import argparse
 from dataclasses import replace
 from pathlib import Path
 
 from gfa_peft.cli.sweep import run_spec
-from gfa_peft.experiments.sweep import SweepSpec, format_summary
+from gfa_peft.training.sweep import SweepSpec, format_summary
 
 DEMO = SweepSpec(model="minilm", tasks=("rt",), methods=("gfa", "lora", "dora"), anchors=("1/2", "1", "4", "16"),
                  seeds=(0,))
@@ -17,7 +19,7 @@ DEMO = SweepSpec(model="minilm", tasks=("rt",), methods=("gfa", "lora", "dora"),
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="GFA vs LoRA vs DoRA on MiniLM / Rotten Tomatoes at 4 budgets (10 runs of the minilm recipe)",
+        help=COMMANDS["demo"],
         description=(
             "The sweep `gfa sweep --model minilm --tasks rt --methods gfa,lora,dora --anchors 1/2,1,4,16 --seeds 0`: "
             "GFA at the sub-LoRA-r=1 budget 1/2 and at the budgets of LoRA ranks 1, 4 and 16, LoRA and DoRA at those "

@@ -6,17 +6,17 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
-from gfa_peft.cli import UsageError
+from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import emit_json, output_path
-from gfa_peft.diagnostics import DEFAULT_RANK_TOL, realized_ranks
-from gfa_peft.experiments.saved_adapter import load_saved_adapter
-from gfa_peft.experiments.text_table import text_table
+from gfa_peft.analysis.ranks import DEFAULT_RANK_TOL, realized_ranks
+from gfa_peft.adapters.saved import load_saved_adapter
+from gfa_peft.io.tables import text_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect",
-        help="realized rank, norm and energy share of every module's update in a saved GFA adapter",
+        help=COMMANDS["inspect"],
         description=(
             "Read a saved GFA adapter (no base model needed) and form each module's update "
             "Delta W_i = scale * its slice of B A, one module at a time, in float64. For each: its Frobenius norm "
@@ -113,7 +113,7 @@ def _shape(module: Mapping) -> str:
 def plot_ranks(report: Mapping, path: Path) -> None:
     """Numerical and stable rank of every module in layout order, beside its largest possible rank, and a
     horizontal line at the global rank r. Written atomically."""
-    from gfa_peft.experiments.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
+    from gfa_peft.io.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
 
     modules = report["modules"]
     positions = range(len(modules))

@@ -7,16 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from gfa_peft.cli import UsageError
+from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import output_path
-from gfa_peft.experiments.cache import write_json_atomic
-from gfa_peft.experiments.merge import plan_merge, write_merged
+from gfa_peft.io.files import write_json_atomic
+from gfa_peft.adapters.merge import plan_merge, write_merged
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "merge",
-        help="merge a GFA adapter into its base checkpoint, one safetensors shard at a time",
+        help=COMMANDS["merge"],
         description=(
             "Write the base checkpoint with every adapted weight replaced by W + scale * its slice of B A, "
             "reading and writing one shard at a time (memory: one shard plus one module's update; the model "

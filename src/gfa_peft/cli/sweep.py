@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gfa_peft.cli import UsageError
+from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import comma_list, parse_list
 from gfa_peft.cli.train import add_config_arguments, config_from_args
-from gfa_peft.experiments.sweep import SweepSpec, format_summary, run_sweep
-from gfa_peft.experiments.train import RunConfig, RunConfigError
+from gfa_peft.training.sweep import SweepSpec, format_summary, run_sweep
+from gfa_peft.training.run import RunConfig, RunConfigError
 
 GRID_FIELDS = ("model", "task", "method", "anchor", "rank", "module_order", "seed", "lr", "train_file", "eval_file",
                "eval_task")
@@ -19,7 +19,7 @@ GRID_FIELDS = ("model", "task", "method", "anchor", "rank", "module_order", "see
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sweep",
-        help="train the grid tasks x methods x anchors x seeds; resumes; table, tie band, retention, figure",
+        help=COMMANDS["sweep"],
         description=(
             "Run `gfa train` over a grid into OUT/<task>/<method>-<anchor>-s<seed>, skipping runs that already "
             "finished (an interrupted sweep resumes; an unfinished run is redone). Every run is checked before any "

@@ -10,16 +10,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gfa_peft.cli import UsageError
+from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import parse_targets
-from gfa_peft.experiments.distributed import RankMismatchError, rank_and_world
-from gfa_peft.experiments.train import RunConfig, RunConfigError, execute, is_finished, prepare
+from gfa_peft.adapters.distributed import RankMismatchError, rank_and_world
+from gfa_peft.training.run import RunConfig, RunConfigError, execute, is_finished, prepare
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune and evaluate one run (GFA, LoRA, DoRA, VeRA, VB-LoRA or full) at a matched budget",
+        help=COMMANDS["train"],
         description=(
             "Train with transformers' Trainer and evaluate on the task's test split. Every method is placed at the "
             "anchor's budget as `gfa count` shows. The run folder gets config.json, the adapter (or, for full "

@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from gfa_peft.cli import UsageError
+from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.sweep import float_list, add_grid_arguments, run_spec, spec_from_args
-from gfa_peft.experiments.cache import write_json_atomic
-from gfa_peft.experiments.recipes import LEARNING_RATES_FILE, RECIPES, recipe_key
-from gfa_peft.experiments.sweep import choose_learning_rates
-from gfa_peft.experiments.text_table import text_table
-from gfa_peft.experiments.tasks import TASKS
+from gfa_peft.io.files import write_json_atomic
+from gfa_peft.training.recipes import RECIPES, recipe_key, save_learning_rates
+from gfa_peft.training.sweep import choose_learning_rates
+from gfa_peft.io.tables import text_table
+from gfa_peft.data.tasks import TASKS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "tune",
-        help="pick each method's learning rate on the dev split (same grid, same number of trials per method)",
+        help=COMMANDS["tune"],
         description=(
             "Train every method at one anchor for each learning rate of --lrs on each task, evaluate on the dev "
             "split (never the test split), and pick, per method, the rate with the best dev accuracy averaged over "
             "the tasks (ties to the smaller rate). Writes OUT/lr_choice.json; --save-defaults also records the "
-            "choices as the recipe's defaults in the package's default_lrs.json. Resumes like `gfa sweep`."
+            "choices as your defaults for the recipe (default_lrs.json in the cache folder). Resumes like `gfa sweep`."
         ),
     )
     add_grid_arguments(parser, anchors="4")
@@ -31,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the learning rates to try, the same for every method given")
     parser.add_argument("--out", default="runs/tune", metavar="DIR", help="the tuning sweep's folder (default: %(default)s)")
     parser.add_argument("--save-defaults", action="store_true",
-                        help=f"record the chosen rates in {LEARNING_RATES_FILE.name} under the model's recipe")
+                        help="record the chosen rates as your defaults for the model's recipe (in default_lrs.json in the cache "
+                        "folder, $GFA_CACHE; they override the shipped rates)")
     parser.set_defaults(run=run)
 
 
@@ -54,10 +54,8 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(out / "lr_choice.json", record)
     print(format_trials(summary["cells"], choices))
     if args.save_defaults:
-        saved = json.loads(LEARNING_RATES_FILE.read_text(encoding="utf-8")) if LEARNING_RATES_FILE.is_file() else {}
-        saved.setdefault(key, {}).update({method: choice["lr"] for method, choice in choices.items()})
-        write_json_atomic(LEARNING_RATES_FILE, saved)
-        print(f"saved as the {key} recipe's defaults in {LEARNING_RATES_FILE}")
+        path = save_learning_rates(key, {method: choice["lr"] for method, choice in choices.items()})
+        print(f"saved as the {key} recipe's defaults in {path}")
     return 0
 
 

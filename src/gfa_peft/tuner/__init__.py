@@ -6,7 +6,7 @@ from peft.utils import register_peft_method
 from gfa_peft.tuner.config import GfaConfig
 from gfa_peft.tuner.layer import GfaLayer
 from gfa_peft.tuner.model import GfaModel
-from gfa_peft.tuner.peft_type import GFA_PEFT_TYPE
+from gfa_peft.tuner.config import GFA_PEFT_TYPE
 
 if GFA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
     register_peft_method(name="gfa", config_cls=GfaConfig, model_cls=GfaModel, prefix="gfa_")

@@ -10,7 +10,9 @@ from peft.config import PeftConfig
 
 from gfa_peft.layout import order_modules
 from gfa_peft.tuner.checkpoint import check_adapter_file
-from gfa_peft.tuner.peft_type import GFA_PEFT_TYPE
+from gfa_peft.internals import add_peft_type
+
+GFA_PEFT_TYPE = add_peft_type("GFA")
 
 
 @dataclass

@@ -5,19 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    BaseTunerLayer,
-    _ExcludedModule,
-    _maybe_include_all_linear_layers,
-    check_target_module_exists,
-)
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+# A module, not its names: PEFT's import can start from `targets` itself and register GFA (importing this
+# module) while `targets` is still half-initialized (see gfa_peft/registration.py).
+from gfa_peft import targets as target_matching
 from gfa_peft.layout import Layout, build_layout, order_modules
 from gfa_peft.scatter import SliceSpec
-from gfa_peft.targets import leaf_names
 from gfa_peft.tuner.config import GfaConfig
 from gfa_peft.tuner.layer import GfaLayer
 from gfa_peft.weight_ops import update_shape
@@ -39,12 +35,7 @@ class GfaModel(BaseTuner):
     @staticmethod
     def _prepare_adapter_config(peft_config: GfaConfig, model_config: dict) -> GfaConfig:
         if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-                raise ValueError(
-                    f"GfaConfig.target_modules is not set and PEFT has no default targets for model type {model_type!r}"
-                )
-            peft_config.target_modules = set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+            peft_config.target_modules = set(target_matching.default_targets(model_config.get("model_type")))
         return peft_config
 
     def inject_adapter(
@@ -67,27 +58,19 @@ class GfaModel(BaseTuner):
             raise RuntimeError(f"GFA adapted {sorted(adapted)} but laid out {layout.names}; please report this")
 
     def _plan_layout(self, model: nn.Module, config: GfaConfig, adapter_name: str) -> tuple[Layout, dict]:
-        config = _maybe_include_all_linear_layers(self._prepare_adapter_config(config, self.get_model_config(model)), model)
-        wrapped = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-        targets = {}
-        for name, module in model.named_modules():
-            if not name or any(name.startswith(prefix) for prefix in wrapped):
-                continue
-            match = check_target_module_exists(config, name)
-            if match and not isinstance(match, _ExcludedModule):
-                targets[name] = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if not targets:
-            raise ValueError(
-                f"GfaConfig.target_modules={_readable(config.target_modules)} matches no module of this model. "
-                f"Its modules are named: {', '.join(leaf_names(model))}"
-            )
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        try:
+            targets = dict(target_matching.find_targets(model, config.target_modules, config.exclude_modules,
+                                        layers_to_transform=config.layers_to_transform,
+                                        layers_pattern=config.layers_pattern, task_type=config.task_type))
+        except ValueError as error:
+            raise ValueError(f"GfaConfig.target_modules: {error}") from None
         shapes = {name: update_shape(module, name) for name, module in targets.items()}
         layout = build_layout([(name, shapes[name]) for name in order_modules(list(targets), config.module_order)])
-        if not 1 <= config.r <= layout.max_rank():
-            raise ValueError(
-                f"GfaConfig.r={config.r} is out of range for adapter {adapter_name!r}: the layout is "
-                f"{layout.m} x {layout.k} (d={layout.d}), so r must be between 1 and {layout.max_rank()}"
-            )
+        try:
+            layout.check_rank(config.r, "GfaConfig.r")
+        except ValueError as error:
+            raise ValueError(f"adapter {adapter_name!r}: {error}") from None
         if config.layout is not None:
             problem = layout.difference(Layout.from_dict(config.layout))
             if problem:
@@ -129,6 +112,3 @@ class GfaModel(BaseTuner):
         # adapter_layer_names); what is left to forget is the layout.
         del self.gfa_layouts[adapter_name]
 
-
-def _readable(targets) -> object:
-    return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets

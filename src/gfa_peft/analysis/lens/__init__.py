@@ -16,14 +16,14 @@ of a spectrum, the energy beyond the best rank-r approximation.
 - `report`: M* itself, E_GFA(P), and `lens_report`: both errors at every budget, verdicts and crossovers.
 """
 
-from gfa_peft.lens.lora import (
+from gfa_peft.analysis.lens.lora import (
     LoraAllocation,
     LoraProblem,
     lora_error_equal_rank,
     lora_error_exact,
     lora_error_greedy,
 )
-from gfa_peft.lens.report import (
+from gfa_peft.analysis.lens.report import (
     DEFAULT_TIE_TOLERANCE,
     BudgetRecord,
     Crossover,
@@ -38,7 +38,7 @@ from gfa_peft.lens.report import (
     module_order_effect,
     module_spectra,
 )
-from gfa_peft.lens.spectrum import DEFAULT_RTOL, Spectrum, dense_spectrum, top_singular_values
+from gfa_peft.analysis.lens.spectrum import DEFAULT_RTOL, Spectrum, dense_spectrum, top_singular_values
 
 __all__ = [
     "DEFAULT_RTOL",

@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gfa_peft.budget import SUB_RANK1_LABEL, rank_anchors
-from gfa_peft.experiments.bench_models import SCOPES, SHAPES, BenchShapes
-from gfa_peft.experiments.bench_worker import DTYPES, WorkerHandle, WorkerSpec
+from gfa_peft.analysis.budget import SUB_RANK1_LABEL, rank_anchors
+from gfa_peft.bench.shapes import SCOPES, SHAPES, BenchShapes
+from gfa_peft.bench.worker import DTYPES, WorkerHandle, WorkerSpec
 from gfa_peft.targets import target_shapes
 
-METHODS = ("gfa", "lora", "dora", "floor")
+BENCH_METHODS = ("gfa", "lora", "dora", "floor")
+"""The paper's Table 1 methods (named as in `training.methods.METHODS`) and the no-adapter floor."""
 DEFAULT_ANCHORS = ("1/2", "1", "4", "16")
 REFERENCE = "lora"
 
@@ -51,7 +52,7 @@ class BenchSettings:
     shapes: tuple[BenchShapes, ...] = tuple(SHAPES.values())
     scopes: tuple[str, ...] = tuple(SCOPES)
     anchors: tuple[str, ...] = DEFAULT_ANCHORS
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = BENCH_METHODS
     steps: int = 8
     warmup: int = 1
     batch_size: int = 4
@@ -127,7 +128,7 @@ def _check(settings: BenchSettings) -> None:
                                ("threads", settings.threads, 1)]:
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
-    _check_names("method", settings.methods, METHODS)
+    _check_names("method", settings.methods, BENCH_METHODS)
     _check_names("scope", settings.scopes, SCOPES)
     _check_names("dtype", [settings.dtype], DTYPES)
     _check_names("shapes", [shapes.name for shapes in settings.shapes])

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gfa_peft.io.files import file_mode, write_json_atomic
+
 DONE = "DONE.json"
 _PARTIAL_SUFFIX = ".partial"
 
@@ -47,37 +49,6 @@ def _user_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write `data` as JSON through a temporary file in the same folder, then rename it over `path`."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` through a temporary file in the same folder, then rename it over `path`."""
-    write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(temporary)` into a temporary file beside `path`, then rename it over `path`: a reader sees the old
-    file or the whole new one, never a part."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, _mode(0o666))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _mode(full: int) -> int:
-    """`full` less the process umask: temporary files start private, finished ones get the usual mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return full & ~umask
-
-
 def read_record(folder: Path) -> dict[str, Any] | None:
     """The record of a complete asset folder; None when the folder is absent or incomplete."""
     try:
@@ -103,7 +74,7 @@ def build_folder(folder: Path, build: Callable[[Path], dict[str, Any]]) -> dict[
         shutil.rmtree(leftover, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_PARTIAL_SUFFIX, dir=folder.parent))
     try:
-        scratch.chmod(_mode(0o777))
+        scratch.chmod(file_mode(0o777))
         record = build(scratch)
         write_json_atomic(scratch / DONE, record)
         if folder.exists():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gfa_peft.lens.spectrum import Spectrum
+from gfa_peft.analysis.lens.spectrum import Spectrum
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gfa_peft.budget import gfa_params, lora_params, nearest_multiple
+from gfa_peft.analysis.budget import gfa_params, lora_params, nearest_multiple
 from gfa_peft.layout import Layout
 from gfa_peft.scatter import SliceSpec, slice_of_product
 

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.ipc
 from datasets import DatasetDict, Features, List, Value
 
-from gfa_peft.experiments.splits import Row, carve, deduplicate
-from gfa_peft.experiments.tasks import (
+from gfa_peft.data.splits import Row, carve, deduplicate
+from gfa_peft.data.tasks import (
     SPLITS,
     TASKS,
     classification_dataset,

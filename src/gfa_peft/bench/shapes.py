@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from gfa_peft.experiments.presets import architecture_config
+from gfa_peft.data.presets import architecture_config
 from gfa_peft.targets import ALL_LINEAR
 
 SCOPES: dict[str, str | list[str]] = {"q+v": ["q_proj", "v_proj"], "all-linear": ALL_LINEAR}

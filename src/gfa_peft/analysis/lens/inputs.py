@@ -2,7 +2,7 @@
 
 Every source yields {module name: update} in the model's own module order, each update float32 in GFA's
 (out, in, ...) orientation (transformers' `Conv1D` weights are seen transposed, as `gfa_peft.weight_ops` does),
-so `gfa_peft.lens` lays it out exactly as the method would. Module names and target matching are
+so `gfa_peft.analysis.lens` lays it out exactly as the method would. Module names and target matching are
 `gfa_peft.targets`', i.e. PEFT's `target_modules` semantics. Bad input raises ValueError naming the problem.
 """
 
@@ -30,8 +30,8 @@ from transformers import (
     PretrainedConfig,
 )
 
-from gfa_peft.experiments.cache import write_atomic
-from gfa_peft.experiments.presets import load_architecture
+from gfa_peft.io.files import write_atomic
+from gfa_peft.data.presets import load_architecture
 from gfa_peft.targets import ALL_LINEAR, default_targets, find_targets, target_shapes
 from gfa_peft.weight_ops import op_for
 

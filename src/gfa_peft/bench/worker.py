@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from gfa_peft import GfaConfig
-from gfa_peft.experiments.bench_models import SCOPES, BenchShapes
+from gfa_peft.bench.shapes import SCOPES, BenchShapes
 from gfa_peft.targets import find_targets
+from gfa_peft.training.methods import peft_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIB = 2**20
@@ -85,13 +85,7 @@ def attach_method(model: nn.Module, method: str, rank: int | None, targets: str 
         for _, module in find_targets(model, targets):
             module.register_forward_hook(_output_requires_grad)
         return model
-    if method == "gfa":
-        config = GfaConfig(r=rank, target_modules=targets)
-    else:
-        # alpha = r makes LoRA's scale 1, GFA's s; neither changes the cost of a step.
-        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets,
-                            use_dora=method == "dora")
-    return get_peft_model(model, config)
+    return get_peft_model(model, peft_config(method, {"r": rank}, targets))
 
 
 def _output_requires_grad(module: nn.Module, inputs, output: torch.Tensor) -> None:
@@ -217,7 +211,7 @@ def _answer(answers: BinaryIO, message: tuple[str, object]) -> None:
 
 
 def main() -> None:
-    """`python -m gfa_peft.experiments.bench_worker`: commands on stdin, answers on stdout, all else on stderr."""
+    """`python -m gfa_peft.bench.worker`: commands on stdin, answers on stdout, all else on stderr."""
     # Answers keep the original stdout; whatever a library prints goes to stderr, the worker's log.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

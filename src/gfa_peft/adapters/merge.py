@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from gfa_peft.experiments.presets import load_architecture
-from gfa_peft.experiments.saved_adapter import load_saved_adapter
+from gfa_peft.data.presets import load_architecture
+from gfa_peft.adapters.saved import load_saved_adapter
 from gfa_peft.scatter import SliceSpec, slice_of_product
 from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import WeightOp, op_for, update_shape

@@ -30,7 +30,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from gfa_peft.introspect import layout_of
-from gfa_peft.tuner.peft_type import GFA_PEFT_TYPE
+from gfa_peft.tuner.config import GFA_PEFT_TYPE
 
 
 class RankMismatchError(RuntimeError):

@@ -1,6 +1,6 @@
 """The methods a run can train, each placed at a budget: its PEFT config and its exact adapter-only count.
 
-Every adapter method sits where `gfa_peft.budget.rank_anchors` places it at an anchor (or at an explicit rank),
+Every adapter method sits where `gfa_peft.analysis.budget.rank_anchors` places it at an anchor (or at an explicit rank),
 so a sweep compares methods at the same budgets:
 
 - `gfa`: this package's GFA, rank nearest the anchor's budget, scale 1;
@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from peft import LoraConfig, PeftConfig, VBLoRAConfig, VeraConfig
 
-from gfa_peft.budget import (
+from gfa_peft.analysis.budget import (
     VBLORA_TOPK,
     Shape,
     dora_params,
@@ -124,31 +124,30 @@ def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int) 
     shapes = [shape for _, shape in named_shapes]
     if method == "gfa":
         layout = ordered_layout(named_shapes)
-        if rank > layout.max_rank():
-            raise PlacementError(
-                f"GFA rank {rank} is out of range: the global matrix is {layout.m} x {layout.k}, "
-                f"so ranks go up to {layout.max_rank()}"
-            )
+        try:
+            layout.check_rank(rank, "GFA rank")
+        except ValueError as error:
+            raise PlacementError(str(error)) from None
         trainable = gfa_params(layout, rank)
     else:
         trainable = {"lora": lora_params, "dora": dora_params, "vera": vera_params}[method](shapes, rank)
     return Placement(method, None, {"r": rank}, trainable, None)
 
 
-def peft_config(placement: Placement, targets: str | Sequence[str], task_type: str) -> PeftConfig:
-    """The PEFT config that trains `placement` on `targets` (PEFT `target_modules` semantics).
+def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_type: str | None = None) -> PeftConfig:
+    """The PEFT config that trains `method` at size `knobs` (a `Placement`'s) on `targets`.
 
+    The one mapping from this package's method names to PEFT configs, used by training and by `gfa bench`.
     Not defined for full fine-tuning, which uses no adapter.
     """
     target_modules = targets if isinstance(targets, str) else list(targets)
     common = {"target_modules": target_modules, "task_type": task_type}
-    knobs = placement.knobs
-    if placement.method == "gfa":
+    if method == "gfa":
         return GfaConfig(r=knobs["r"], scale=1.0, module_order=knobs.get("module_order", "model"), **common)
-    if placement.method in ("lora", "dora"):
-        return LoraConfig(r=knobs["r"], lora_alpha=knobs["r"], use_dora=placement.method == "dora", **common)
-    if placement.method == "vera":
+    if method in ("lora", "dora"):
+        return LoraConfig(r=knobs["r"], lora_alpha=knobs["r"], use_dora=method == "dora", **common)
+    if method == "vera":
         return VeraConfig(r=knobs["r"], **common)
-    if placement.method == "vblora":
+    if method == "vblora":
         return VBLoRAConfig(**knobs, **common)
-    raise ValueError(f"method {placement.method!r} uses no PEFT adapter")
+    raise ValueError(f"method {method!r} uses no PEFT adapter")

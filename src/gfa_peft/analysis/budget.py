@@ -168,12 +168,9 @@ def rank_anchors(
     if repeated:
         raise ValueError(f"anchor(s) {', '.join(repeated)} given more than once")
     layout = ordered_layout(named_shapes, module_order)
-    too_high = [rank for rank in ranks if rank is not None and rank > layout.max_rank()]
-    if too_high:
-        raise ValueError(
-            f"anchor rank {max(too_high)} is out of range: the global matrix is {layout.m} x {layout.k}, "
-            f"so ranks go up to {layout.max_rank()}"
-        )
+    for rank in ranks:
+        if rank is not None:
+            layout.check_rank(rank, "anchor rank")
     shapes = [piece.shape for piece in layout.modules]
     return [_place(label, rank, shapes, layout) for label, rank in zip(labels, ranks, strict=True)]
 

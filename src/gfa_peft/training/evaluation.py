@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gfa_peft.experiments.encoding import ChoiceSequence
+from gfa_peft.data.encoding import ChoiceSequence
 
 Collator = Callable[[list[dict]], dict]
 

@@ -25,7 +25,7 @@ import datasets
 from datasets import DatasetDict
 from tqdm.auto import tqdm
 
-from gfa_peft.experiments.cache import (
+from gfa_peft.data.cache import (
     MissingAssetError,
     asset_folder,
     build_folder,
@@ -34,8 +34,8 @@ from gfa_peft.experiments.cache import (
     has_leftovers,
     read_record,
 )
-from gfa_peft.experiments.splits import SEED
-from gfa_peft.experiments.task_sources import BUILDERS
+from gfa_peft.data.splits import SEED
+from gfa_peft.data.task_sources import BUILDERS
 
 __all__ = [
     "ASSETS", "PACKAGES", "Asset", "AssetStatus", "MissingAssetError", "MissingPackageError", "Package",

@@ -25,9 +25,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from gfa_peft.experiments.cache import write_json_atomic, write_text_atomic
-from gfa_peft.experiments.text_table import text_table
-from gfa_peft.experiments.train import (
+from gfa_peft.io.files import write_json_atomic, write_text_atomic
+from gfa_peft.io.tables import text_table
+from gfa_peft.training.run import (
     PreparedRun,
     RunConfig,
     RunConfigError,
@@ -121,7 +121,7 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
 
 def write_summary(root: Path, folders: Sequence[Path]) -> dict[str, Any]:
     """Summarise the finished runs among `folders` into results.json, results.csv and the figure."""
-    from gfa_peft.experiments.plots import plot_sweep
+    from gfa_peft.io.plots import plot_sweep
 
     results = [load_run(folder)[1] for folder in folders if is_finished(folder)]
     summary = summarize(results)

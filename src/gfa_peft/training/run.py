@@ -43,9 +43,10 @@ from transformers import (
 )
 
 import gfa_peft
-from gfa_peft.experiments.assets import model_path
-from gfa_peft.experiments.cache import MissingAssetError, write_json_atomic
-from gfa_peft.experiments.distributed import (
+from gfa_peft.data.assets import model_path
+from gfa_peft.data.cache import MissingAssetError
+from gfa_peft.io.files import write_json_atomic
+from gfa_peft.adapters.distributed import (
     GlobalBatchTrainer,
     accelerator_available,
     check_ranks_agree,
@@ -54,18 +55,18 @@ from gfa_peft.experiments.distributed import (
     per_rank_batch,
     shard_for_rank,
 )
-from gfa_peft.experiments.encoding import choice_sequences, encode_choice_training, encode_classification
-from gfa_peft.experiments.evaluation import (
+from gfa_peft.data.encoding import choice_sequences, encode_choice_training, encode_classification
+from gfa_peft.training.evaluation import (
     best_choices,
     choice_log_likelihoods,
     majority_label,
     predict_classes,
     task_metrics,
 )
-from gfa_peft.experiments.methods import Placement, UnreachableAnchor, peft_config, place
-from gfa_peft.experiments.recipes import RECIPES, default_learning_rate, recipe_key
-from gfa_peft.experiments.splits import carve
-from gfa_peft.experiments.tasks import Task, check_no_leakage, load_task, load_user_task
+from gfa_peft.training.methods import Placement, UnreachableAnchor, peft_config, place
+from gfa_peft.training.recipes import RECIPES, default_learning_rate, recipe_key
+from gfa_peft.data.splits import carve
+from gfa_peft.data.tasks import Task, check_no_leakage, load_task, load_user_task
 from gfa_peft.layout import parse_module_order
 from gfa_peft.targets import default_targets, find_targets, target_shapes
 
@@ -106,7 +107,7 @@ class RunConfig:
                                   "train/dev only)")
     method: str = _knob("gfa, lora, dora, vera, vblora, or full (fine-tune the target matrices themselves)", "gfa")
     anchor: str | None = _knob("the budget: '1/2' (0.3 x LoRA r=1) or a LoRA rank 1, 2, 4, 8, 16, ...; every method "
-                               "is placed at it by gfa_peft.budget.rank_anchors")
+                               "is placed at it by gfa_peft.analysis.budget.rank_anchors")
     rank: int | None = _knob("an explicit rank instead of an anchor (gfa, lora, dora, vera), e.g. a LoRA r=64 proxy")
     module_order: str | None = _knob("GFA only: the concatenation order of the target modules: 'model' (their "
                                      "order in the model), 'by_name', or an integer seed of a random permutation "
@@ -401,7 +402,7 @@ def _build_model(run: PreparedRun, tokenizer: PreTrainedTokenizerBase) -> nn.Mod
         model.config.pad_token_id = tokenizer.pad_token_id
     if run.config.method != "full":
         task_type = "SEQ_CLS" if run.kind == "classification" else "CAUSAL_LM"
-        return get_peft_model(model, peft_config(run.placement, run.targets, task_type))
+        return get_peft_model(model, peft_config(run.placement.method, run.placement.knobs, run.targets, task_type))
     model.requires_grad_(False)
     for _, module in find_targets(model, run.targets):
         module.weight.requires_grad_(True)

@@ -1,0 +1,81 @@
+"""Default training settings of the bundled models, and each method's tuned learning rate.
+
+A recipe is what a run uses for every setting not given explicitly. The learning rates were chosen on the
+dev splits by `gfa tune` (docs/training.md gives the procedure, the trials and the command) and ship in
+`default_lrs.json`; rates a user saves with `gfa tune --save-defaults` go to `default_lrs.json` in the cache folder
+(`$GFA_CACHE`, default `~/.cache/gfa-peft`) and override the shipped ones. Nothing writes into the installed package. A model folder that is neither bundled model borrows the recipe of the bundled model of
+its task's kind: MiniLM's for classification, SmolLM2's for multiple choice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gfa_peft.data.cache import cache_dir
+from gfa_peft.io.files import write_json_atomic
+
+SHIPPED_LEARNING_RATES = Path(__file__).with_name("default_lrs.json")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training settings sized for 2 CPU cores (see docs/training.md for the timings behind them)."""
+
+    steps: int
+    batch_size: int
+    max_length: int
+    eval_batch_size: int
+    warmup_ratio: float = 0.06
+    """Linear warm-up over this fraction of the steps, then linear decay to 0."""
+
+
+RECIPES: dict[str, Recipe] = {
+    "minilm": Recipe(steps=250, batch_size=16, max_length=64, eval_batch_size=128),
+    "smollm2": Recipe(steps=40, batch_size=8, max_length=128, eval_batch_size=16),
+}
+RECIPE_FOR_KIND = {"classification": "minilm", "multiple_choice": "smollm2"}
+
+
+def recipe_key(model: str, task_kind: str) -> str:
+    """Which recipe a run uses: the model's own if it is a bundled model, else the one for the task's kind."""
+    return model if model in RECIPES else RECIPE_FOR_KIND[task_kind]
+
+
+def user_learning_rates_file() -> Path:
+    """Where `gfa tune --save-defaults` records the rates it chose: the user's own, beside the assets."""
+    return cache_dir() / "default_lrs.json"
+
+
+def learning_rates() -> dict[str, dict[str, float]]:
+    """The tuned rate of each (recipe, method): the shipped ones, overridden by the user's saved ones."""
+    rates = _read(SHIPPED_LEARNING_RATES)
+    for key, methods in _read(user_learning_rates_file()).items():
+        rates.setdefault(key, {}).update(methods)
+    return rates
+
+
+def save_learning_rates(key: str, chosen: dict[str, float]) -> Path:
+    """Record `chosen` (method -> rate) as the user's defaults under recipe `key`; returns the file written."""
+    path = user_learning_rates_file()
+    saved = _read(path)
+    saved.setdefault(key, {}).update(chosen)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, saved)
+    return path
+
+
+def default_learning_rate(key: str, method: str) -> float:
+    """The learning rate `gfa tune` chose for `method` under recipe `key`.
+
+    Raises ValueError when none was tuned (then the run needs an explicit learning rate).
+    """
+    learning_rate = learning_rates().get(key, {}).get(method)
+    if learning_rate is None:
+        raise ValueError(f"no tuned learning rate for {method} under the {key} recipe: give one explicitly (--lr)")
+    return float(learning_rate)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
