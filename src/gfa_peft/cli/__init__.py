@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import re
 import sys
 from collections.abc import Sequence
 
@@ -26,8 +28,13 @@ COMMANDS: dict[str, str] = {
 }
 """Each subcommand (a module of this package) and its one-line summary."""
 
-EXTRA_PACKAGES = {"datasets", "matplotlib", "accelerate", "gguf", "pyarrow", "scipy"}
-"""What `pip install 'gfa-peft[experiments]'` adds to the core install."""
+
+
+def experiments_extra() -> set[str]:
+    """The import names of what `pip install 'gfa-peft[experiments]'` asks for beyond the core install."""
+    requirements = importlib.metadata.requires("gfa-peft") or []
+    extra = [re.split(r"[\s;<>=!~\[]", line, maxsplit=1)[0] for line in requirements if 'extra == "experiments"' in line]
+    return {name.lower().replace("-", "_") for name in extra}
 
 
 class UsageError(Exception):
@@ -58,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gfa {command}: error: {error}" if command in COMMANDS else f"gfa: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
-        if error.name not in EXTRA_PACKAGES:
+        if error.name is None or error.name.split(".")[0] not in experiments_extra():
             raise
         print(f"gfa {command} needs the experiments extra ({error.name} is missing): "
               "pip install 'gfa-peft[experiments]'", file=sys.stderr)
