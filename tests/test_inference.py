@@ -289,3 +289,16 @@ def test_mixed_batch_with_modules_to_save_classifier():
         alone = {name: run_alone(model, name, input_ids=ids).logits for name in names}
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_reuse_on_a_quantized_base_is_exact(quantization, tmp_path, count_formations, monkeypatch):
+    """A bitsandbytes base cannot take the update into its weight: each adapter's update is what is reused."""
+    quantized = pytest.importorskip("test_quantized")  # skips without bitsandbytes
+    model = quantized.quantized_gfa(quantized.save_quantizable_llama(tmp_path), quantization).eval()
+    inputs = LLAMA.inputs()
+    with torch.no_grad():
+        expected = uncached_output(LLAMA, model, inputs, monkeypatch)
+        first, second = LLAMA.output(model, inputs), LLAMA.output(model, inputs)
+    assert len(count_formations) == cached_entries(model) == LLAMA.n_targets
+    assert torch.equal(first, expected) and torch.equal(second, expected)
