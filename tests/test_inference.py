@@ -237,10 +237,13 @@ def test_mixed_batch_rows_equal_separate_runs_llama():
         torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_batch_generate_rows_equal_separate_generations():
+@pytest.mark.parametrize("num_beams", [1, 2], ids=["greedy", "beams"])
+def test_mixed_batch_generate_rows_equal_separate_generations(num_beams):
     model = llama_with_two_adapters()
     ids = torch.randint(1, 64, (len(MIXED), 6), generator=torch.Generator().manual_seed(2))
-    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    settings = dict(
+        max_new_tokens=5, do_sample=False, num_beams=num_beams, pad_token_id=0, attention_mask=torch.ones_like(ids)
+    )
     with torch.no_grad():
         mixed = model.generate(input_ids=ids, adapter_names=MIXED, **settings)
         alone = {}
