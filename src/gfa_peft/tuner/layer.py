@@ -166,8 +166,9 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         """The layer's output with the updates of the `active` adapters added."""
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if self._may_reuse_update(active):
-            return self._forward_reusing_update(x, active, *args, **kwargs)
+        sources = self._reusable_sources(active)
+        if sources is not None:
+            return self._forward_reusing_update(x, active, sources, *args, **kwargs)
         adapters = [(self.gfa_slice[name], *self.factors(name)) for name in active]
         dropouts = [self.gfa_dropout[name] for name in active]
         if not self.op.fusable or (self.training and any(isinstance(dropout, nn.Dropout) for dropout in dropouts)):
@@ -179,16 +180,19 @@ class GfaLayer(nn.Module, BaseTunerLayer):
             return out
         return self.op.add_bias(scattered_op(x, self.op, self.op.weight(), adapters))
 
-    def _reuse_sources(self, active: list[str]) -> list[torch.Tensor]:
-        """The tensors a reused update is formed from."""
-        return [self.get_base_layer().weight, *(tensor for name in active for tensor in self.factors(name))]
-
-    def _may_reuse_update(self, active: list[str]) -> bool:
+    def _reusable_sources(self, active: list[str]) -> list[torch.Tensor] | None:
+        """The tensors the adapted weight is formed from, when it may be reused: in eval mode, with reuse
+        switched on, and no gradient needed for them. None when it is to be formed afresh."""
         if self.training or not enabled_by_environment() or not all(self.gfa_cache_update[name] for name in active):
-            return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._reuse_sources(active)))
+            return None
+        sources = [self.get_base_layer().weight, *(tensor for name in active for tensor in self.factors(name))]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return None
+        return sources
 
-    def _forward_reusing_update(self, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch.Tensor:
+    def _forward_reusing_update(
+        self, x: torch.Tensor, active: list[str], sources: list[torch.Tensor], *args, **kwargs
+    ) -> torch.Tensor:
         """The same tensors and products as the forward above (so the same result), with the
         weight-sized tensors taken from the cache: the effective weight W + sum of the updates where
         the update fuses into the weight, otherwise each adapter's update (the input's dtype)."""
@@ -202,7 +206,7 @@ class GfaLayer(nn.Module, BaseTunerLayer):
             return tuple(effective_weight(None, [spec], factors[2 * i : 2 * i + 2], x) for i, spec in enumerate(specs))
 
         like = self.op.weight() if self.op.fusable else x
-        weights = self._inference_cache.get(tuple(active), self._reuse_sources(active), like, build)
+        weights = self._inference_cache.get(tuple(active), sources, like, build)
         if self.op.fusable:
             return self.op.add_bias(self.op.forward(x, weights[0]))
         out = self.base_layer(x, *args, **kwargs)
