@@ -66,7 +66,7 @@ class GfaModel(BaseTuner):
         # saved layout that does not fit leaves the model exactly as it was.
         config = self.peft_config[adapter_name]
         layout, targets = self._plan_layout(model, config, adapter_name)
-        self._create_factors(adapter_name, config, layout, targets, autocast_adapter_dtype, low_cpu_mem_usage)
+        self._create_factors(adapter_name, config, layout, targets, low_cpu_mem_usage)
         config.layout = layout.to_dict()
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         adapted = {name for name, module in model.named_modules() if adapter_name in getattr(module, "gfa_slice", {})}
@@ -101,7 +101,7 @@ class GfaModel(BaseTuner):
                 raise ValueError(f"GFA adapter {adapter_name!r} does not fit this model: {problem}")
         return layout, targets
 
-    def _create_factors(self, adapter_name, config, layout, targets, autocast_adapter_dtype, low_cpu_mem_usage):
+    def _create_factors(self, adapter_name, config, layout, targets, low_cpu_mem_usage):
         if "gfa_B" not in self._modules:
             self.gfa_B = nn.ModuleDict()
             self.gfa_A = nn.ModuleDict()
