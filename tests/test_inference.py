@@ -173,6 +173,17 @@ def test_never_stale_after_merge_dtype_move_and_adapter_changes():
     torch.testing.assert_close(out, expected)
 
 
+def test_clear_inference_cache_after_an_unversioned_data_write():
+    case = CASES[0]
+    model, reference = make(case)
+    inputs = case.inputs()
+    expect_dense(case, model, reference, inputs)
+    gfa_peft.factors(model)[0].data.mul_(2.0)  # `.data` writes bypass PyTorch's version counter
+    model.clear_inference_cache()
+    assert cached_entries(model) == 0
+    expect_dense(case, model, reference, inputs)
+
+
 def test_weight_formed_under_inference_mode_is_not_reused_outside_it():
     model, _ = make(CASES[0])
     for factor in gfa_peft.factors(model):
