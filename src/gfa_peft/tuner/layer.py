@@ -198,12 +198,12 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         the update fuses into the weight, otherwise each adapter's update (the input's dtype)."""
 
         def build() -> tuple[torch.Tensor, ...]:
+            if not self.op.fusable:
+                return tuple(effective_weight(None, [self.gfa_slice[name]], self.factors(name), x) for name in active)
             specs = [self.gfa_slice[name] for name in active]
             factors = [tensor for name in active for tensor in self.factors(name)]
-            if self.op.fusable:
-                weight = self.op.weight()
-                return (effective_weight(weight, specs, factors, weight),)
-            return tuple(effective_weight(None, [spec], factors[2 * i : 2 * i + 2], x) for i, spec in enumerate(specs))
+            weight = self.op.weight()
+            return (effective_weight(weight, specs, factors, weight),)
 
         like = self.op.weight() if self.op.fusable else x
         weights = self._inference_cache.get(tuple(active), sources, like, build)
