@@ -12,7 +12,7 @@ import pickle
 import peft
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils.peft_types import PeftType
 from torch import nn
@@ -70,7 +70,26 @@ def test_callbacks_run_when_the_backward_pass_ends():
     assert ran == ["during", "after"], explain("the autograd engine's queue_callback")
 
 
+def test_modules_to_save_wrappers_are_recognised():
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrapper = ModulesToSaveWrapper(nn.Linear(2, 2), "default")
+    assert internals.is_modules_to_save_wrapper(wrapper), explain("PEFT's AuxiliaryTrainingWrapper")
+    assert not internals.is_modules_to_save_wrapper(nn.Linear(2, 2)), explain("PEFT's AuxiliaryTrainingWrapper")
+
+
+def test_version_counter_counts_in_place_writes():
+    tensor = torch.zeros(3)
+    before = internals.version_counter(tensor)
+    tensor.add_(1)
+    tensor[0] = 5
+    assert internals.version_counter(tensor) == before + 2, explain("torch's tensor version counter")
+
+
 @pytest.mark.parametrize("owner, hook", [
+    (PeftModel, "_enable_peft_forward_hooks"),
+    (BaseTuner, "_cast_adapter_dtype"),
+    (BaseTuner, "_remove_adapter_name_from_key"),
     (BaseTuner, "_prepare_adapter_config"),
     (BaseTuner, "_create_and_replace"),
     (BaseTuner, "_replace_module"),

@@ -59,6 +59,26 @@ def is_excluded(match: object) -> bool:
     return isinstance(match, _ExcludedModule)
 
 
+def is_modules_to_save_wrapper(module: nn.Module) -> bool:
+    """Whether `module` is PEFT's wrapper of a `modules_to_save` module (e.g. a classifier head).
+
+    Mixed-adapter batches must route `adapter_names` to those wrappers too, so each row's head is its
+    adapter's; PEFT exposes their common base class only from `peft.utils.other`.
+    """
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return isinstance(module, AuxiliaryTrainingWrapper)
+
+
+def version_counter(tensor: torch.Tensor) -> int:
+    """How many in-place writes `tensor`'s storage has had (not counting writes through `.data`).
+
+    The inference reuse of an adapted weight is valid only while its factors and base weight are unchanged;
+    autograd's own version counter is the one cheap, exact record of in-place edits PyTorch keeps.
+    """
+    return tensor._version
+
+
 def run_after_backward(callback: Callable[[], None]) -> None:
     """Run `callback` once the autograd engine finishes the backward pass under way.
 
