@@ -32,7 +32,7 @@ from typing import Any
 PARTIAL_SUFFIX = ".partial"
 RETIRED_SUFFIX = ".old"
 # Errors that say the destination cannot take the files (rather than a bug or a missing input).
-_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENOTDIR}
 
 
 class OutputRefused(ValueError):
