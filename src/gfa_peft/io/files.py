@@ -102,8 +102,7 @@ def output_folder(folder: str | os.PathLike, kind: ResultKind, overwrite: bool =
     folder = Path(os.path.abspath(folder))
     inputs = list(inputs)
     check_output_folder(folder, kind, overwrite, inputs)
-    with _unwritable_is_refused(folder.parent):
-        folder.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(folder.parent)
     with folder_lock(folder):
         check_output_folder(folder, kind, overwrite, inputs)  # another process may have published meanwhile
         remove_leftovers(folder)
@@ -116,6 +115,12 @@ def output_folder(folder: str | os.PathLike, kind: ResultKind, overwrite: bool =
             except BaseException:
                 shutil.rmtree(building, ignore_errors=True)
                 raise
+
+
+def make_folder(folder: Path) -> None:
+    """Create `folder` and its parents if missing; one that cannot be created raises OutputRefused naming it."""
+    with _unwritable_is_refused(folder):
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def check_output_folder(folder: str | os.PathLike, kind: ResultKind, overwrite: bool = False,

@@ -35,6 +35,7 @@ from gfa_peft.io.files import (
     ResultKind,
     check_output_folder,
     folder_lock,
+    make_folder,
     write_json_atomic,
     write_text_atomic,
 )
@@ -129,7 +130,7 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
     settings, unless `rerun_changed` (then they are trained again)."""
     sweep = plan(spec, root)
     check_output_folder(root, SWEEP)
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root)
     with folder_lock(root):
         changed = {folder: changes for run, folder in sweep.runs
                    if is_finished(folder) and (changes := changed_settings(run, folder))}
