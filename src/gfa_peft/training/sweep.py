@@ -2,9 +2,9 @@
 
 `run_sweep` checks every run of the grid before training any, skips the runs whose folder already holds a
 finished run with the same settings (so an interrupted sweep picks up where it stopped, redoing only the
-unfinished run), and then summarises the finished runs: one row per (task, method, anchor, learning rate) cell with the mean and
-standard deviation over seeds, the tie band, GFA-vs-DoRA verdicts, the retention table and the
-majority-class baselines. Accuracies in the summary are in percentage points.
+unfinished run), and then summarises the finished runs: one row per (task, method, anchor, learning rate)
+cell with the mean and standard deviation over seeds, the tie band, GFA-vs-DoRA verdicts, the retention
+table and the majority-class baselines. Accuracies in the summary are in percentage points.
 
 A finished run recorded with other settings (other steps, batch size, ... than the sweep asks for now) is never
 reused nor summarised as if it were the asked one: the sweep names the runs that differ and stops before training,
