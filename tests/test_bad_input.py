@@ -35,6 +35,10 @@ def assert_untouched(model: nn.Module, pristine: nn.Module) -> None:
         (dict(init_sigma=0.0), "init_sigma must be positive"),
         (dict(init_sigma=-0.1), "init_sigma must be positive"),
         (dict(dropout=1.0), "dropout must be in"),
+        (dict(scale=float("inf")), "scale must be positive and finite"),
+        (dict(scale=float("nan")), "scale must be positive and finite"),
+        (dict(init_sigma=float("inf")), "init_sigma must be positive and finite"),
+        (dict(dropout=float("nan")), "dropout must be in"),
         (dict(module_order="random"), "module_order must be"),
     ],
 )
@@ -151,3 +155,11 @@ def test_failed_load_adapter_leaves_peft_model_unchanged(saved_adapter, tmp_path
     assert set(model.peft_config) == {"default"} and set(model.base_model.gfa_B) == {"default"}
     assert all(set(layer.gfa_slice) == {"default"} for layer in model.modules() if isinstance(layer, GfaLayer))
     assert gfa_peft.layout_of(model).names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_a_saved_config_with_an_infinite_scale_is_refused(saved_adapter):
+    config_path = os.path.join(saved_adapter, "adapter_config.json")
+    config = json.load(open(config_path))
+    config["scale"] = float("inf")  # json writes Infinity, and reads it back as a float
+    json.dump(config, open(config_path, "w"))
+    _load_expecting(ValueError, "scale must be positive and finite", saved_adapter)

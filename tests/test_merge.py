@@ -97,7 +97,11 @@ def test_existing_output_is_kept_unless_overwrite(saved, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     arguments = ["merge", str(folder / "adapter"), "--base", str(folder / "base"), "--out", str(out), "--no-progress"]
-    assert main(arguments) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
-    assert os.listdir(out) == ["keep.txt"]
+    for extra in ([], ["--overwrite"]):  # a folder of other files is never replaced
+        assert main([*arguments, *extra]) == 2 and "is not a merged model folder" in capsys.readouterr().err
+        assert os.listdir(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(arguments) == 0
+    assert main(arguments) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert main([*arguments, "--overwrite"]) == 0
-    assert "keep.txt" not in os.listdir(out) and "config.json" in os.listdir(out)
+    assert "config.json" in os.listdir(out)

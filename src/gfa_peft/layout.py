@@ -91,13 +91,17 @@ class Layout:
 
     @classmethod
     def from_dict(cls, data: dict) -> Layout:
-        layout = build_layout([(name, tuple(shape)) for name, shape, _ in data["modules"]])
-        saved = cls(
-            modules=tuple(ModuleSlice(name, tuple(shape), offset) for name, shape, offset in data["modules"]),
-            d=data["d"],
-            m=data["m"],
-            k=data["k"],
-        )
+        """The layout a `to_dict` record describes; ValueError when the record is malformed or inconsistent."""
+        try:
+            modules = [(str(name), tuple(int(size) for size in shape), int(offset))
+                       for name, shape, offset in data["modules"]]
+            saved = cls(modules=tuple(ModuleSlice(*module) for module in modules),
+                        d=int(data["d"]), m=int(data["m"]), k=int(data["k"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"malformed GFA layout record ({type(error).__name__}: {error})") from None
+        if any(size < 1 for _, shape, _ in modules for size in shape):
+            raise ValueError("malformed GFA layout record: a module has a size below 1")
+        layout = build_layout([(name, shape) for name, shape, _ in modules])
         problem = layout.difference(saved)
         if problem:
             raise ValueError(f"inconsistent GFA layout record: {problem}")

@@ -68,6 +68,22 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     return found
 
 
+def check_untied(modules: Sequence[tuple[str, nn.Module]]) -> None:
+    """Raise ValueError when two of `modules` share one weight (tied weights, e.g. GPT-2's `wte` and `lm_head`).
+
+    Each target gets its own update; a shared weight would receive both when merged, so the merged model would
+    differ from the adapted one."""
+    owners: dict[int, str] = {}
+    for name, module in modules:
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        if id(weight) in owners:
+            raise ValueError(f"target modules {owners[id(weight)]!r} and {name!r} share one weight (tied weights): "
+                             "their two updates would add up when merged; target only one of them")
+        owners[id(weight)] = name
+
+
 def target_shapes(model: nn.Module, targets: Targets, exclude: Targets | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """(name, update shape) of every targeted module, shapes in GFA's (out, in, ...) orientation."""
     return [(name, update_shape(module, name)) for name, module in find_targets(model, targets, exclude)]

@@ -44,6 +44,12 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def launched_rank() -> int:
+    """This process's rank as `torchrun` or `accelerate launch` set it (RANK), 0 when not launched so; known
+    before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched_world_size() -> int:
     """How many processes `torchrun` or `accelerate launch` started (their WORLD_SIZE), 1 when not launched so.
 

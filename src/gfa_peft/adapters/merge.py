@@ -8,8 +8,10 @@ updates out as (out, in, ...), and transformers' GPT-2 `Conv1D` stores (in, out)
 test cannot tell apart for square weights. `modules_to_save` tensors saved with the adapter
 (e.g. a classifier head) replace the base's.
 
-Everything is checked from file headers before anything is written, and the output folder is
-built under a temporary name and renamed into place when complete.
+Everything is checked from file headers before anything is written: shard names must be plain file
+names inside the base folder, and two adapted modules may not share one weight. The output folder is
+written by io/files.py's rule: built under a temporary name and renamed into place when complete, never
+over a folder that is not a checkpoint or that holds the adapter or the base.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from gfa_peft.data.presets import load_architecture
 from gfa_peft.adapters.saved import load_saved_adapter
+from gfa_peft.data.presets import load_architecture
+from gfa_peft.io.files import ResultKind, output_folder
 from gfa_peft.scatter import SliceSpec, slice_of_product
+from gfa_peft.targets import check_untied
 from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import WeightOp, op_for, update_shape
 
@@ -38,6 +41,17 @@ INDEX_FILE = "model.safetensors.index.json"
 # Weights in other formats are never copied: they would hold the unmerged base next to the merged one.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".index.json")
 SAVED_MODULE_PREFIX = "base_model.model."
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is a model checkpoint (config and safetensors weights, no subfolders), as merge writes."""
+    entries = list(folder.iterdir())
+    names = {entry.name for entry in entries}
+    return ("config.json" in names and bool(names & {SINGLE_FILE, INDEX_FILE})
+            and not any(entry.is_dir() for entry in entries))
+
+
+MERGED = ResultKind("merged model", is_own=is_checkpoint, is_finished=is_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ class Addition:
 class MergePlan:
     """Everything `write_merged` needs, checked against the checkpoint's headers."""
 
+    adapter: Path
     base: Path
     shards: tuple[str, ...]
     index: str | None
@@ -73,6 +88,7 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
     headers = {key: entry for shard in shards for key, entry in read_safetensors_header(base / shard).items()}
     model = load_architecture(base)
     modules = dict(model.named_modules())
+    check_untied([(piece.name, modules[piece.name]) for piece in layout.modules if piece.name in modules])
 
     additions = {}
     for piece in layout.modules:
@@ -102,7 +118,7 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
         if (base / entry).is_file() and entry not in shards and entry != index:
             (skipped if entry.endswith(WEIGHT_SUFFIXES) else copied).append(entry)
     return MergePlan(
-        base=base, shards=shards, index=index, B=adapter.B, A=adapter.A, additions=additions,
+        adapter=Path(adapter_dir), base=base, shards=shards, index=index, B=adapter.B, A=adapter.A, additions=additions,
         replacements=replacements, copied=tuple(copied), skipped=tuple(skipped), n_tensors=len(headers),
     )
 
@@ -112,8 +128,11 @@ def checkpoint_shards(base: Path) -> tuple[tuple[str, ...], str | None]:
     if not (base / "config.json").is_file():
         raise ValueError(f"base model folder {base} has no config.json")
     if (base / INDEX_FILE).is_file():
-        weight_map = json.loads((base / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
-        shards = tuple(sorted(set(weight_map.values())))
+        shards = tuple(sorted(set(_weight_map(base / INDEX_FILE).values())))
+        outside = [shard for shard in shards if not _plain_file_name(shard)]
+        if outside:  # the names become paths in the output folder too: they must not lead out of it
+            raise ValueError(f"{base / INDEX_FILE} names shard {outside[0]!r}, which is not a file name inside "
+                             f"{base}; refusing to merge")
         missing = [shard for shard in shards if not (base / shard).is_file()]
         if missing:
             raise ValueError(f"{base / INDEX_FILE} lists shards that are missing: {missing}")
@@ -123,6 +142,21 @@ def checkpoint_shards(base: Path) -> tuple[tuple[str, ...], str | None]:
     others = [name for name in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (base / name).is_file()]
     hint = f"; it has {others[0]}: only safetensors checkpoints are merged" if others else ""
     raise ValueError(f"base model folder {base} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a checkpoint index: {type(error).__name__} {error}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ValueError(f"{path} is not a checkpoint index: its weight_map is not a map of tensor to file name")
+    return weight_map
+
+
+def _plain_file_name(name: str) -> bool:
+    """A name that stays in the folder it is joined to: no folder part, not absolute, not '.' or '..'."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def checkpoint_key(name: str, headers: dict, model: nn.Module) -> str:
@@ -143,22 +177,17 @@ def _check_shape(key: str, stored: list[int], expected) -> None:
 
 
 def write_merged(plan: MergePlan, out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the merged checkpoint to `out_dir` (built under a temporary name, then renamed into place)
-    and return a summary. `overwrite` replaces an existing folder once the new one is complete."""
+    """Write the merged checkpoint to `out_dir` (`io.files.output_folder`: built under a temporary name, then
+    renamed into place) and return a summary. `overwrite` replaces a checkpoint there once the new one is
+    complete; a folder of other files, or one holding the adapter or the base, raises OutputRefused."""
     out = Path(out_dir)
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with output_folder(out, MERGED, overwrite, inputs=(plan.adapter, plan.base)) as building:
         with tqdm(total=plan.n_tensors, unit="tensor", desc="merging", disable=not progress) as bar:
             for shard in plan.shards:
                 merge_shard(plan, shard, building / shard, bar)
         for name in (plan.index, *plan.copied):
             if name is not None:
                 shutil.copy2(plan.base / name, building / name)
-        os.chmod(building, 0o777 & ~_umask())
-        _move_into_place(building, out, overwrite)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return {
         "base": str(plan.base),
         "out": str(out),
@@ -187,21 +216,3 @@ def merge_shard(plan: MergePlan, shard: str, destination: Path, bar: tqdm) -> No
             tensors[key] = tensor
             bar.update()
     save_file(tensors, destination, metadata=metadata)
-
-
-def _move_into_place(building: Path, out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        os.rename(building, out)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out} exists")
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rename(out, retired / out.name)
-    os.rename(building, out)
-    shutil.rmtree(retired)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask

@@ -19,6 +19,7 @@ update (B = 0, an untrained adapter) has every rank, norm and share 0.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -39,6 +40,8 @@ update is applied in float32 (or coarser), whose rounding is about 1.2e-7 of an 
 1e-6 * sigma_1 (about 8 float32 ulps of the strongest) cannot be told from rounding of the update as applied.
 A fixed relative tolerance, unlike matrix_rank's max(p, q) * eps, treats modules of every width alike, so their
 ranks compare."""
+UPDATE_COPIES = 3
+"""Float64 copies of one module's update alive while it is analysed: the update, and the SVD's copy and workspace."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,25 @@ class RankReport:
         }
 
 
+def check_updates_fit(layout: Layout, memory: int | None = None) -> None:
+    """Raise ValueError, before anything is allocated, when a module's update would not fit in `memory` bytes
+    (default: this machine's) while it is analysed in float64: a saved layout can claim any sizes, and only the
+    factors, not the modules, are in the file."""
+    memory = _physical_memory() if memory is None else memory
+    for piece in layout.modules:
+        needed = UPDATE_COPIES * 8 * piece.numel
+        if needed > memory:
+            raise ValueError(f"module {piece.name!r} claims an update of shape {list(piece.shape)}, "
+                             f"{needed / 1e9:.3g} GB to analyse, more than the {memory / 1e9:.3g} GB of memory")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # a platform without these names: no limit known
+        return 2**63
+
+
 def module_update(B: Tensor, A: Tensor, layout: Layout, name: str, scale: float) -> Tensor:
     """Delta W_i = scale * slice_i(B A) as a (p, q) float64 matrix, forming only the grid rows it touches."""
     spec = SliceSpec(layout[name], layout.k, scale)
@@ -167,6 +189,7 @@ def realized_ranks(
         )
     if not 0 < tol < 1:
         raise ValueError(f"the rank tolerance must be in (0, 1), got {tol}")
+    check_updates_fit(layout)
     profiles = [
         (piece, *rank_profile(module_update(B, A, layout, piece.name, scale), tol))
         for piece in tqdm(layout.modules, desc="module spectra", unit="module", disable=not progress)

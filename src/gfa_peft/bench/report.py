@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gfa_peft.bench.plan import reference_anchor
-from gfa_peft.io.files import write_json_atomic, write_text_atomic
+from gfa_peft.io.files import ResultKind, output_folder, write_json_atomic, write_text_atomic
 from gfa_peft.io.tables import text_table
 
 
@@ -206,16 +206,21 @@ def _target_lines(goal: str) -> list[tuple[float, str, str]]:
             for scope, targets in load_targets().items() if getattr(targets, goal) is not None]
 
 
+OUTPUT_FILES = ("results.json", "results.md", "plot.png", "config.json")
+BENCH = ResultKind("bench result", is_own=lambda folder: {path.name for path in folder.iterdir()} <= set(OUTPUT_FILES),
+                   is_finished=lambda folder: (folder / OUTPUT_FILES[0]).is_file())
+"""A bench folder holds only its output files; a new bench (or a later group of this one) replaces them."""
+
+
 def write_outputs(folder: Path, records: Sequence[dict], run_config: dict, run_line: str) -> list[Path]:
-    """results.json, results.md, plot.png and config.json in `folder` (created if missing), each written atomically."""
-    folder.mkdir(exist_ok=True)
-    paths = [folder / name for name in ("results.json", "results.md", "plot.png", "config.json")]
-    write_json_atomic(paths[0], list(records))
-    report = markdown_report(records, run_line)
-    write_text_atomic(paths[1], report)
-    plot_ratios(records, paths[2])
-    write_json_atomic(paths[3], run_config)
-    return paths
+    """results.json, results.md, plot.png and config.json in `folder`, all replaced together
+    (`io.files.output_folder`); a folder of other files raises OutputRefused."""
+    with output_folder(folder, BENCH, overwrite=True) as building:
+        write_json_atomic(building / OUTPUT_FILES[0], list(records))
+        write_text_atomic(building / OUTPUT_FILES[1], markdown_report(records, run_line))
+        plot_ratios(records, building / OUTPUT_FILES[2])
+        write_json_atomic(building / OUTPUT_FILES[3], run_config)
+    return [folder / name for name in OUTPUT_FILES]
 
 
 def _against(value: float, target: float | None) -> str:

@@ -14,6 +14,8 @@ import re
 import sys
 from collections.abc import Sequence
 
+from gfa_peft.io.files import OutputRefused
+
 COMMANDS: dict[str, str] = {
     "count": "exact trainable counts of LoRA, DoRA, GFA, VeRA and VB-LoRA at matched budgets",
     "inspect": "realized rank, norm and energy share of every module's update in a saved GFA adapter",
@@ -61,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(command if command in COMMANDS else None).parse_args(argv)
         return args.run(args) or 0
-    except UsageError as error:
+    except (UsageError, OutputRefused) as error:  # OutputRefused: io/files.py's rule kept the user's files
         print(f"gfa {command}: error: {error}" if command in COMMANDS else f"gfa: error: {error}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:

@@ -19,7 +19,8 @@ from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import emit_json, output_path, parse_list
 from gfa_peft.bench.plan import BENCH_METHODS, QUICK, BenchSettings, plan, run_bench
 from gfa_peft.bench.shapes import SCOPES, SHAPES
-from gfa_peft.bench.report import format_summary, format_tables, write_outputs
+from gfa_peft.bench.report import BENCH, format_summary, format_tables, write_outputs
+from gfa_peft.io.files import check_output_folder
 from gfa_peft.bench.worker import DTYPES
 
 FULL = BenchSettings()
@@ -107,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     json_path = output_path(args.json)
     out = args.out or (None if args.quick else DEFAULT_OUT)
     out_folder = _folder_path(out) if out else None
+    if out_folder is not None:  # a folder of other files is refused now, not after the first group
+        check_output_folder(out_folder, BENCH, overwrite=True)
 
     started, load_before, clock = datetime.now(timezone.utc), _load(), time.perf_counter()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import output_path
-from gfa_peft.io.files import write_json_atomic
-from gfa_peft.adapters.merge import plan_merge, write_merged
+from gfa_peft.adapters.merge import MERGED, plan_merge, write_merged
+from gfa_peft.io.files import check_output_folder, write_json_atomic
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model.safetensors.index.json")
     parser.add_argument("--out", required=True, metavar="DIR", help="the merged model folder to create")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT if it exists (only once the new folder is complete)")
+                        help="replace a merged model in OUT (only once the new one is complete); a folder of "
+                        "other files, or one holding ADAPTER or the base, is never replaced")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--json", metavar="FILE",
                         help="also write the summary (printed as JSON on stdout) to FILE")
@@ -47,10 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {str(folder)!r} is not a folder")
     if not out.parent.is_dir():
         raise UsageError(f"cannot create --out {str(out)!r}: folder {str(out.parent)!r} does not exist")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
-    if out.resolve() in (adapter.resolve(), base.resolve()):
-        raise UsageError(f"--out {str(out)!r} must differ from the adapter and the base folders")
+    check_output_folder(out, MERGED, args.overwrite, inputs=(adapter, base))  # before the slow checks
     try:
         plan = plan_merge(adapter, base)
     except (ValueError, TypeError, OSError) as error:  # files that do not fit, are missing or unreadable

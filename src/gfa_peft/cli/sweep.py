@@ -50,6 +50,9 @@ def add_grid_arguments(parser: argparse.ArgumentParser, anchors: str = "1/2,1,4,
                         help=f"comma-separated anchors: '1/2' or LoRA ranks (default: {anchors})")
     parser.add_argument("--seeds", type=int_list, default=[0], metavar="S,S,...", help="comma-separated seeds (default: 0)")
     add_config_arguments(parser, exclude=GRID_FIELDS)
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="train again the finished runs in the folder that were trained with other settings "
+                        "(without it the sweep names them and stops)")
     parser.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
 
 
@@ -67,17 +70,18 @@ def spec_from_args(args: argparse.Namespace, **settings) -> SweepSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_spec(spec_from_args(args), Path(args.out), progress=not args.no_progress)
+    summary = run_spec(spec_from_args(args), Path(args.out), progress=not args.no_progress,
+                       rerun_changed=args.rerun_changed)
     print(format_summary(summary))
     return 0
 
 
-def run_spec(spec: SweepSpec, out: Path, progress: bool = True) -> dict:
+def run_spec(spec: SweepSpec, out: Path, progress: bool = True, rerun_changed: bool = False) -> dict:
     """Run a sweep, turning a run that cannot start into a usage error (raised before anything trains)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"sweep folder {str(out)!r} is a file")
     try:
-        return run_sweep(spec, out, progress)
+        return run_sweep(spec, out, progress, rerun_changed=rerun_changed)
     except RunConfigError as error:
         raise UsageError(str(error)) from None
 

@@ -13,7 +13,7 @@ from typing import Any
 from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import parse_targets
 from gfa_peft.adapters.distributed import RankMismatchError, rank_and_world
-from gfa_peft.training.run import RunConfig, RunConfigError, execute, is_finished, prepare
+from gfa_peft.training.run import RunConfig, RunConfigError, check_run_folder, execute, prepare
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="root of run folders: the run goes to DIR/<task>/<method>-<anchor>-s<seed> "
                         "(default: %(default)s)")
     parser.add_argument("--out", metavar="DIR", help="the run folder itself, instead of one under --runs")
-    parser.add_argument("--overwrite", action="store_true", help="redo a run whose folder holds a finished run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo a run whose folder holds a finished run (replaced once the new one is complete)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
@@ -46,12 +47,9 @@ def run(args: argparse.Namespace) -> int:
     except RunConfigError as error:
         raise UsageError(str(error)) from None
     folder = Path(args.out) if args.out else Path(args.runs) / prepared.task.name / prepared.name
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"run folder {str(folder)!r} is a file")
-    if is_finished(folder) and not args.overwrite:
-        raise UsageError(f"{folder} already holds a finished run; pass --overwrite to train it again")
+    check_run_folder(prepared, folder, args.overwrite)  # on every rank, before any of them trains
     try:
-        metrics = execute(prepared, folder, progress=not args.no_progress)
+        metrics = execute(prepared, folder, progress=not args.no_progress, overwrite=args.overwrite)
     except RankMismatchError as error:  # under torchrun: raised on every rank, before anything is written
         raise UsageError(str(error)) from None
     if rank_and_world()[0] == 0:  # under torchrun every process has the metrics; one prints them

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if len(kinds) > 1:
         raise UsageError("tune on tasks of one kind (all classification or all multiple choice): they share a recipe")
     out = Path(args.out)
-    summary = run_spec(spec, out, progress=not args.no_progress)
+    summary = run_spec(spec, out, progress=not args.no_progress, rerun_changed=args.rerun_changed)
     choices = choose_learning_rates(summary["cells"])
     key = recipe_key(spec.model, kinds.pop())
     record = {"recipe": key, "recipe_settings": RECIPES[key].__dict__, "spec": {**spec.__dict__},

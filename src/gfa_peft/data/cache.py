@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gfa_peft.io.files import file_mode, write_json_atomic
+from gfa_peft.io.files import ResultKind, leftovers, output_folder, write_json_atomic
 
 DONE = "DONE.json"
-_PARTIAL_SUFFIX = ".partial"
 
 
 class MissingAssetError(RuntimeError):
@@ -59,37 +56,25 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 def has_leftovers(folder: Path) -> bool:
     """Whether an incomplete `folder` or the temporary folder of an interrupted build exists."""
-    return (folder.exists() and read_record(folder) is None) or any(_partial_builds(folder))
+    return (folder.exists() and read_record(folder) is None) or bool(leftovers(folder))
+
+
+ASSET = ResultKind("asset", is_own=lambda folder: True, is_finished=lambda folder: read_record(folder) is not None)
+"""Everything in the cache's asset folders is the cache's own: an asset build may replace any of it."""
 
 
 def build_folder(folder: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Build an asset into `folder` so that it appears complete or not at all.
+    """Build an asset into `folder` so that it appears complete or not at all (`io.files.output_folder`).
 
     `build(scratch)` writes the asset's files into an empty scratch folder and returns the record;
-    the record becomes `DONE.json`, written last, and the scratch folder is then renamed to `folder`.
-    An incomplete `folder` and the leftovers of interrupted builds are removed first.
+    the record becomes `DONE.json`, written last, and the scratch folder is then renamed to `folder`,
+    replacing an incomplete one. The leftovers of interrupted builds are removed first. A cache that cannot
+    be written (permissions, a full disk) raises OutputRefused naming it.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in _partial_builds(folder):
-        shutil.rmtree(leftover, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=_PARTIAL_SUFFIX, dir=folder.parent))
-    try:
-        scratch.chmod(file_mode(0o777))
+    with output_folder(folder, ASSET, overwrite=True) as scratch:
         record = build(scratch)
         write_json_atomic(scratch / DONE, record)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(scratch, folder)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
     return record
-
-
-def _partial_builds(folder: Path) -> list[Path]:
-    if not folder.parent.is_dir():
-        return []
-    return sorted(folder.parent.glob(f".{folder.name}.*{_PARTIAL_SUFFIX}"))
 
 
 def folder_megabytes(folder: Path) -> float:

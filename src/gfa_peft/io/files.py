@@ -1,14 +1,61 @@
-"""Writing files so that a reader sees the old file or the whole new one, never a part."""
+"""How every `gfa` command writes, so that no user file is ever lost.
+
+The rule, for a file (`write_atomic`) and for a result folder (`output_folder`):
+
+- a command writes only inside the folder it was given; it builds its result in a temporary sibling
+  (`.NAME.*.partial`) and publishes it with an atomic rename, after `fsync`ing every file and folder of it;
+- it refuses a non-empty folder that is not its own kind of result (a `ResultKind`), and a folder that holds
+  one of its inputs or the working directory;
+- a finished result is replaced only with `overwrite`, and only once the new one is complete;
+- one process at a time writes a folder: it holds an exclusive lock (`folder_lock`) on `.NAME.lock` beside it,
+  which the operating system releases when the process ends, however it ends;
+- what a killed run left (`.NAME.*.partial`, `.NAME.*.old`) is removed by the next run on the same folder.
+
+Every refusal is an `OutputRefused` (a ValueError) whose message is one line naming the folder.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import glob
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+PARTIAL_SUFFIX = ".partial"
+RETIRED_SUFFIX = ".old"
+# Errors that say the destination cannot take the files (rather than a bug or a missing input).
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENOTDIR}
+
+
+class OutputRefused(ValueError):
+    """A destination a command must not or cannot write; the message is one line naming it."""
+
+
+class FolderBusy(OutputRefused):
+    """Another process holds the lock of the folder."""
+
+
+@dataclass(frozen=True)
+class ResultKind:
+    """What a command writes, so the rule can tell its own results from a user's files."""
+
+    name: str
+    """What the result is called in messages: "run", "merged model"."""
+    is_own: Callable[[Path], bool]
+    """Whether a non-empty folder is this command's result, finished or not."""
+    is_finished: Callable[[Path], bool]
+    """Whether a folder holds a complete result, which only `overwrite` replaces."""
+
+
+# ---------------------------------------------------------------- single files
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON through a temporary file in the same folder, then rename it over `path`."""
@@ -22,16 +69,19 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write(temporary)` into a temporary file beside `path`, then rename it over `path`: a reader sees the old
-    file or the whole new one, never a part."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, file_mode(0o666))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    file or the whole new one, never a part, even after a crash (file and folder are fsynced)."""
+    with _unwritable_is_refused(path.parent):
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            write(Path(temporary))
+            os.chmod(temporary, file_mode(0o666))
+            _fsync(Path(temporary))
+            os.replace(temporary, path)
+            _fsync(path.parent)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def file_mode(full: int) -> int:
@@ -39,3 +89,142 @@ def file_mode(full: int) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return full & ~umask
+
+
+# ---------------------------------------------------------------- result folders
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike, kind: ResultKind, overwrite: bool = False,
+                  inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `folder` to build the result in; publish it as `folder` when the
+    block ends normally, remove it when the block raises. Raises OutputRefused (see the module docstring)
+    before anything is written when `folder` may not be written."""
+    folder = Path(os.path.abspath(folder))
+    inputs = list(inputs)
+    check_output_folder(folder, kind, overwrite, inputs)
+    make_folder(folder.parent)
+    with folder_lock(folder):
+        check_output_folder(folder, kind, overwrite, inputs)  # another process may have published meanwhile
+        remove_leftovers(folder)
+        with _unwritable_is_refused(folder):
+            building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
+            try:
+                building.chmod(file_mode(0o777))
+                yield building
+                _publish(building, folder)
+            except BaseException:
+                shutil.rmtree(building, ignore_errors=True)
+                raise
+
+
+def make_folder(folder: Path) -> None:
+    """Create `folder` and its parents if missing; one that cannot be created raises OutputRefused naming it."""
+    with _unwritable_is_refused(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def check_output_folder(folder: str | os.PathLike, kind: ResultKind, overwrite: bool = False,
+                        inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise OutputRefused unless `output_folder` may write `folder` (without writing anything)."""
+    folder = Path(os.path.abspath(folder))
+    if folder.exists() and not folder.is_dir():
+        raise OutputRefused(f"{folder} is a file, not a folder")
+    real = folder.resolve()
+    for protected, role in [*((Path(path), "an input of this command") for path in inputs),
+                            (Path.cwd(), "the working directory")]:
+        protected = protected.resolve()
+        if protected == real or real in protected.parents:
+            raise OutputRefused(f"{folder} holds {protected}, {role}: it cannot be replaced; choose another folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not kind.is_own(folder):
+        raise OutputRefused(f"{folder} is not empty and is not a {kind.name} folder; its files are left alone: "
+                            "choose a new or empty folder")
+    if kind.is_finished(folder) and not overwrite:
+        raise OutputRefused(f"{folder} already holds a finished {kind.name}; pass --overwrite to replace it "
+                            "(the old one is kept until the new one is complete)")
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """The temporary siblings a killed run on `folder` left behind."""
+    pattern = glob.escape(str(folder.parent / f".{folder.name}.")) + "*"
+    return sorted(Path(path) for path in glob.glob(pattern)
+                  if path.endswith((PARTIAL_SUFFIX, RETIRED_SUFFIX)) and os.path.isdir(path))
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove the leftovers of killed runs on `folder`; call it holding `folder_lock(folder)`."""
+    for leftover in leftovers(folder):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (the file `.NAME.lock` beside it) or raise FolderBusy at once.
+
+    The lock is the operating system's (flock), so a killed process never leaves a stale lock; the lock file
+    is removed on release, and a lock taken on a file that was removed meanwhile is retaken on the new one.
+    """
+    folder = Path(os.path.abspath(folder))
+    path = folder.parent / f".{folder.name}.lock"
+    while True:
+        with _unwritable_is_refused(folder.parent):
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, file_mode(0o666))
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise FolderBusy(f"{folder} is being written by another gfa process (it holds {path})") from None
+        try:
+            if os.path.samestat(os.fstat(handle), os.stat(path)):
+                break
+        except FileNotFoundError:  # its holder removed the file as we opened it
+            pass
+        os.close(handle)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so nobody locks a file that is going away
+        os.close(handle)
+
+
+def _publish(building: Path, folder: Path) -> None:
+    """Rename the complete `building` to `folder`; an old `folder` is moved aside first and removed after."""
+    fsync_tree(building)
+    if not folder.exists():
+        os.rename(building, folder)
+        _fsync(folder.parent)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=RETIRED_SUFFIX, dir=folder.parent))
+    os.rename(folder, retired / folder.name)
+    os.rename(building, folder)
+    _fsync(folder.parent)
+    shutil.rmtree(retired)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk, so a rename cannot publish unwritten data."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def _fsync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def _unwritable_is_refused(where: Path) -> Iterator[None]:
+    """Turn 'permission denied', 'disk full' and the like into one line naming the folder."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _UNWRITABLE:
+            raise
+        detail = f" ({error.filename})" if error.filename else ""
+        raise OutputRefused(f"cannot write in {where}: {os.strerror(error.errno)}{detail}") from error

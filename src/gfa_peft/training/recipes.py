@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gfa_peft.data.cache import cache_dir
-from gfa_peft.io.files import write_json_atomic
+from gfa_peft.io.files import make_folder, write_json_atomic
 
 SHIPPED_LEARNING_RATES = Path(__file__).with_name("default_lrs.json")
 
@@ -61,7 +61,7 @@ def save_learning_rates(key: str, chosen: dict[str, float]) -> Path:
     path = user_learning_rates_file()
     saved = _read(path)
     saved.setdefault(key, {}).update(chosen)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     write_json_atomic(path, saved)
     return path
 

@@ -9,7 +9,10 @@ leakage, user files) and raises `RunConfigError` naming the problem, before anyt
 - `adapter/` (a PEFT adapter folder) or, for full fine-tuning, `model/` (the whole tuned model with its
   tokenizer, so base and tuned weights can be diffed, e.g. by `gfa lens --base ... --tuned ...`);
 - `train_log.json`: the Trainer's log (loss and learning rate every `LOG_EVERY` steps);
-- `metrics.json`, written atomically and last: its presence means the run finished.
+- `metrics.json`, written last: a run folder whose metrics parse is finished.
+
+The folder is written by io/files.py's rule: built in a temporary sibling and renamed into place when complete,
+never over a folder of other files or one holding the run's inputs, and by one process at a time.
 
 Under `torchrun` the processes share each global batch (the Trainer runs DDP) and the evaluation split;
 only the main process writes. docs/distributed.md tells what is checked and verified.
@@ -18,8 +21,8 @@ only the main process writes. docs/distributed.md tells what is checked and veri
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,13 +47,14 @@ from transformers import (
 
 import gfa_peft
 from gfa_peft.data.assets import model_path
-from gfa_peft.data.cache import MissingAssetError
-from gfa_peft.io.files import write_json_atomic
+from gfa_peft.data.cache import MissingAssetError, cache_dir
+from gfa_peft.io.files import ResultKind, check_output_folder, output_folder, write_json_atomic
 from gfa_peft.adapters.distributed import (
     GlobalBatchTrainer,
     accelerator_available,
     check_ranks_agree,
     gather_in_rank_order,
+    launched_rank,
     launched_world_size,
     per_rank_batch,
     shard_for_rank,
@@ -79,6 +83,8 @@ _LENGTH_GROUPED = ({"train_sampling_strategy": "group_by_length"}
                    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else {"group_by_length": True})
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
+RUN_FILES = {CONFIG_FILE, "adapter", "model", "train_log.json", METRICS_FILE}
+"""Everything a run folder may hold: a folder with anything else is not a run's, and is never replaced."""
 
 
 class RunConfigError(ValueError):
@@ -171,6 +177,12 @@ class PreparedRun:
         if self.config.eval_split != "test":
             parts.append(self.config.eval_split)
         return "-".join(parts)
+
+    @property
+    def inputs(self) -> list[Path]:
+        """What the run reads: its output folder may not hold any of them."""
+        files = [Path(path) for path in (self.config.train_file, self.config.eval_file) if path is not None]
+        return [self.model_dir, Path(self.config.cache) if self.config.cache else cache_dir(), *files]
 
     def resolved(self) -> dict[str, Any]:
         """What config.json records beside the RunConfig."""
@@ -310,11 +322,26 @@ def train(config: RunConfig, folder: str | Path, progress: bool = True) -> dict[
     return execute(prepare(config), Path(folder), progress)
 
 
-def execute(run: PreparedRun, folder: Path, progress: bool = True) -> dict[str, Any]:
+def execute(run: PreparedRun, folder: Path, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train and evaluate a prepared run; writes the run folder (main process only) and returns the metrics.
 
-    Anything already in `folder` is removed first: callers decide whether a finished run may be redone.
+    The folder appears when the run is complete. It may be absent, empty or an unfinished run; a finished run
+    is replaced (once the new one is complete) only with `overwrite`. Anything else raises OutputRefused
+    before training, as does a folder another process is writing.
     """
+    writes = launched_rank() == 0
+    with output_folder(folder, RUN, overwrite, run.inputs) if writes else nullcontext() as building:
+        return _execute(run, building, folder, progress)
+
+
+def check_run_folder(run: PreparedRun, folder: Path, overwrite: bool = False) -> None:
+    """Raise OutputRefused unless `execute` may write `folder` (checked before any training)."""
+    check_output_folder(folder, RUN, overwrite, run.inputs)
+
+
+def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress: bool) -> dict[str, Any]:
+    """Train, evaluate and (on the main process, `folder` given) write the run's files into `folder`, the
+    temporary folder that becomes `destination`."""
     started = time.perf_counter()
     set_seed(run.config.seed)
     tokenizer = _tokenizer(run.model_dir)
@@ -325,7 +352,7 @@ def execute(run: PreparedRun, folder: Path, progress: bool = True) -> dict[str, 
                            f"budget.py promised {run.placement.trainable:,}")
     examples, collate = _training_examples(run, tokenizer)
     arguments = TrainingArguments(
-        output_dir=str(folder), max_steps=run.steps or -1, num_train_epochs=run.epochs or 1.0,
+        output_dir=str(folder or destination), max_steps=run.steps or -1, num_train_epochs=run.epochs or 1.0,
         learning_rate=run.lr, per_device_train_batch_size=per_rank_batch(run.batch_size, launched_world_size()),
         warmup_steps=run.warmup_ratio,
         weight_decay=run.config.weight_decay,
@@ -341,9 +368,8 @@ def execute(run: PreparedRun, folder: Path, progress: bool = True) -> dict[str, 
         raise RuntimeError(f"{launched_world_size()} processes were launched but transformers trains with "
                            f"{arguments.world_size}: the processes would train unsynchronised copies")
     check_ranks_agree(model, asdict(run.config))  # the same flags and GFA layout on every rank, or all stop here
-    if arguments.should_save:
-        _fresh_folder(folder)
-        write_json_atomic(folder / CONFIG_FILE, {"config": asdict(run.config), "resolved": run.resolved()})
+    if folder is not None:
+        write_json_atomic(folder / CONFIG_FILE, run_record(run))
     trainer = GlobalBatchTrainer(model=model, args=arguments, train_dataset=examples, data_collator=collate)
     if progress:
         trainer.remove_callback(ProgressCallback)
@@ -366,24 +392,30 @@ def execute(run: PreparedRun, folder: Path, progress: bool = True) -> dict[str, 
         "steps": result.global_step, "train_loss": result.training_loss,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
     }
-    if arguments.should_save:
+    if folder is not None:
         _save_weights(run, trainer.model, tokenizer, folder)
         write_json_atomic(folder / "train_log.json", trainer.state.log_history)
         metrics["wall_seconds"] = time.perf_counter() - started
-        write_json_atomic(folder / METRICS_FILE, metrics)  # last: its presence marks the run finished
+        write_json_atomic(folder / METRICS_FILE, metrics)  # last
     metrics.setdefault("wall_seconds", time.perf_counter() - started)
     return metrics
 
 
 def is_finished(folder: Path) -> bool:
-    """Whether `folder` holds a finished run (its metrics file, written last)."""
-    return (folder / METRICS_FILE).is_file()
+    """Whether `folder` holds a finished run: its metrics file (written last) parses as a JSON object."""
+    try:
+        return isinstance(json.loads((folder / METRICS_FILE).read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
-def _fresh_folder(folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a run, finished or not: its config and nothing a run does not write."""
+    names = {path.name for path in folder.iterdir()}
+    return CONFIG_FILE in names and names <= RUN_FILES
+
+
+RUN = ResultKind("run", is_own=is_run_folder, is_finished=is_finished)
 
 
 def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
@@ -461,6 +493,34 @@ def _versions() -> dict[str, str]:
 
     return {"gfa_peft": gfa_peft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__}
+
+
+def run_record(run: PreparedRun) -> dict[str, Any]:
+    """What config.json records: the RunConfig and everything resolved from it."""
+    return {"config": asdict(run.config), "resolved": run.resolved()}
+
+
+NOT_SETTINGS = {"config": ("cache",), "resolved": ("model_dir", "versions")}
+"""Record entries that say where the inputs lay and which versions ran, not how the run trains."""
+
+
+def changed_settings(run: PreparedRun, folder: Path) -> list[str]:
+    """The settings (as "name: recorded -> now") in which the run recorded in `folder` differs from `run`;
+    an unreadable record differs in everything."""
+    try:
+        recorded = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        recorded = {part: dict(recorded[part]) for part in NOT_SETTINGS}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return [f"{CONFIG_FILE}: unreadable"]
+    current = json.loads(json.dumps(run_record(run)))  # as JSON reads it back: tuples are lists
+    changes = []
+    for part, ignored in NOT_SETTINGS.items():
+        for name in sorted(set(recorded[part]) | set(current[part])):
+            old, new = recorded[part].get(name), current[part].get(name)
+            change = f"{name}: {json.dumps(old)} -> {json.dumps(new)}"
+            if name not in ignored and old != new and change not in changes:  # steps are in both parts
+                changes.append(change)
+    return changes
 
 
 def load_run(folder: Path) -> tuple[dict, dict]:

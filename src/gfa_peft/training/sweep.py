@@ -1,10 +1,15 @@
 """A grid of runs (tasks x methods x anchors x seeds, optionally x learning rates) that resumes, and its tables.
 
-`run_sweep` checks every run of the grid before training any, skips the runs whose folder already holds
-`metrics.json` (so an interrupted sweep picks up where it stopped, redoing only the unfinished run), and then
-summarises the finished runs: one row per (task, method, anchor, learning rate) cell with the mean and
-standard deviation over seeds, the tie band, GFA-vs-DoRA verdicts, the retention table and the
-majority-class baselines. Accuracies in the summary are in percentage points.
+`run_sweep` checks every run of the grid before training any, skips the runs whose folder already holds a
+finished run with the same settings (so an interrupted sweep picks up where it stopped, redoing only the
+unfinished run), and then summarises the finished runs: one row per (task, method, anchor, learning rate)
+cell with the mean and standard deviation over seeds, the tie band, GFA-vs-DoRA verdicts, the retention
+table and the majority-class baselines. Accuracies in the summary are in percentage points.
+
+A finished run recorded with other settings (other steps, batch size, ... than the sweep asks for now) is never
+reused nor summarised as if it were the asked one: the sweep names the runs that differ and stops before training,
+or, with `rerun_changed`, trains them again (each replaced once its new run is complete). One process at a time
+writes a sweep folder (io/files.py's lock).
 
 Tie band: twice the pooled seed standard deviation, pooled over every cell with at least two seeds
 (variance weighted by its n - 1); with no such cell, the paper's +/-1.4pp (from its pooled 0.7pp).
@@ -25,12 +30,22 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from gfa_peft.io.files import write_json_atomic, write_text_atomic
+from gfa_peft.io.files import (
+    OutputRefused,
+    ResultKind,
+    check_output_folder,
+    folder_lock,
+    make_folder,
+    write_json_atomic,
+    write_text_atomic,
+)
 from gfa_peft.io.tables import text_table
 from gfa_peft.training.run import (
     PreparedRun,
     RunConfig,
     RunConfigError,
+    changed_settings,
+    check_run_folder,
     execute,
     is_finished,
     load_run,
@@ -41,6 +56,13 @@ PAPER_TIE_BAND = 1.4
 """The paper's tie band in percentage points: +/-2 x its pooled seed standard deviation of 0.7pp."""
 RETENTION_FROM = "1/2"
 RETENTION_TO = "16"
+SPEC_FILE = "sweep.json"
+SWEEP = ResultKind("sweep", is_own=lambda folder: (folder / SPEC_FILE).is_file(), is_finished=lambda folder: False)
+"""A sweep folder is one with its sweep.json; a sweep adds runs to it and never replaces it."""
+
+
+class ChangedRunsError(OutputRefused):
+    """Finished runs of the sweep's folder were trained with other settings than the sweep's."""
 
 
 @dataclass(frozen=True)
@@ -101,20 +123,36 @@ def plan(spec: SweepSpec, root: Path) -> Plan:
 
 
 def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
-              log: Callable[[str], object] = tqdm.write) -> dict[str, Any]:
-    """Train every unfinished run of the grid into `root`, then write and return the summary."""
+              log: Callable[[str], object] = tqdm.write, rerun_changed: bool = False) -> dict[str, Any]:
+    """Train every unfinished run of the grid into `root`, then write and return the summary.
+
+    Raises ChangedRunsError, before anything is written, when finished runs in `root` were trained with other
+    settings, unless `rerun_changed` (then they are trained again)."""
     sweep = plan(spec, root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "sweep.json", asdict(spec))
-    todo = [(run, folder) for run, folder in sweep.runs if not is_finished(folder)]
-    log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, {len(todo)} to run"
-        + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else ""))
-    for number, (run, folder) in enumerate(todo, 1):
-        log(f"[{number}/{len(todo)}] {run.task.name} {run.name}")
-        metrics = execute(run, folder, progress)
-        log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: accuracy {100 * metrics['accuracy']:.1f}%, "
-            f"{metrics['wall_seconds']:.0f} s")
-    return write_summary(root, [folder for _, folder in sweep.runs])
+    check_output_folder(root, SWEEP)
+    make_folder(root)
+    with folder_lock(root):
+        changed = {folder: changes for run, folder in sweep.runs
+                   if is_finished(folder) and (changes := changed_settings(run, folder))}
+        if changed and not rerun_changed:
+            raise ChangedRunsError(f"{len(changed)} finished run(s) in {root} were trained with other settings: "
+                                   + "; ".join(f"{folder.relative_to(root)} ({', '.join(changes)})"
+                                               for folder, changes in changed.items())
+                                   + "; pass --rerun-changed to train them again, or choose another folder")
+        todo = [(run, folder) for run, folder in sweep.runs if not is_finished(folder) or folder in changed]
+        for run, folder in todo:  # a folder of other files anywhere in the grid stops the sweep before it trains
+            check_run_folder(run, folder, overwrite=folder in changed)
+        write_json_atomic(root / SPEC_FILE, asdict(spec))
+        log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, "
+            f"{len(todo)} to run" + (f" ({len(changed)} with changed settings)" if changed else "")
+            + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else ""))
+        for number, (run, folder) in enumerate(todo, 1):
+            log(f"[{number}/{len(todo)}] {run.task.name} {run.name}")
+            overwrite = folder in changed
+            metrics = execute(run, folder, progress, overwrite)
+            log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: accuracy {100 * metrics['accuracy']:.1f}%, "
+                f"{metrics['wall_seconds']:.0f} s")
+        return write_summary(root, [folder for _, folder in sweep.runs])
 
 
 # ---------------------------------------------------------------- summary

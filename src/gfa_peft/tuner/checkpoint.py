@@ -1,23 +1,46 @@
 """Check a saved GFA adapter file before anything is injected into a model.
 
-PEFT injects an adapter first and reads its weights afterwards, so a missing, truncated or
-foreign weights file would otherwise leave a half-loaded model behind. `GfaConfig.from_pretrained`
-runs this check, which reads only the file's header.
+PEFT injects an adapter first and reads its weights afterwards, so a missing, truncated, foreign or
+mis-shaped weights file would otherwise leave a half-loaded model behind. `GfaConfig.from_pretrained`
+runs `check_adapter_file`, which reads only what describes the tensors: a safetensors file's header, or a
+PyTorch `.bin` file unpickled safely (`weights_only`) onto the meta device, so no tensor data is read.
+It checks the factors' names, dtypes (floating point) and shapes (against the config's layout when it
+has one); the tuner checks the shapes against the model's layout before it injects anything
+(`check_factor_shapes`), so a config without a layout is checked too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import struct
+import zipfile
+from dataclasses import dataclass
 
+import torch
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 FACTOR_KEYS = ("base_model.gfa_B", "base_model.gfa_A")
+# Bytes per element of the safetensors dtypes, the floating-point ones first.
+FLOAT_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_SIZES = {**FLOAT_DTYPE_SIZES, "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
+               "I64": 8, "U64": 8, "C64": 8}
 
 
-def read_safetensors_header(path: str) -> dict[str, dict]:
-    """The tensor entries of a safetensors file's header, after checking the file holds all their bytes."""
+@dataclass(frozen=True)
+class SavedTensor:
+    """What a weights file says about one tensor, without its data."""
+
+    shape: list[int]
+    dtype: str
+    floating: bool
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header, after checking each is well formed (a dtype, a shape
+    of non-negative sizes, offsets spanning exactly its bytes) and the file holds all their bytes."""
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         prefix = handle.read(8)
@@ -30,7 +53,13 @@ def read_safetensors_header(path: str) -> dict[str, dict]:
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a safetensors file: unreadable header ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
     entries = {key: value for key, value in header.items() if key != "__metadata__"}
+    for key, entry in entries.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"{path} is not a valid safetensors file: tensor {key!r} {problem}")
     data_end = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
     if 8 + header_len + data_end != size:
         raise ValueError(
@@ -39,23 +68,72 @@ def read_safetensors_header(path: str) -> dict[str, dict]:
     return entries
 
 
-def check_adapter_file(directory: str, r: int, layout: dict | None, modules_to_save) -> None:
-    """Raise a clear error unless `directory` holds GFA factors of the shapes its config promises."""
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one safetensors header entry, or None."""
+    if not isinstance(entry, dict):
+        return "has no description"
+    shape, offsets, dtype = entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")
+    if not isinstance(dtype, str):
+        return "has no dtype"
+    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
+        return f"has shape {shape!r}, not a list of sizes"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(at, int) for at in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"has data offsets {offsets!r}, not [begin, end]"
+    if dtype in DTYPE_SIZES and offsets[1] - offsets[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
+        return f"claims shape {shape} of {dtype} but spans {offsets[1] - offsets[0]} bytes"
+    return None
+
+
+def saved_tensors(directory: str) -> tuple[str, dict[str, SavedTensor]]:
+    """The adapter weights file in `directory` and the name, shape and dtype of every tensor it holds."""
     path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        entries = read_safetensors_header(path)
+        return path, {key: SavedTensor(entry["shape"], entry["dtype"], entry["dtype"] in FLOAT_DTYPE_SIZES)
+                      for key, entry in entries.items()}
+    path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
-            return  # a pickled checkpoint: torch.load validates it as it reads
         raise FileNotFoundError(f"no {SAFETENSORS_WEIGHTS_NAME} (or {WEIGHTS_NAME}) in {directory}")
-    entries = read_safetensors_header(path)
-    missing = [key for key in FACTOR_KEYS if key not in entries]
+    try:  # weights_only: no code runs; the meta device: no tensor data is read
+        tensors = torch.load(path, map_location="meta", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable PyTorch weights file: {first_line}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+        raise ValueError(f"{path} does not hold a map of tensor names to tensors")
+    return path, {str(key): SavedTensor(list(value.shape), str(value.dtype).removeprefix("torch."),
+                                        value.dtype.is_floating_point)
+                  for key, value in tensors.items()}
+
+
+def check_adapter_file(directory: str, r: int, layout: dict | None, modules_to_save) -> dict[str, list[int]]:
+    """Raise a clear error unless `directory` holds floating-point GFA factors, of the shapes its config's
+    layout promises when it records one, and nothing foreign. Returns the factors' shapes by key."""
+    path, tensors = saved_tensors(directory)
+    missing = [key for key in FACTOR_KEYS if key not in tensors]
     if missing:
-        raise ValueError(f"{path} holds no GFA factors (missing {missing}); its keys are {sorted(entries)[:10]}")
+        raise ValueError(f"{path} holds no GFA factors (missing {missing}); its keys are {sorted(tensors)[:10]}")
+    for key in FACTOR_KEYS:
+        if not tensors[key].floating:
+            raise ValueError(f"{path}: {key} holds {tensors[key].dtype} values; GFA factors are floating point")
+    shapes = {key: tensors[key].shape for key in FACTOR_KEYS}
     if layout is not None:
-        expected = {"base_model.gfa_B": [layout["m"], r], "base_model.gfa_A": [r, layout["k"]]}
-        for key, shape in expected.items():
-            if entries[key]["shape"] != shape:
-                raise ValueError(f"{path}: {key} has shape {entries[key]['shape']}, its config promises {shape}")
+        try:
+            m, k = int(layout["m"]), int(layout["k"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"the config in {directory} records a malformed layout (no integer m and k)") from None
+        check_factor_shapes(shapes, m, r, k, f"{path}: ", "its config promises")
     allowed = tuple(modules_to_save or ())
-    foreign = [key for key in entries if key not in FACTOR_KEYS and not any(f".{name}." in key for name in allowed)]
+    foreign = [key for key in tensors if key not in FACTOR_KEYS and not any(f".{name}." in key for name in allowed)]
     if foreign:
         raise ValueError(f"{path} holds tensors that belong to no GFA adapter: {foreign[:5]}")
+    return shapes
+
+
+def check_factor_shapes(shapes: dict[str, list[int]], m: int, r: int, k: int, where: str, whose: str) -> None:
+    """Raise ValueError unless the saved factors are B (m x r) and A (r x k)."""
+    expected = {"base_model.gfa_B": [m, r], "base_model.gfa_A": [r, k]}
+    for key, shape in expected.items():
+        if list(shapes[key]) != shape:
+            raise ValueError(f"{where}{key} has shape {list(shapes[key])}, {whose} {shape}")

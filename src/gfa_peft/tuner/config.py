@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -93,11 +94,12 @@ class GfaConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"GfaConfig.r must be a positive integer, got {self.r!r}")
-        if not self.scale > 0:
-            raise ValueError(f"GfaConfig.scale must be positive, got {self.scale!r}")
-        if self.init_sigma is not None and not self.init_sigma > 0:
-            raise ValueError(f"GfaConfig.init_sigma must be positive (or None for 1/sqrt(k)), got {self.init_sigma!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not _finite(self.scale) or not self.scale > 0:
+            raise ValueError(f"GfaConfig.scale must be positive and finite, got {self.scale!r}")
+        if self.init_sigma is not None and (not _finite(self.init_sigma) or not self.init_sigma > 0):
+            raise ValueError(f"GfaConfig.init_sigma must be positive and finite (or None for 1/sqrt(k)), "
+                             f"got {self.init_sigma!r}")
+        if not _finite(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GfaConfig.dropout must be in [0, 1), got {self.dropout!r}")
         order_modules([], self.module_order)  # validates the value
         if self.layers_pattern and not self.layers_to_transform:
@@ -105,9 +107,17 @@ class GfaConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load a saved config and, for a local adapter folder, check its weights file before any injection."""
+        """Load a saved config and, for a local adapter folder, check its weights file before any injection
+        (`tuner.checkpoint.check_adapter_file`). The factors' shapes are kept as `saved_factor_shapes` (not
+        saved), so the tuner checks them against the model's layout before it injects a layer."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(directory):
-            check_adapter_file(directory, config.r, config.layout, config.modules_to_save)
+            config.saved_factor_shapes = check_adapter_file(directory, config.r, config.layout,
+                                                            config.modules_to_save)
         return config
+
+
+def _finite(value) -> bool:
+    """A real number that is not inf or NaN (json reads 'Infinity' and 'NaN' as floats)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

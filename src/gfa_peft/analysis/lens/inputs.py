@@ -33,6 +33,7 @@ from transformers import (
 from gfa_peft.io.files import write_atomic
 from gfa_peft.data.presets import load_architecture
 from gfa_peft.targets import ALL_LINEAR, default_targets, find_targets, target_shapes
+from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import op_for
 
 Targets = str | Sequence[str]
@@ -119,6 +120,7 @@ def deltas_from_file(path: str | os.PathLike, targets: Targets | None = None) ->
     if not path.is_file():
         problem = "is not a file" if path.exists() else "does not exist"
         raise ValueError(f"deltas file {str(path)!r} {problem}")
+    read_safetensors_header(path)  # a malformed or truncated file is refused here, in one line
     with safe_open(path, framework="pt") as file:
         names = list(file.keys())
         recorded = json.loads((file.metadata() or {}).get(MODULE_ORDER_KEY, "null"))
