@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import emit_json, output_path
-from gfa_peft.analysis.ranks import DEFAULT_RANK_TOL, realized_ranks
-from gfa_peft.adapters.saved import load_saved_adapter
+from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path
+from gfa_peft.defaults import DEFAULT_RANK_TOL
 from gfa_peft.io.tables import text_table
 
 
@@ -35,9 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=int, metavar="N",
                         help="list only the N modules with the largest update norm, largest first "
                         "(default: every module, in layout order)")
-    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                        help="write the report as JSON to FILE, or to stdout when FILE is omitted or '-' "
-                        "(then no table is printed)")
+    add_json_argument(parser, "the report", replaces="the table")
     parser.add_argument("--plot", metavar="FILE",
                         help="plot each module's numerical and stable rank in layout order, with r, to FILE (.png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -50,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--tol must be in (0, 1), got {args.tol}")
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    from gfa_peft.adapters.saved import load_saved_adapter  # torch and PEFT load once the arguments are checked
+    from gfa_peft.analysis.ranks import realized_ranks
+
     try:
         adapter = load_saved_adapter(args.adapter)
         ranks = realized_ranks(adapter.B, adapter.A, adapter.layout, adapter.config.scale, args.tol,

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import output_path
-from gfa_peft.io.files import write_json_atomic
-from gfa_peft.adapters.merge import plan_merge, write_merged
+from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,8 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT if it exists (only once the new folder is complete)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--json", metavar="FILE",
-                        help="also write the summary (printed as JSON on stdout) to FILE")
+    add_json_argument(parser, "the summary", replaces="the readable summary")
     parser.set_defaults(run=run)
 
 
@@ -51,14 +46,26 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
     if out.resolve() in (adapter.resolve(), base.resolve()):
         raise UsageError(f"--out {str(out)!r} must differ from the adapter and the base folders")
+    from gfa_peft.adapters.merge import plan_merge, write_merged  # torch loads once the arguments are checked
+
     try:
         plan = plan_merge(adapter, base)
     except (ValueError, TypeError, OSError) as error:  # files that do not fit, are missing or unreadable
         raise UsageError(str(error)) from None
     written = write_merged(plan, out, overwrite=args.overwrite, progress=not args.no_progress)
     summary = {"adapter": str(adapter), **written}
-    if summary_path is not None:
-        write_json_atomic(summary_path, summary)
-    json.dump(summary, sys.stdout, indent=2)
-    print()
+    if emit_json(summary, args.json, summary_path):
+        print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """What was merged and written, in a few lines."""
+    lines = [
+        f"merged {summary['merged_modules']} modules of {summary['adapter']} into {summary['base']}",
+        f"wrote {summary['out']}: {summary['tensors']:,} tensors in {summary['shards']} shard(s), "
+        f"{len(summary['copied_files'])} other file(s) copied",
+    ]
+    if summary["skipped_weight_files"]:
+        lines.append("left out (weights in other formats): " + ", ".join(summary["skipped_weight_files"]))
+    return "\n".join(lines)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
-from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig
+if TYPE_CHECKING:  # torch and transformers load when an architecture is read, so preset_names() (help texts) is cheap
+    from torch import nn
+    from transformers import PretrainedConfig
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -30,6 +30,8 @@ def architecture_config(name_or_dir: str | os.PathLike) -> PretrainedConfig:
 
     Raises ValueError naming the presets when `name_or_dir` is neither.
     """
+    from transformers import AutoConfig
+
     folder = Path(name_or_dir)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -49,10 +51,13 @@ def load_architecture(name_or_dir: str | os.PathLike) -> nn.Module:
     The class is the config's first `architectures` entry (e.g. `LlamaForCausalLM`, whose `lm_head` PEFT's
     "all-linear" leaves out), or the bare `AutoModel` when the config names none that transformers knows.
     """
+    import torch
+    import transformers
+
     config = architecture_config(name_or_dir)
     named = getattr(transformers, (config.architectures or [""])[0], None)
     with torch.device("meta"):
-        return named(config) if named is not None else AutoModel.from_config(config)
+        return named(config) if named is not None else transformers.AutoModel.from_config(config)
 
 
 def _read_preset(name: str) -> dict:

@@ -1,7 +1,8 @@
 """The sweep's figure in the style of the paper's Figure 2: accuracy against adapter-only trainable parameters
-(log x), one panel per task, one line per method through its anchors (GFA's leftmost point is the "1/2"
-anchor no per-module method reaches), error bars of one seed standard deviation, the majority-class baseline
-dashed. Full fine-tuning, when present, is a single point at its count.
+(log x), one panel per task titled with its full name, one line per method through its anchors, each GFA point
+labelled with its rank and count (its leftmost point is the "1/2" budget no per-module method reaches), error bars
+of one seed standard deviation, the majority-class baseline dashed. Full fine-tuning, when present, is a single
+point at its count.
 """
 
 from __future__ import annotations
@@ -40,15 +41,13 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
                               yerr=[cell["std"] or 0.0 for cell in cells], color=color, marker=marker,
                               label=label if order is None else f"{label} ({order})", linestyle=linestyle,
                               capsize=3, linewidth=1.5, markersize=6)
-            halves = [cell for cell in ours if cell["anchor"] == "1/2"]
-            if halves:  # one label under the lowest point, however many module orders share the budget
-                lowest = min(halves, key=lambda cell: cell["mean"])
-                axis.annotate("r=1/2", (lowest["adapter_params"], lowest["mean"]), textcoords="offset points",
-                              xytext=(0, -14), ha="center", fontsize=8, color=color)
+            if method == "gfa":
+                _label_gfa_points(axis, ours, color)
         if task in summary["baselines"]:
             axis.axhline(summary["baselines"][task], color="gray", linestyle="--", linewidth=1, label="majority class")
         axis.set_xscale("log")
-        axis.set_title(task)
+        axis.margins(x=0.15, y=0.12)  # room for the point labels inside the frame
+        axis.set_title(summary.get("task_titles", {}).get(task, task))
         axis.set_xlabel("trainable adapter parameters (head excluded)")
         axis.set_ylabel("accuracy (%)")
         axis.grid(True, which="both", alpha=0.3)
@@ -56,10 +55,22 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
     save_figure(figure, path)
 
 
+def _label_gfa_points(axis: plt.Axes, cells: list[dict[str, Any]], color: str) -> None:
+    """Each GFA budget's rank and count under its lowest point (one label however many module orders share it);
+    the 1/2 budget says so, since its rank (often 1) does not."""
+    for anchor in dict.fromkeys(cell["anchor"] for cell in cells):
+        lowest = min((cell for cell in cells if cell["anchor"] == anchor), key=lambda cell: cell["mean"])
+        text = ("1/2 budget\n" if anchor == "1/2" else "") + f"r={lowest['rank']}\n{lowest['adapter_params']:,}"
+        axis.annotate(text, (lowest["adapter_params"], lowest["mean"]), textcoords="offset points", xytext=(0, -8),
+                      ha="center", va="top", fontsize=7, color=color)
+
+
 def save_figure(figure: plt.Figure, path: Path) -> None:
-    """Lay `figure` out, save it as a PNG into `path` (written atomically) and close it."""
+    """Lay `figure` out, save it as a PNG into `path` (written atomically) and close it. The saved area grows to
+    hold every label, so none is cut at the edge."""
     try:
         figure.tight_layout()
-        write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+        write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png", bbox_inches="tight",
+                                                            pad_inches=0.15))
     finally:
         plt.close(figure)

@@ -12,9 +12,8 @@ import torch
 from gfa_peft.analysis.budget import ordered_layout, rank_anchors
 from gfa_peft.analysis.lens.report import check_budgets, feasible_floor, lens_report, module_order_effect
 from gfa_peft.io.tables import text_table
+from gfa_peft.defaults import DEFAULT_GRID_POINTS
 from gfa_peft.layout import ModuleOrder
-
-DEFAULT_GRID_POINTS = 40
 
 
 def lens_study(deltas: Mapping[str, torch.Tensor], orders: Sequence[ModuleOrder], anchor_labels: Sequence[str],
