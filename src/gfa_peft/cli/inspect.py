@@ -93,8 +93,8 @@ def format_report(report: Mapping, top: int | None = None) -> str:
         modules = sorted(modules, key=lambda module: module["norm"], reverse=True)[:top]
     header = ["module", "shape", "norm", "energy %", "num. rank", "stable rank", "max rank"]
     rows = [
-        [module["name"], _shape(module), f"{module['norm']:.4g}", f"{100 * module['energy_share']:.3g}",
-         str(module["numerical_rank"]), f"{module['stable_rank']:.3g}", str(module["max_rank"])]
+        [module["name"], _shape(module), f"{module['norm']:.4g}", f"{100 * module['energy_share']:.2f}",
+         str(module["numerical_rank"]), f"{module['stable_rank']:.2f}", str(module["max_rank"])]
         for module in modules
     ]
     lines += ["", text_table(header, rows, left=1)]
