@@ -117,18 +117,27 @@ def plot_ranks(report: Mapping, path: Path) -> None:
 
     modules = report["modules"]
     positions = range(len(modules))
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.25 * len(modules)), 4.5))
+    from matplotlib.ticker import FuncFormatter
+
+    # 3 inches beyond the bars for the legend, which sits beside them rather than over them
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.25 * len(modules)) + 3, 4.5))
     axes.bar(positions, [module["numerical_rank"] for module in modules], color="C0",
              label=f"numerical rank (tol {report['tol']:g})")
     axes.plot(positions, [module["stable_rank"] for module in modules], "o", color="C1", markersize=4,
               label="stable rank")
     axes.plot(positions, [module["max_rank"] for module in modules], "_", color="black", markersize=12,
               label="largest possible, min(p, q)")
-    axes.axhline(report["r"], color="C3", linestyle="--", label=f"global rank r = {report['r']}")
+    # Drawn over the bars and thick: r is usually far below the realized ranks, where a thin line disappears.
+    axes.axhline(report["r"], color="C3", linestyle="--", linewidth=2, zorder=4,
+                 label=f"global rank r = {report['r']}")
+    # A log scale keeps r and the realized ranks (often 10-100 x r) apart; symlog, because a zero update has rank 0.
+    axes.set_yscale("symlog", linthresh=1)
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.set_ylim(0, 2 * max([report["r"], *(module["max_rank"] for module in modules)]))  # room above the bars
     if len(modules) <= 40:
         axes.set_xticks(list(positions), [module["name"] for module in modules], rotation=90, fontsize=7)
     axes.set_xlabel("module (layout order)")
-    axes.set_ylabel("rank of Delta W_i")
+    axes.set_ylabel("rank of Delta W_i (log scale)")
     axes.set_title(f"realized local ranks: {report['N']} modules, m x k = {report['m']:,} x {report['k']:,}")
-    axes.legend(loc="best", fontsize=8)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8)  # beside, not over, the bars
     save_figure(figure, path)
