@@ -114,11 +114,10 @@ def plot_ranks(report: Mapping, path: Path) -> None:
     """Numerical and stable rank of every module in layout order, beside its largest possible rank, and a
     horizontal line at the global rank r. Written atomically."""
     from gfa_peft.io.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
+    from matplotlib.ticker import FuncFormatter
 
     modules = report["modules"]
     positions = range(len(modules))
-    from matplotlib.ticker import FuncFormatter
-
     # 3 inches beyond the bars for the legend, which sits beside them rather than over them
     figure, axes = plt.subplots(figsize=(max(6.0, 0.25 * len(modules)) + 3, 4.5))
     axes.bar(positions, [module["numerical_rank"] for module in modules], color="C0",
