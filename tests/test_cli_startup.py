@@ -41,6 +41,13 @@ def test_help_imports_no_heavy_library(arguments):
     assert heavy_imports(*arguments)[0] == []
 
 
+@pytest.mark.parametrize("arguments", [["inspect"], ["bench", "--dtype", "float16"], ["count", "--model", "nope"],
+                                       ["tune", "--lrs", "0.01", "--eval-split", "dev"]], ids=" ".join)
+def test_usage_errors_import_no_heavy_library(arguments):
+    heavy, error = heavy_imports(*arguments)
+    assert heavy == [] and "error:" in error
+
+
 def test_a_usage_error_imports_no_heavy_library_and_suggests_the_flag():
     heavy, error = heavy_imports("train", "--task", "rt", "--output", "runs/x")
     assert heavy == []

@@ -50,10 +50,9 @@ def run(args: argparse.Namespace) -> int:
     output = output_path(args.json)
     anchors = parse_list(args.anchors, "--anchors")
     module_order = parse_module_order(args.module_order)
-    from gfa_peft.targets import default_targets, target_shapes  # PEFT and torch load once a count runs
-
     try:
-        model = load_architecture(args.model)
+        model = load_architecture(args.model)  # an unknown name is refused before torch loads
+        from gfa_peft.targets import default_targets, target_shapes  # PEFT loads once there is a model to count
         targets = parse_targets(args.targets) if args.targets else default_targets(model)
         report = budget_report(target_shapes(model, targets), anchors, module_order)
     except (ValueError, TypeError) as error:  # bad names, anchors, orders; modules no method can adapt

@@ -28,19 +28,20 @@ def preset_names() -> list[str]:
 def architecture_config(name_or_dir: str | os.PathLike) -> PretrainedConfig:
     """The config of a folder holding `config.json` or, when no such folder exists, of a preset.
 
-    Raises ValueError naming the presets when `name_or_dir` is neither.
+    Raises ValueError naming the presets when `name_or_dir` is neither (before transformers loads).
     """
-    from transformers import AutoConfig
-
     folder = Path(name_or_dir)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise ValueError(f"model folder {str(folder)!r} has no config.json")
-        return AutoConfig.from_pretrained(folder)
-    if str(name_or_dir) not in preset_names():
+    elif str(name_or_dir) not in preset_names():
         raise ValueError(
             f"model {str(name_or_dir)!r} is neither a folder nor a preset; presets: {', '.join(preset_names())}"
         )
+    from transformers import AutoConfig
+
+    if folder.is_dir():
+        return AutoConfig.from_pretrained(folder)
     facts = dict(_read_preset(str(name_or_dir))["config"])
     return AutoConfig.for_model(facts.pop("model_type"), **facts)
 
@@ -51,10 +52,10 @@ def load_architecture(name_or_dir: str | os.PathLike) -> nn.Module:
     The class is the config's first `architectures` entry (e.g. `LlamaForCausalLM`, whose `lm_head` PEFT's
     "all-linear" leaves out), or the bare `AutoModel` when the config names none that transformers knows.
     """
+    config = architecture_config(name_or_dir)
     import torch
     import transformers
 
-    config = architecture_config(name_or_dir)
     named = getattr(transformers, (config.architectures or [""])[0], None)
     with torch.device("meta"):
         return named(config) if named is not None else transformers.AutoModel.from_config(config)
