@@ -326,7 +326,7 @@ class Recorder(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_a_cli_run_hides_load_reports_and_harmless_warnings_unless_verbose(cache, tmp_path):
+def test_a_cli_run_hides_load_reports_and_harmless_warnings_unless_verbose(cache, tmp_path, capsys):
     recorder = Recorder()
     transformers_logger = logging.getLogger("transformers")
     transformers_logger.addHandler(recorder)
@@ -339,6 +339,7 @@ def test_a_cli_run_hides_load_reports_and_harmless_warnings_unless_verbose(cache
             assert main([*arguments, "--out", str(tmp_path / "quiet")]) == 0
         assert not any("LOAD REPORT" in message for message in recorder.messages)
         assert not [warning for warning in caught if issubclass(warning.category, FutureWarning)]
+        assert "'train_runtime'" not in capsys.readouterr().out  # --no-progress: no Trainer log lines either
         assert main([*arguments, "--out", str(tmp_path / "verbose"), "--verbose"]) == 0
         assert any("LOAD REPORT" in message for message in recorder.messages)
     finally:

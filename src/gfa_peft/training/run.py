@@ -37,6 +37,7 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PrinterCallback,
     ProgressCallback,
     TrainingArguments,
     set_seed,
@@ -298,6 +299,8 @@ def execute(run: PreparedRun, folder: Path, progress: bool = True) -> dict[str, 
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossBar)
+    else:  # no bar, and no log lines printed in its place either: the log is in train_log.json
+        trainer.remove_callback(PrinterCallback)
     trained = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - trained
