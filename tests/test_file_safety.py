@@ -403,6 +403,6 @@ def test_inspect_gives_one_line_for_a_malformed_layout(saved_llama_adapter, tmp_
 def test_lens_gives_one_line_for_a_malformed_deltas_file(tmp_path, capsys):
     header = b'{"layers.0.q": {"dtype": "F32", "shape": [4, 4]}}'
     (tmp_path / "deltas.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
-    assert main(["lens", "--deltas", str(tmp_path / "deltas.safetensors"), "--json"]) == 2
+    assert main(["lens", "--deltas", str(tmp_path / "deltas.safetensors"), "--json", "-"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "has data offsets None" in error

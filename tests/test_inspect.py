@@ -171,7 +171,7 @@ def test_top_lists_the_largest_norms_first_and_plot_is_written(tmp_path, capsys)
     plot = tmp_path / "ranks.png"
     assert main(["inspect", str(tmp_path / "adapter"), "--top", "2", "--plot", str(plot), "--no-progress"]) == 0
     table = capsys.readouterr().out
-    assert main(["inspect", str(tmp_path / "adapter"), "--json"]) == 0
+    assert main(["inspect", str(tmp_path / "adapter"), "--json", "-"]) == 0
     record = json.loads(capsys.readouterr().out)
     by_norm = sorted(record["modules"], key=lambda module: module["norm"], reverse=True)
     lines = table.splitlines()

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gfa_peft"
 
 LAYERS = [
-    {"layout", "scatter", "weight_ops", "internals", "registration"},
+    {"layout", "scatter", "weight_ops", "internals", "registration", "defaults"},
     {"targets", "tuner", "introspect"},
     {"io"},
     {"data"},

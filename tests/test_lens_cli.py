@@ -127,7 +127,7 @@ def test_lens_on_base_and_tuned_folders(folders, tmp_path, capsys):
 
 
 def test_lens_json_to_stdout_with_explicit_budgets(folders, capsys):
-    assert run_lens(folders, "--budgets", "400,100", "--json") == 0
+    assert run_lens(folders, "--budgets", "400,100", "--json", "-") == 0
     report = json.loads(capsys.readouterr().out)
     assert [record["budget"] for record in report["budgets"]] == [100, 400]
 

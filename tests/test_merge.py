@@ -54,7 +54,8 @@ def test_merged_shards_load_with_plain_transformers_and_give_the_adapted_outputs
     shards = [name for name in os.listdir(base) if name.endswith(".safetensors")]
     assert len(shards) > 2
 
-    assert main(["merge", str(folder / "adapter"), "--base", str(base), "--out", str(out), "--no-progress"]) == 0
+    assert main(["merge", str(folder / "adapter"), "--base", str(base), "--out", str(out), "--no-progress",
+                 "--json", "-"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["shards"] == len(shards) and summary["merged_modules"] > 0
     assert sorted(os.listdir(out)) == sorted(os.listdir(base))
@@ -105,3 +106,4 @@ def test_existing_output_is_kept_unless_overwrite(saved, tmp_path, capsys):
     assert main(arguments) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert main([*arguments, "--overwrite"]) == 0
     assert "config.json" in os.listdir(out)
+    assert capsys.readouterr().out.startswith("merged ")  # without --json: a readable summary, not JSON

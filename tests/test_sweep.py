@@ -15,6 +15,7 @@ from gfa_peft.training.sweep import (
     PAPER_TIE_BAND,
     SweepSpec,
     choose_learning_rates,
+    format_summary,
     retention,
     run_sweep,
     summarize,
@@ -98,11 +99,20 @@ def test_tune_picks_each_methods_best_dev_rate(cache, tmp_path, capsys):
 def test_demo_prints_the_table_and_the_figure(cache, tmp_path, capsys, monkeypatch):
     from gfa_peft.cli import demo
 
-    monkeypatch.setattr(demo, "DEMO", SweepSpec(**{**demo.DEMO.__dict__, "settings": {"steps": 2}}))
+    monkeypatch.setitem(demo.DEMO, "settings", {"steps": 2})
     assert main(["demo", "--cache", str(cache), "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert f"figure: {tmp_path / 'demo' / 'accuracy_vs_params.png'}" in printed
     assert "majority-class baseline: rt" in printed and "tie band: +/-1.40pp" in printed
+    # Explained for a reader who never read the paper: the anchors, 1/2, the band's source, retention.
+    assert "the paper's" in printed and "the README's +/-3.2pp is 2 x the pooled seed std of its 3-seed sweep" in printed
+    legend = printed[printed.index("How to read this:"):]
+    assert all(term in legend for term in ("- anchor:", "- 1/2: a budget of about 0.3 x LoRA r=1", "only GFA reaches it",
+                                           "- tie band:", "- retention:"))
+    lines = printed.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.split()[:3] == ["task", "method", "anchor"])
+    methods = [line.split()[1] for line in lines[header + 1:header + 11]]
+    assert methods == ["gfa"] * 4 + ["lora"] * 3 + ["dora"] * 3  # GFA first, not alphabetical
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert sorted((cell["method"], cell["anchor"]) for cell in results["cells"]) == sorted(
         [("gfa", "1/2"), ("gfa", "1"), ("gfa", "4"), ("gfa", "16"), ("lora", "1"), ("lora", "4"), ("lora", "16"),
@@ -155,6 +165,13 @@ def test_retention_is_accuracy_at_half_over_accuracy_at_16():
                        result("a", "lora", "16", 0, 0.81)])["cells"]
     (row,) = retention(cells)
     assert row["retention"] == pytest.approx(77.8 / 80.0) and row["drop_pp"] == pytest.approx(2.2)
+
+
+def test_a_drop_is_printed_as_a_negative_change():
+    summary = summarize([result("a", "gfa", "1/2", 0, 0.713), result("a", "gfa", "16", 0, 0.80),
+                         result("a", "dora", "16", 0, 0.79)])
+    retention_table = next(block for block in format_summary(summary).split("\n\n") if "change pp" in block)
+    assert retention_table.splitlines()[1].split()[-1] == "-8.7"
 
 
 def test_learning_rate_choice_averages_over_tasks_and_breaks_ties_low():

@@ -245,6 +245,22 @@ def test_user_file_without_label_column_names_it(tmp_path):
         load_user_task(train)
 
 
+def test_user_file_without_text_names_exactly_the_missing_columns(tmp_path):
+    train = write_csv(tmp_path / "train.csv", ["review", "label"], [("hello", "a")])
+    with pytest.raises(UserTaskError, match=r"lacks column\(s\) text:"):
+        load_user_task(train)
+    train = write_csv(tmp_path / "train.csv", ["review", "category"], [("hello", "a")])
+    with pytest.raises(UserTaskError, match=r"lacks column\(s\) text, label:"):
+        load_user_task(train)
+
+
+def test_a_user_file_is_named_as_a_file_not_as_a_task(tmp_path):
+    (tmp_path / "reviews").mkdir()
+    train = write_csv(tmp_path / "reviews" / "train.csv", ["text", "label"], [(f"t{i}", i % 2) for i in range(20)])
+    task, _ = load_user_task(train)
+    assert task.name == "csv:reviews-train" and task.title == str(train)
+
+
 def test_user_file_with_only_half_a_pair_names_the_missing_column(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text_a": "x", "label": 1}])
     with pytest.raises(UserTaskError, match="text_b"):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +313,35 @@ def test_real_minilm_gfa_at_half_beats_the_majority_class_on_trec6(tmp_path):
     metrics = train_module.execute(run, tmp_path / "run", progress=False)
     assert metrics["adapter_params"] == 2_661  # r = 1 on MiniLM q+v: m + k = 1,331 + 1,330 (docs/budget.md)
     assert metrics["accuracy"] > metrics["majority_baseline"] + 0.3
+
+
+class Recorder(logging.Handler):
+    """Keeps every record that reaches it."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_cli_run_hides_load_reports_and_harmless_warnings_unless_verbose(cache, tmp_path, capsys):
+    recorder = Recorder()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(recorder)
+    level_before = transformers_logger.level
+    arguments = ["train", "--task", "rt", "--anchor", "1", "--lr", "0.01", "--steps", "1", "--cache", str(cache),
+                 "--no-progress"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main([*arguments, "--out", str(tmp_path / "quiet")]) == 0
+        assert not any("LOAD REPORT" in message for message in recorder.messages)
+        assert not [warning for warning in caught if issubclass(warning.category, FutureWarning)]
+        assert "'train_runtime'" not in capsys.readouterr().out  # --no-progress: no Trainer log lines either
+        assert main([*arguments, "--out", str(tmp_path / "verbose"), "--verbose"]) == 0
+        assert any("LOAD REPORT" in message for message in recorder.messages)
+    finally:
+        transformers_logger.removeHandler(recorder)
+    assert transformers_logger.level == level_before  # the library's logging is the caller's again

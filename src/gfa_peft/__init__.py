@@ -21,15 +21,11 @@ How the package is laid out, each layer importing only from the layers above it 
 from __future__ import annotations
 
 import importlib
-import logging
 
 from gfa_peft.registration import register_when_peft_is_imported
 
-# bitsandbytes, which PEFT imports when it is installed, warns on import that it could not fetch an optional CPU
-# 4-bit kernel from the Hub (nothing here downloads at run time). Quiet that one logger unless its level was set.
-if logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.NOTSET:
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
+# Logging is the application's to configure: the `gfa` command quiets third-party libraries for its own runs
+# (gfa_peft.cli.quiet_libraries); importing the library changes nothing.
 register_when_peft_is_imported()
 
 __version__ = "0.1.0"

@@ -21,10 +21,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from gfa_peft.defaults import ALL_LINEAR
 from gfa_peft.internals import expand_all_linear, is_excluded
 from gfa_peft.weight_ops import update_shape
 
-ALL_LINEAR = "all-linear"
 
 Targets = str | Sequence[str]
 

@@ -27,19 +27,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from gfa_peft.defaults import DEFAULT_RANK_TOL
 from gfa_peft.analysis.budget import gfa_params, lora_params, nearest_multiple
 from gfa_peft.layout import Layout
 from gfa_peft.scatter import SliceSpec, slice_of_product
 
-DEFAULT_RANK_TOL = 1e-6
-"""Relative tolerance of the numerical rank: singular values at or below tol * sigma_1 count as zero.
-
-The slices are computed and decomposed in float64 from the stored float32 factors, so the decomposition itself
-resolves singular values down to about 1e-15 * sigma_1; the tolerance says instead which directions matter. The
-update is applied in float32 (or coarser), whose rounding is about 1.2e-7 of an entry, so a direction weaker than
-1e-6 * sigma_1 (about 8 float32 ulps of the strongest) cannot be told from rounding of the update as applied.
-A fixed relative tolerance, unlike matrix_rank's max(p, q) * eps, treats modules of every width alike, so their
-ranks compare."""
 UPDATE_COPIES = 3
 """Float64 copies of one module's update alive while it is analysed: the update, and the SVD's copy and workspace."""
 

@@ -170,11 +170,15 @@ def plot_ratios(records: Sequence[dict], path: Path) -> None:
     from gfa_peft.io.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
 
     cells = list(dict.fromkeys(record["cell"] for record in records if record["time_ratio_to_lora"] is not None))
-    time_targets = _target_lines("median_time") + _target_lines("worst_time")
+    # "llama-3.2-3b, q+v, anchor 1/2" rather than the cell key "llama-3.2-3b/q+v/1/2", whose anchor reads as a path
+    cell_labels = {record["cell"]: f"{record['shapes']}, {record['scope']}, anchor {record['anchor']}"
+                   for record in records}
+    scopes = {record["scope"] for record in records}  # only the targets of the scopes measured
+    time_targets = _target_lines("median_time", scopes) + _target_lines("worst_time", scopes)
     panels = [("time_ratio_to_lora", "step time / LoRA's", time_targets)]
     if any(record["cpu_time_ratio_to_lora"] is not None for record in records):
         panels.append(("cpu_time_ratio_to_lora", "CPU time / LoRA's", time_targets))
-    panels.append(("mem_ratio_to_lora", "peak memory / LoRA's", _target_lines("worst_peak_mem")))
+    panels.append(("mem_ratio_to_lora", "peak memory / LoRA's", _target_lines("worst_peak_mem", scopes)))
     figure, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(4, 0.55 * len(cells) + 2), 5), squeeze=False)
     styles = {"gfa": ("o", "tab:blue", "GFA"), "dora": ("s", "tab:orange", "DoRA (PEFT)"),
               "floor": ("_", "tab:gray", "floor")}
@@ -190,20 +194,24 @@ def plot_ratios(records: Sequence[dict], path: Path) -> None:
             panel.annotate(label, (1.0, value), xycoords=("axes fraction", "data"), ha="right", va=side,
                            fontsize=7, color="tab:red")
         panel.set_title(title)
-        panel.set_xticks(range(len(cells)), cells, rotation=60, ha="right", fontsize=7)
+        panel.set_xticks(range(len(cells)), [cell_labels[cell] for cell in cells], rotation=60, ha="right",
+                         fontsize=7)
+        panel.margins(x=0.2)  # the first and last cells' points off the frame
         panel.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="upper left")
+    # beside the last panel, where it covers no point
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1),
+                       borderaxespad=0)
     figure.suptitle("gfa bench: paired against PEFT's LoRA at the same anchor (anchor 1/2 against LoRA r=1)")
     save_figure(figure, path)
 
 
-def _target_lines(goal: str) -> list[tuple[float, str, str]]:
-    """(value, label, label side) of every scope's target `goal`; median labels go below their line, apart from
-    the worst-cell ones just above."""
+def _target_lines(goal: str, scopes: set[str]) -> list[tuple[float, str, str]]:
+    """(value, label, label side) of the target `goal` of each scope in `scopes`; median labels go below their
+    line, apart from the worst-cell ones just above."""
     word = goal.split("_")[0]
     side = "top" if word == "median" else "bottom"
     return [(getattr(targets, goal), f"{scope} {word} target", side)
-            for scope, targets in load_targets().items() if getattr(targets, goal) is not None]
+            for scope, targets in load_targets().items() if scope in scopes and getattr(targets, goal) is not None]
 
 
 OUTPUT_FILES = ("results.json", "results.md", "plot.png", "config.json")

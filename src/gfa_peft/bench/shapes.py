@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from typing import TYPE_CHECKING, Any
 
 from gfa_peft.data.presets import architecture_config
-from gfa_peft.targets import ALL_LINEAR
+from gfa_peft.defaults import ALL_LINEAR
+
+if TYPE_CHECKING:  # torch and transformers load only when a model is built, so `gfa bench --help` answers at once
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
 
 SCOPES: dict[str, str | list[str]] = {"q+v": ["q_proj", "v_proj"], "all-linear": ALL_LINEAR}
 """Each scope's PEFT `target_modules`; "all-linear" is every linear layer but the output layer (`lm_head`)."""
@@ -37,6 +38,9 @@ class BenchShapes:
 
     def build(self, device: torch.device | str = "cpu") -> PreTrainedModel:
         """The causal LM, weights drawn from torch's global generator (on the meta device: shapes only)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
         with torch.device(device):
             return AutoModelForCausalLM.from_config(self.config())
 

@@ -42,11 +42,12 @@ from peft import get_peft_model
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from gfa_peft.bench.settings import DTYPE_NAMES
 from gfa_peft.bench.shapes import SCOPES, BenchShapes
 from gfa_peft.targets import find_targets
 from gfa_peft.training.methods import peft_config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 MIB = 2**20
 LEARNING_RATE = 1e-4
 

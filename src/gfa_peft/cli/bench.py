@@ -11,17 +11,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import peft
-import torch
-import transformers
-
-from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import emit_json, output_path, parse_list
-from gfa_peft.bench.plan import BENCH_METHODS, QUICK, BenchSettings, plan, run_bench
+from gfa_peft.bench.settings import BENCH_METHODS, DTYPE_NAMES, QUICK, BenchSettings
 from gfa_peft.bench.shapes import SCOPES, SHAPES
-from gfa_peft.bench.report import BENCH, format_summary, format_tables, write_outputs
+from gfa_peft.cli import COMMANDS, UsageError
+from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path, parse_list
 from gfa_peft.io.files import check_output_folder
-from gfa_peft.bench.worker import DTYPES
 
 FULL = BenchSettings()
 DEFAULT_OUT = "gfa-bench"
@@ -76,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"tokens a sequence (default: {FULL.seq_len}; {FULL.tokens:,} tokens a step with the default batch)",
     )
     parser.add_argument("--device", metavar="DEVICE", help=f"'cpu' or 'cuda[:N]' (default: {FULL.device})")
-    parser.add_argument("--dtype", choices=list(DTYPES), help=f"weights' dtype (default: {FULL.dtype})")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help=f"weights' dtype (default: {FULL.dtype})")
     parser.add_argument(
         "--threads", type=int, metavar="N",
         help=f"torch threads per process (default: the cores available, here {FULL.threads})",
@@ -85,11 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--seed", type=int, metavar="N",
         help=f"seed of the weights and tokens, the same for every method (default: {FULL.seed})",
     )
-    parser.add_argument(
-        "--json", metavar="FILE",
-        help="also write the records (one per cell and method) as a JSON list to FILE; '-': to stdout instead of "
-        "the tables",
-    )
+    add_json_argument(parser, "the records (one per cell and method, a list)", replaces="the tables")
     parser.add_argument(
         "--out", metavar="DIR",
         help="write results.json, results.md, plot.png and config.json to DIR "
@@ -100,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gfa_peft.bench.plan import plan, run_bench  # torch loads once a benchmark runs
+    from gfa_peft.bench.report import BENCH, format_summary, format_tables, write_outputs
+
     settings = settings_from(args)
     try:
         groups = len(plan(settings))
@@ -180,6 +173,10 @@ def _folder_path(text: str) -> Path:
 def _run_config(settings: BenchSettings, args: argparse.Namespace, started: datetime, wall_s: float,
                 load_before: list[float] | None) -> dict:
     """The settings and the machine, so that a result can be read (and rerun) later."""
+    import peft
+    import torch
+    import transformers
+
     device = torch.device(settings.device)
     return {
         "settings": {

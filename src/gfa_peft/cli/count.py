@@ -6,11 +6,11 @@ import argparse
 
 from gfa_peft.analysis.budget import DEFAULT_ANCHORS, budget_report
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import emit_json, output_path, parse_list, parse_targets
+from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path, parse_list, parse_targets
 from gfa_peft.data.presets import load_architecture, preset_names
 from gfa_peft.io.tables import text_table
 from gfa_peft.layout import parse_module_order
-from gfa_peft.targets import ALL_LINEAR, default_targets, target_shapes
+from gfa_peft.defaults import ALL_LINEAR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,10 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="concatenation order: 'model', 'by_name' or an integer seed; it moves module offsets, "
         "not counts (default: %(default)s)",
     )
-    parser.add_argument(
-        "--json", nargs="?", const="-", metavar="FILE",
-        help="write the report as JSON to FILE, or to stdout when FILE is omitted or '-' (then no table is printed)",
-    )
+    add_json_argument(parser, "the report", replaces="the table")
     parser.set_defaults(run=run)
 
 
@@ -54,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     anchors = parse_list(args.anchors, "--anchors")
     module_order = parse_module_order(args.module_order)
     try:
-        model = load_architecture(args.model)
+        model = load_architecture(args.model)  # an unknown name is refused before torch loads
+        from gfa_peft.targets import default_targets, target_shapes  # PEFT loads once there is a model to count
         targets = parse_targets(args.targets) if args.targets else default_targets(model)
         report = budget_report(target_shapes(model, targets), anchors, module_order)
     except (ValueError, TypeError) as error:  # bad names, anchors, orders; modules no method can adapt

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from gfa_peft.cli import COMMANDS
-
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
+from gfa_peft.cli import COMMANDS
 from gfa_peft.cli.sweep import run_spec
-from gfa_peft.training.sweep import SweepSpec, format_summary
 
-DEMO = SweepSpec(model="minilm", tasks=("rt",), methods=("gfa", "lora", "dora"), anchors=("1/2", "1", "4", "16"),
-                 seeds=(0,))
-"""MiniLM on Rotten Tomatoes; GFA, LoRA and DoRA at anchors 1/2 (GFA only), 1, 4 and 16; one seed: 10 runs."""
+DEMO = {"model": "minilm", "tasks": ("rt",), "methods": ("gfa", "lora", "dora"), "anchors": ("1/2", "1", "4", "16"),
+        "seeds": (0,), "settings": {}}
+"""The demo's SweepSpec fields: MiniLM on Rotten Tomatoes; GFA, LoRA and DoRA at anchors 1/2 (GFA only), 1, 4 and
+16; one seed: 10 runs."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "GFA at the sub-LoRA-r=1 budget 1/2 and at the budgets of LoRA ranks 1, 4 and 16, LoRA and DoRA at those "
             "ranks, each trained with the recipe and tuned learning rate of docs/training.md and tested on the "
             "rt test split. Prints the table (with the majority-class baseline, GFA-vs-DoRA verdicts and GFA's "
-            "retention at 1/2) and the figure's path. Needs `gfa assets install` first. Resumes if interrupted."
+            "retention at 1/2), a legend of its terms and the figure's path. Needs `gfa assets install` first. "
+            "Resumes if interrupted."
         ),
     )
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="the demo's folder (default: %(default)s)")
@@ -35,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = DEMO if args.cache is None else replace(DEMO, settings={"cache": args.cache})
-    summary = run_spec(spec, Path(args.out), progress=not args.no_progress)
-    print(format_summary(summary))
+    from gfa_peft.training.sweep import SweepSpec, format_legend, format_summary  # torch loads once the demo runs
+
+    settings = DEMO["settings"] if args.cache is None else {**DEMO["settings"], "cache": args.cache}
+    summary = run_spec(SweepSpec(**{**DEMO, "settings": settings}), Path(args.out), progress=not args.no_progress)
+    print(format_summary(summary), format_legend(summary), sep="\n\n")
     return 0

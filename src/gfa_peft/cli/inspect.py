@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import emit_json, output_path
-from gfa_peft.analysis.ranks import DEFAULT_RANK_TOL, realized_ranks
-from gfa_peft.adapters.saved import load_saved_adapter
+from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path
+from gfa_peft.defaults import DEFAULT_RANK_TOL
 from gfa_peft.io.tables import text_table
 
 
@@ -35,9 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=int, metavar="N",
                         help="list only the N modules with the largest update norm, largest first "
                         "(default: every module, in layout order)")
-    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                        help="write the report as JSON to FILE, or to stdout when FILE is omitted or '-' "
-                        "(then no table is printed)")
+    add_json_argument(parser, "the report", replaces="the table")
     parser.add_argument("--plot", metavar="FILE",
                         help="plot each module's numerical and stable rank in layout order, with r, to FILE (.png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -50,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--tol must be in (0, 1), got {args.tol}")
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    from gfa_peft.adapters.saved import load_saved_adapter  # torch and PEFT load once the arguments are checked
+    from gfa_peft.analysis.ranks import realized_ranks
+
     try:
         adapter = load_saved_adapter(args.adapter)
         ranks = realized_ranks(adapter.B, adapter.A, adapter.layout, adapter.config.scale, args.tol,
@@ -93,8 +93,8 @@ def format_report(report: Mapping, top: int | None = None) -> str:
         modules = sorted(modules, key=lambda module: module["norm"], reverse=True)[:top]
     header = ["module", "shape", "norm", "energy %", "num. rank", "stable rank", "max rank"]
     rows = [
-        [module["name"], _shape(module), f"{module['norm']:.4g}", f"{100 * module['energy_share']:.3g}",
-         str(module["numerical_rank"]), f"{module['stable_rank']:.3g}", str(module["max_rank"])]
+        [module["name"], _shape(module), f"{module['norm']:.4g}", f"{100 * module['energy_share']:.2f}",
+         str(module["numerical_rank"]), f"{module['stable_rank']:.2f}", str(module["max_rank"])]
         for module in modules
     ]
     lines += ["", text_table(header, rows, left=1)]
@@ -114,21 +114,29 @@ def plot_ranks(report: Mapping, path: Path) -> None:
     """Numerical and stable rank of every module in layout order, beside its largest possible rank, and a
     horizontal line at the global rank r. Written atomically."""
     from gfa_peft.io.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
+    from matplotlib.ticker import FuncFormatter
 
     modules = report["modules"]
     positions = range(len(modules))
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.25 * len(modules)), 4.5))
+    # 3 inches beyond the bars for the legend, which sits beside them rather than over them
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.25 * len(modules)) + 3, 4.5))
     axes.bar(positions, [module["numerical_rank"] for module in modules], color="C0",
              label=f"numerical rank (tol {report['tol']:g})")
     axes.plot(positions, [module["stable_rank"] for module in modules], "o", color="C1", markersize=4,
               label="stable rank")
     axes.plot(positions, [module["max_rank"] for module in modules], "_", color="black", markersize=12,
               label="largest possible, min(p, q)")
-    axes.axhline(report["r"], color="C3", linestyle="--", label=f"global rank r = {report['r']}")
+    # Drawn over the bars and thick: r is usually far below the realized ranks, where a thin line disappears.
+    axes.axhline(report["r"], color="C3", linestyle="--", linewidth=2, zorder=4,
+                 label=f"global rank r = {report['r']}")
+    # A log scale keeps r and the realized ranks (often 10-100 x r) apart; symlog, because a zero update has rank 0.
+    axes.set_yscale("symlog", linthresh=1)
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.set_ylim(0, 2 * max([report["r"], *(module["max_rank"] for module in modules)]))  # room above the bars
     if len(modules) <= 40:
         axes.set_xticks(list(positions), [module["name"] for module in modules], rotation=90, fontsize=7)
     axes.set_xlabel("module (layout order)")
-    axes.set_ylabel("rank of Delta W_i")
+    axes.set_ylabel("rank of Delta W_i (log scale)")
     axes.set_title(f"realized local ranks: {report['N']} modules, m x k = {report['m']:,} x {report['k']:,}")
-    axes.legend(loc="best", fontsize=8)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8)  # beside, not over, the bars
     save_figure(figure, path)

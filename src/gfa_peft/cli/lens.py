@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from gfa_peft.analysis.budget import DEFAULT_ANCHORS
-from gfa_peft.analysis.lens import DEFAULT_RTOL, DEFAULT_TIE_TOLERANCE
-from gfa_peft.analysis.lens.inputs import deltas_from_adapter, deltas_from_file, deltas_from_models, save_deltas
-from gfa_peft.analysis.lens.study import DEFAULT_GRID_POINTS, format_report, lens_study, plot_lens
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import emit_json, output_path, parse_list, parse_targets
+from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path, parse_list, parse_targets
+from gfa_peft.defaults import ALL_LINEAR, DEFAULT_GRID_POINTS, DEFAULT_RTOL, DEFAULT_TIE_TOLERANCE
 from gfa_peft.layout import parse_module_order
-from gfa_peft.targets import ALL_LINEAR
+
+if TYPE_CHECKING:
+    import torch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,9 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, metavar="FRACTION",
                         help="stop the randomized global SVD once its head-energy error bound is below this "
                         "fraction of ||Delta*||^2 (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD (default: %(default)s)")
-    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                        help="write the report as JSON to FILE, or to stdout when FILE is omitted (then no table)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the randomized SVD (default: %(default)s)")
+    add_json_argument(parser, "the report", replaces="the table")
     parser.add_argument("--plot", metavar="FILE",
                         help="plot E / ||Delta*||^2 against the budget (log x) to FILE (.png)")
     parser.add_argument("--save-deltas", metavar="FILE",
@@ -89,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tie_tolerance < 0 or not 0 < args.rtol < 1:
         raise UsageError("--tie-tolerance must be >= 0 and --rtol in (0, 1)")
     targets = parse_targets(args.targets) if args.targets else None
+    from gfa_peft.analysis.lens.inputs import save_deltas  # torch loads once the arguments are checked
+    from gfa_peft.analysis.lens.study import format_report, lens_study, plot_lens
 
     try:
         deltas = _load_deltas(args, targets)
@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_deltas(args: argparse.Namespace, targets) -> dict[str, torch.Tensor]:
+    from gfa_peft.analysis.lens.inputs import deltas_from_adapter, deltas_from_file, deltas_from_models
+
     given = {flag for flag in ("base", "tuned", "adapter", "deltas") if getattr(args, flag)}
     if given == {"base", "tuned"}:
         return deltas_from_models(args.base, args.tuned, targets)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import output_path
-from gfa_peft.adapters.merge import MERGED, plan_merge, write_merged
-from gfa_peft.io.files import check_output_folder, write_json_atomic
+from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path
+from gfa_peft.io.files import check_output_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="replace a merged model in OUT (only once the new one is complete); a folder of "
                         "other files, or one holding ADAPTER or the base, is never replaced")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--json", metavar="FILE",
-                        help="also write the summary (printed as JSON on stdout) to FILE")
+    add_json_argument(parser, "the summary", replaces="the readable summary")
     parser.set_defaults(run=run)
 
 
@@ -48,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {str(folder)!r} is not a folder")
     if not out.parent.is_dir():
         raise UsageError(f"cannot create --out {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    from gfa_peft.adapters.merge import MERGED, plan_merge, write_merged  # torch loads once the arguments are checked
+
     check_output_folder(out, MERGED, args.overwrite, inputs=(adapter, base))  # before the slow checks
     try:
         plan = plan_merge(adapter, base)
@@ -55,8 +53,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     written = write_merged(plan, out, overwrite=args.overwrite, progress=not args.no_progress)
     summary = {"adapter": str(adapter), **written}
-    if summary_path is not None:
-        write_json_atomic(summary_path, summary)
-    json.dump(summary, sys.stdout, indent=2)
-    print()
+    if emit_json(summary, args.json, summary_path):
+        print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """What was merged and written, in a few lines."""
+    lines = [
+        f"merged {summary['merged_modules']} modules of {summary['adapter']} into {summary['base']}",
+        f"wrote {summary['out']}: {summary['tensors']:,} tensors in {summary['shards']} shard(s), "
+        f"{len(summary['copied_files'])} other file(s) copied",
+    ]
+    if summary["skipped_weight_files"]:
+        lines.append("left out (weights in other formats): " + ", ".join(summary["skipped_weight_files"]))
+    return "\n".join(lines)

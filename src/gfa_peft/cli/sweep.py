@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import comma_list, parse_list
 from gfa_peft.cli.train import add_config_arguments, config_from_args
-from gfa_peft.training.sweep import SweepSpec, format_summary, run_sweep
-from gfa_peft.training.run import RunConfig, RunConfigError
+from gfa_peft.training.config import RunConfig, RunConfigError
+
+if TYPE_CHECKING:
+    from gfa_peft.training.sweep import SweepSpec
 
 GRID_FIELDS = ("model", "task", "method", "anchor", "rank", "module_order", "seed", "lr", "train_file", "eval_file",
                "eval_task")
@@ -39,9 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def add_grid_arguments(parser: argparse.ArgumentParser, anchors: str = "1/2,1,4,16") -> None:
-    """The grid's flags and the RunConfig flags shared by every run (also used by `gfa tune`)."""
-    parser.add_argument("--model", default="minilm", help="'minilm', 'smollm2' or a model folder (default: %(default)s)")
+def add_grid_arguments(parser: argparse.ArgumentParser, anchors: str = "1/2,1,4,16", exclude: tuple[str, ...] = ()
+                       ) -> None:
+    """The grid's flags and the RunConfig flags shared by every run but those in `exclude` (also used by
+    `gfa tune`)."""
+    parser.add_argument("--model", default="minilm", metavar="NAME_OR_DIR",
+                        help="'minilm', 'smollm2' or a model folder (default: %(default)s)")
     parser.add_argument("--tasks", type=comma_list("--tasks"), default=["rt"], metavar="NAMES",
                         help="comma-separated tasks (default: rt)")
     parser.add_argument("--methods", type=comma_list("--methods"), default=["gfa", "lora", "dora"], metavar="NAMES",
@@ -49,7 +55,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser, anchors: str = "1/2,1,4,
     parser.add_argument("--anchors", type=comma_list("--anchors"), default=anchors, metavar="LABELS",
                         help=f"comma-separated anchors: '1/2' or LoRA ranks (default: {anchors})")
     parser.add_argument("--seeds", type=int_list, default=[0], metavar="S,S,...", help="comma-separated seeds (default: 0)")
-    add_config_arguments(parser, exclude=GRID_FIELDS)
+    add_config_arguments(parser, exclude=GRID_FIELDS + exclude)
     parser.add_argument("--rerun-changed", action="store_true",
                         help="train again the finished runs in the folder that were trained with other settings "
                         "(without it the sweep names them and stops)")
@@ -58,6 +64,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser, anchors: str = "1/2,1,4,
 
 def spec_from_args(args: argparse.Namespace, **settings) -> SweepSpec:
     """The SweepSpec the parsed flags describe; `settings` fixes RunConfig fields that have no flag."""
+    from gfa_peft.training.sweep import SweepSpec  # torch loads once a sweep runs
+
     shared = config_from_args(args, **settings)
     defaults = RunConfig()
     changed = {name: value for name, value in vars(shared).items()
@@ -70,14 +78,18 @@ def spec_from_args(args: argparse.Namespace, **settings) -> SweepSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gfa_peft.training.sweep import format_legend, format_summary
+
     summary = run_spec(spec_from_args(args), Path(args.out), progress=not args.no_progress,
                        rerun_changed=args.rerun_changed)
-    print(format_summary(summary))
+    print(format_summary(summary), format_legend(summary), sep="\n\n")
     return 0
 
 
 def run_spec(spec: SweepSpec, out: Path, progress: bool = True, rerun_changed: bool = False) -> dict:
     """Run a sweep, turning a run that cannot start into a usage error (raised before anything trains)."""
+    from gfa_peft.training.sweep import run_sweep
+
     if out.exists() and not out.is_dir():
         raise UsageError(f"sweep folder {str(out)!r} is a file")
     try:

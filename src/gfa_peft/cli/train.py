@@ -12,8 +12,7 @@ from typing import Any
 
 from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import parse_targets
-from gfa_peft.adapters.distributed import RankMismatchError, rank_and_world
-from gfa_peft.training.run import RunConfig, RunConfigError, check_run_folder, execute, prepare
+from gfa_peft.training.config import RunConfig, RunConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gfa_peft.adapters.distributed import RankMismatchError, rank_and_world  # torch loads once a run starts
+    from gfa_peft.training.run import check_run_folder, execute, prepare
+
     config = config_from_args(args)
     try:
         prepared = prepare(config)
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- RunConfig <-> flags (shared with sweep, tune)
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str] = ()) -> None:
-    """One flag per RunConfig field (its help text from the field), defaults left to the run's recipe."""
+    """One flag per RunConfig field, its help, metavar and default (or what None means) from the field."""
     hints = typing.get_type_hints(RunConfig)
     for item in dataclasses.fields(RunConfig):
         if item.name in exclude:
@@ -69,11 +71,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str]
         flag = "--" + item.name.replace("_", "-")
         hint = hints[item.name]
         default = item.default
-        help_text = item.metadata["help"] + (f" (default: {default})" if default is not None else "")
+        shown_default = item.metadata["when_unset"] if default is None else default
+        help_text = f"{item.metadata['help']} (default: {shown_default})"
         if typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=_parser_for(item.name, hint), default=default, help=help_text)
+            parser.add_argument(flag, type=_parser_for(item.name, hint), default=default,
+                                metavar=item.metadata["metavar"], help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> RunConfig:

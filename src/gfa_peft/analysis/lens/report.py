@@ -14,10 +14,8 @@ from tqdm.auto import tqdm
 
 from gfa_peft.layout import Layout
 from gfa_peft.analysis.lens.lora import LoraProblem
-from gfa_peft.analysis.lens.spectrum import DEFAULT_RTOL, Spectrum, dense_spectrum, top_singular_values
-
-DEFAULT_TIE_TOLERANCE = 1e-3
-"""Errors closer than this fraction of ||Delta*||^2 are a tie (the band widens to the spectrum's error bound)."""
+from gfa_peft.defaults import DEFAULT_RTOL, DEFAULT_TIE_TOLERANCE
+from gfa_peft.analysis.lens.spectrum import Spectrum, dense_spectrum, top_singular_values
 
 Favoured = str
 """The verdict at a budget: "gfa", "lora" or "tie"."""

@@ -9,9 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-DEFAULT_RTOL = 1e-4
-"""Target bound on the randomized head-energy error, as a fraction of ||M||_F^2."""
-
+from gfa_peft.defaults import DEFAULT_RTOL
 
 @dataclass(frozen=True)
 class Spectrum:

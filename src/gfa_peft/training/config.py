@@ -1,0 +1,80 @@
+"""The settings of one run, `RunConfig`, in a module free of torch: `gfa train --help` is built from its fields.
+
+`training.run` checks and runs a RunConfig; every field here is one flag of `gfa train`, its help text the
+field's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gfa_peft.training.recipes import recipe_defaults
+
+
+class RunConfigError(ValueError):
+    """A run that cannot start: unknown model, task or method, unreachable anchor, leakage, bad user files."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+        """True when only the budget is the problem: the method cannot reach the anchor."""
+
+
+def _knob(help_text: str, default: Any = None, *, metavar: str | None = None, when_unset: str | None = None) -> Any:
+    """A field and its flag: help, metavar, and what a None default means (`when_unset`, shown as the default)."""
+    return field(default=default, metadata={"help": help_text, "metavar": metavar, "when_unset": when_unset})
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. None means: the model's recipe (`recipes.RECIPES`) or the tuned default."""
+
+    model: str = _knob("'minilm', 'smollm2' (bundled, see `gfa assets`) or a model folder with config and tokenizer",
+                       "minilm", metavar="NAME_OR_DIR")
+    task: str | None = _knob("a task of `gfa assets list` (rt, trec6, arc_easy, boolq, ...); or use --train-file",
+                             metavar="NAME", when_unset="none (give --task or --train-file)")
+    train_file: str | None = _knob("your own classification data: a CSV or JSONL file with text (or text_a, "
+                                   "text_b) and label columns, carved into train/dev/test (docs/data.md); the run "
+                                   "is recorded under the task name <format>:<folder>-<stem>, e.g. csv:reviews-train",
+                                   metavar="FILE", when_unset="none")
+    eval_file: str | None = _knob("with --train-file: the test examples (the training file is then carved into "
+                                  "train/dev only)", metavar="FILE", when_unset="a test split carved from --train-file")
+    method: str = _knob("gfa, lora, dora, vera, vblora, or full (fine-tune the target matrices themselves)", "gfa",
+                        metavar="METHOD")
+    anchor: str | None = _knob("the budget: '1/2' (0.3 x LoRA r=1) or a LoRA rank 1, 2, 4, 8, 16, ...; every method "
+                               "is placed at it by gfa_peft.analysis.budget.rank_anchors", metavar="LABEL",
+                               when_unset="none (give --anchor or --rank; full fine-tuning takes neither)")
+    rank: int | None = _knob("an explicit rank instead of an anchor (gfa, lora, dora, vera), e.g. a LoRA r=64 proxy",
+                             metavar="R", when_unset="none (the anchor sets it)")
+    module_order: str | None = _knob("GFA only: the concatenation order of the target modules: 'model' (their "
+                                     "order in the model), 'by_name', or an integer seed of a random permutation",
+                                     metavar="ORDER", when_unset="model")
+    seed: int = _knob("seed of the head and adapter initialisation and of the data order", 0, metavar="N")
+    steps: int | None = _knob("optimiser steps (exclusive with --epochs)", metavar="N",
+                              when_unset=recipe_defaults("steps"))
+    epochs: float | None = _knob("passes over the training split instead of a number of steps", metavar="N",
+                                 when_unset="none (--steps sets the length)")
+    lr: float | None = _knob("peak learning rate", metavar="RATE",
+                             when_unset="the method's tuned rate for the recipe, training/default_lrs.json or your "
+                             "own from `gfa tune --save-defaults`")
+    batch_size: int | None = _knob("training batch size: the global batch, which the N processes of a torchrun "
+                                   "run share (N must divide it)", metavar="N",
+                                   when_unset=recipe_defaults("batch_size"))
+    max_length: int | None = _knob("tokens per example; longer ones lose the end of the text (classification) "
+                                   "or the start of the query (multiple choice)", metavar="TOKENS",
+                                   when_unset=recipe_defaults("max_length"))
+    targets: str | list[str] | None = _knob("target module names (PEFT target_modules semantics) or 'all-linear'",
+                                            metavar="NAMES", when_unset="PEFT's LoRA default for the model type "
+                                            "(query,value for BERT; q_proj,v_proj for Llama)")
+    warmup_ratio: float | None = _knob("fraction of the steps spent in linear learning-rate warm-up",
+                                       metavar="FRACTION", when_unset=recipe_defaults("warmup_ratio"))
+    weight_decay: float = _knob("AdamW weight decay", 0.0, metavar="DECAY")
+    eval_split: Literal["test", "dev"] = _knob("split to evaluate on: test, or dev (learning-rate tuning)", "test")
+    eval_task: str | None = _knob("evaluate on this task's split instead (same labels; leakage is checked)",
+                                  metavar="NAME", when_unset="the training task")
+    max_eval_examples: int | None = _knob("evaluate on a fixed subset of this many examples (hash of their ids)",
+                                          metavar="N", when_unset="the whole split")
+    eval_batch_size: int | None = _knob("evaluation batch size", metavar="N",
+                                        when_unset=recipe_defaults("eval_batch_size"))
+    cache: str | None = _knob("asset cache folder", metavar="DIR", when_unset="$GFA_CACHE or ~/.cache/gfa-peft")
