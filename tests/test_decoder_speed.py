@@ -170,3 +170,23 @@ def test_a_bfloat16_run_trains_scores_and_is_named_for_it(cache, tmp_path):
     from gfa_peft.experiments.train import prepare
 
     assert prepare(config).name == "lora-1-s0-lr0.01-bfloat16"
+
+
+def test_two_processes_train_the_same_multiple_choice_adapter_as_one(cache, tmp_path):
+    """The answer-only loss goes through the DDP-wrapped model: gradients are still averaged over the processes."""
+    from safetensors.torch import load_file
+
+    from gfa_peft.cli import main
+    from test_train_torchrun import torchrun
+
+    def arguments(out):
+        return ["train", "--model", "smollm2", "--task", "arc_easy", "--method", "gfa", "--anchor", "1", "--lr", "0.01",
+                "--steps", "3", "--batch-size", "4", "--cache", str(cache), "--out", str(out), "--no-progress"]
+
+    assert main(arguments(tmp_path / "one")) == 0
+    result = torchrun(arguments(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "two"))
+    for key in expected:
+        assert not torch.equal(expected[key], torch.zeros_like(expected[key]))
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
