@@ -36,7 +36,8 @@ def with_lora(model: LlamaForCausalLM) -> torch.nn.Module:
 
 def mixed_questions(seed: int = 0) -> list[ChoiceSequence]:
     """Questions of 3 to 14 query tokens with 2 to 5 choices of 1 to 4 tokens; in the last question the longest
-    choice keeps one query token fewer (as a truncated query would), so its choices do not all share the query."""
+    choice keeps one query token fewer (as a truncated query would), so its choices do not all share the query; the
+    question after it has an empty choice."""
     generator = random.Random(seed)
     sequences = []
     for question in range(9):
@@ -47,6 +48,7 @@ def mixed_questions(seed: int = 0) -> list[ChoiceSequence]:
     query = [generator.randrange(1, VOCAB) for _ in range(8)]
     sequences += [ChoiceSequence(9, query + [5], 1), ChoiceSequence(9, query + [6, 7], 2),
                   ChoiceSequence(9, query[1:] + [8, 9, 10], 3)]
+    sequences += [ChoiceSequence(10, query[:4], 0), ChoiceSequence(10, query[:4] + [11], 1)]  # an empty choice scores 0
     return sequences
 
 

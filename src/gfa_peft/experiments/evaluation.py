@@ -115,8 +115,9 @@ def choice_log_likelihoods(model: nn.Module, sequences: list[ChoiceSequence], pa
                 ids[row_number, start:end] = torch.tensor(choice, dtype=torch.long)
                 positions[row_number, start:end] = torch.arange(query_length, query_length + len(choice))
                 segments[row_number, start:end] = segment
-                # the first choice token is predicted by the query's last position, each later one by the token before
-                predictors += [(row_number, query_length - 1)] + [(row_number, p) for p in range(start, end - 1)]
+                # each choice token is predicted at the position before it: the first one at the query's last
+                before = [query_length - 1, *range(start, end - 1)][:len(choice)]
+                predictors += [(row_number, position) for position in before]
                 targets += choice
                 owners += [index] * len(choice)
                 start = end
@@ -133,7 +134,7 @@ def choice_log_likelihoods(model: nn.Module, sequences: list[ChoiceSequence], pa
 
 def _packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive (batch, 1, length, length) mask of packed rows: a token sees the earlier tokens of its own
-    segment and the query's (segment 0). Padding (-1) sees only padding, so no row is wholly masked."""
+    segment and the query's (segment 0); padding (-1) sees earlier padding too, so no row is wholly masked."""
     length = segments.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     same_or_query = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
