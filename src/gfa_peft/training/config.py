@@ -75,6 +75,9 @@ class RunConfig:
                                   metavar="NAME", when_unset="the training task")
     max_eval_examples: int | None = _knob("evaluate on a fixed subset of this many examples (hash of their ids)",
                                           metavar="N", when_unset="the whole split")
-    eval_batch_size: int | None = _knob("evaluation batch size", metavar="N",
+    eval_batch_size: int | None = _knob("evaluation batch size (multiple choice: questions)", metavar="N",
                                         when_unset=recipe_defaults("eval_batch_size"))
+    dtype: Literal["float32", "bfloat16"] = _knob(
+        "compute precision: bfloat16 runs the matrix products under autocast (weights, adapter and optimiser stay "
+        "float32); docs/training.md, 'Decoder speed', says when it pays", "float32", metavar="DTYPE")
     cache: str | None = _knob("asset cache folder", metavar="DIR", when_unset="$GFA_CACHE or ~/.cache/gfa-peft")

@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,30 +44,102 @@ def predict_classes(model: nn.Module, examples: list[dict], collate: Collator, b
     return predictions
 
 
+def last_hidden_states(model: nn.Module, **inputs: Any) -> torch.Tensor:
+    """A causal LM's final hidden states (after its last norm), (batch, length, hidden), without the logits.
+
+    The call goes through `model` itself, so PEFT adapters and a DDP wrapper take part as in a plain forward;
+    `logits_to_keep=1` lets the LM head run at one position only instead of at every one.
+    """
+    return model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states[-1]
+
+
+def token_log_likelihoods(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for each row of `hidden` (n, hidden): the LM head runs on these n rows only."""
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+@dataclass
+class _Packed:
+    """The choices of one question that share their query, packed into one row: query, choice 1, choice 2, ..."""
+
+    query: list[int]
+    members: list[int] = field(default_factory=list)
+    """Indices of the packed sequences, in the row's order."""
+    length: int = 0
+
+
+def _pack_by_query(sequences: list[ChoiceSequence]) -> list[_Packed]:
+    # Choices of one question usually share their query; a long query truncated to fit a longer choice does not.
+    rows: dict[tuple[int, tuple[int, ...]], _Packed] = {}
+    for index, sequence in enumerate(sequences):
+        query = sequence.input_ids[:len(sequence.input_ids) - sequence.choice_length]
+        row = rows.setdefault((sequence.question, tuple(query)), _Packed(query, length=len(query)))
+        row.members.append(index)
+        row.length += sequence.choice_length
+    return list(rows.values())
+
+
 @torch.no_grad()
 def choice_log_likelihoods(model: nn.Module, sequences: list[ChoiceSequence], pad_id: int, batch_size: int,
                            progress: bool = True) -> list[float]:
-    """Each sequence's summed log-likelihood of its choice tokens given everything before them."""
+    """Each sequence's summed log-likelihood of its choice tokens given everything before them.
+
+    A question's query runs once: its choices are packed after it into one row, each choice attending to the
+    query and to itself only, at the positions it would have right after the query, so each gets exactly the
+    log-likelihoods of its own sequence. The LM head runs only at the positions that predict a choice token.
+    `batch_size` counts packed rows (questions).
+    """
     model.eval()
+    head = model.get_output_embeddings()
+    dtype = next(model.parameters()).dtype
     scores = [0.0] * len(sequences)
-    batches = _longest_first_batches([len(sequence.input_ids) for sequence in sequences], batch_size)
+    rows = _pack_by_query(sequences)
+    batches = _longest_first_batches([row.length for row in rows], batch_size)
     for batch in tqdm(batches, desc="scoring choices", unit="batch", disable=not progress, leave=False):
-        width = len(sequences[batch[0]].input_ids)
+        width = rows[batch[0]].length
         ids = torch.full((len(batch), width), pad_id)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            length = len(sequences[index].input_ids)
-            ids[row, :length] = torch.tensor(sequences[index].input_ids)
-            mask[row, :length] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        for row, index in enumerate(batch):
-            sequence = sequences[index]
-            end = len(sequence.input_ids)
-            positions = torch.arange(end - sequence.choice_length, end)
-            # token t is predicted by the logits at position t - 1
-            log_probs = logits[row, positions - 1].float().log_softmax(-1)
-            scores[index] = log_probs.gather(-1, ids[row, positions, None]).sum().item()
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        segments = torch.full((len(batch), width), -1)  # -1 padding, 0 the query, i the row's i-th choice
+        predictors, targets, owners = [], [], []  # position predicting each choice token, the token, its sequence
+        for row_number, row_index in enumerate(batch):
+            row = rows[row_index]
+            query_length = len(row.query)
+            ids[row_number, :query_length] = torch.tensor(row.query)
+            positions[row_number, :query_length] = torch.arange(query_length)
+            segments[row_number, :query_length] = 0
+            start = query_length
+            for segment, index in enumerate(row.members, 1):
+                sequence = sequences[index]
+                choice = sequence.input_ids[len(sequence.input_ids) - sequence.choice_length:]
+                end = start + len(choice)
+                ids[row_number, start:end] = torch.tensor(choice, dtype=torch.long)
+                positions[row_number, start:end] = torch.arange(query_length, query_length + len(choice))
+                segments[row_number, start:end] = segment
+                # each choice token is predicted at the position before it: the first one at the query's last
+                before = [query_length - 1, *range(start, end - 1)][:len(choice)]
+                predictors += [(row_number, position) for position in before]
+                targets += choice
+                owners += [index] * len(choice)
+                start = end
+        hidden = last_hidden_states(model, input_ids=ids, position_ids=positions,
+                                    attention_mask=_packed_attention_mask(segments, dtype))
+        if not targets:
+            continue
+        rows_at, positions_at = torch.tensor(predictors).T
+        log_likelihoods = token_log_likelihoods(head, hidden[rows_at, positions_at], torch.tensor(targets))
+        for index, value in zip(owners, log_likelihoods.tolist(), strict=True):
+            scores[index] += value
     return scores
+
+
+def _packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive (batch, 1, length, length) mask of packed rows: a token sees the earlier tokens of its own
+    segment and the query's (segment 0); padding (-1) sees earlier padding too, so no row is wholly masked."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_or_query = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+    visible = causal & same_or_query
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
 
 def best_choices(sequences: list[ChoiceSequence], scores: list[float]) -> list[int]:

@@ -60,13 +60,20 @@ from gfa_peft.adapters.distributed import (
     per_rank_batch,
     shard_for_rank,
 )
-from gfa_peft.data.encoding import choice_sequences, encode_choice_training, encode_classification
+from gfa_peft.data.encoding import (
+    IGNORE_INDEX,
+    choice_sequences,
+    encode_choice_training,
+    encode_classification,
+)
 from gfa_peft.training.evaluation import (
     best_choices,
     choice_log_likelihoods,
+    last_hidden_states,
     majority_label,
     predict_classes,
     task_metrics,
+    token_log_likelihoods,
 )
 from gfa_peft.training.methods import Placement, UnreachableAnchor, peft_config, place
 from gfa_peft.training.config import RunConfig, RunConfigError
@@ -127,6 +134,8 @@ class PreparedRun:
             parts.append(f"on-{self.eval_task.name}")
         if self.config.eval_split != "test":
             parts.append(self.config.eval_split)
+        if self.config.dtype != "float32":
+            parts.append(self.config.dtype)
         return "-".join(parts)
 
     @property
@@ -268,6 +277,26 @@ class LossBar(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
 
 
+class AnswerLossTrainer(GlobalBatchTrainer):
+    """The Trainer of multiple-choice runs: the causal-LM loss of the answer tokens, with the LM head run at the
+    positions that predict them only. transformers' loss runs it at every position (SmolLM2's head has 49,152
+    outputs, a fifth of the model's work per position) and then ignores all but the answer's few."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        hidden = last_hidden_states(model, **inputs)
+        targets = labels[:, 1:]  # token t is predicted at position t - 1
+        rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        log_likelihoods = token_log_likelihoods(self.model.get_output_embeddings(), hidden[rows, positions],
+                                                targets[rows, positions])
+        # As transformers' causal-LM loss: summed over the answer tokens and divided by their number in the
+        # (global, accumulated) batch, which the Trainer counts; scaled back up by the processes it averages over.
+        loss = -log_likelihoods.sum() / (len(log_likelihoods) if num_items_in_batch is None else num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+
 def train(config: RunConfig, folder: str | Path, progress: bool = True) -> dict[str, Any]:
     """Prepare, train and evaluate one run into `folder`; returns its metrics."""
     return execute(prepare(config), Path(folder), progress)
@@ -314,6 +343,7 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
         # without it each process trains alone. A classifier's loss is a per-example mean that ignores the
         # global token count, so transformers must not rescale it by the number of processes.
         use_cpu=not accelerator_available(), average_tokens_across_devices=run.kind != "classification",
+        bf16=run.config.dtype == "bfloat16",
     )
     if arguments.world_size != launched_world_size():
         raise RuntimeError(f"{launched_world_size()} processes were launched but transformers trains with "
@@ -321,7 +351,8 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     check_ranks_agree(model, asdict(run.config))  # the same flags and GFA layout on every rank, or all stop here
     if folder is not None:
         write_json_atomic(folder / CONFIG_FILE, run_record(run))
-    trainer = GlobalBatchTrainer(model=model, args=arguments, train_dataset=examples, data_collator=collate)
+    trainer_class = GlobalBatchTrainer if run.kind == "classification" else AnswerLossTrainer
+    trainer = trainer_class(model=model, args=arguments, train_dataset=examples, data_collator=collate)
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossBar)
@@ -332,7 +363,9 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     train_seconds = time.perf_counter() - trained
 
     evaluated = time.perf_counter()
-    predictions, labels = _predict(run, trainer.model, tokenizer, progress and trainer.is_world_process_zero())
+    device = next(trainer.model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.config.dtype == "bfloat16"):
+        predictions, labels = _predict(run, trainer.model, tokenizer, progress and trainer.is_world_process_zero())
     eval_seconds = time.perf_counter() - evaluated
     baseline = majority_label(list(run.data["train"]["label"]))
     metrics = {
