@@ -72,7 +72,7 @@ def fsdp_run(rank, world):
     seen_by_layers = []
 
     def record(module, args):
-        B = module.gfa_B["default"]
+        B = module.gfa_B["default"].weight
         seen_by_layers.append((isinstance(B, DTensor), tuple(B.shape)))
 
     for module in model.modules():

@@ -65,7 +65,7 @@ def test_trainable_count_is_r_times_m_plus_k(case):
     assert layout.r == 3 and len(layout.modules) == case.n_targets
     assert sum(trainable.values()) == 3 * (layout.m + layout.k) + case.extra_trainable(model.base_model.model)
     factor_names = {name for name in trainable if "gfa_" in name}
-    assert factor_names == {"base_model.gfa_B.default", "base_model.gfa_A.default"}
+    assert factor_names == {"base_model.gfa_B.default.weight", "base_model.gfa_A.default.weight"}
     assert all("gfa_" in name or "classifier" in name for name in trainable)
     assert model.get_nb_trainable_parameters()[0] == sum(trainable.values())
 
@@ -177,7 +177,7 @@ def test_from_pretrained_is_trainable_resumes_training(tmp_path):
     model.save_pretrained(tmp_path)
     resumed = PeftModel.from_pretrained(case.model(), tmp_path, is_trainable=True)
     trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
-    assert trainable == {"base_model.gfa_B.default", "base_model.gfa_A.default"}
+    assert trainable == {"base_model.gfa_B.default.weight", "base_model.gfa_A.default.weight"}
     before = [p.detach().clone() for p in gfa_peft.factors(resumed)]
     train_steps(resumed, case, steps=2)
     assert all(not torch.equal(b, p) for b, p in zip(before, gfa_peft.factors(resumed)))
@@ -193,7 +193,7 @@ def test_several_named_adapters_each_with_its_own_layout():
     for name in ("default", "mlp_only"):
         model.set_adapter(name)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable == {f"base_model.gfa_B.{name}", f"base_model.gfa_A.{name}"}
+        assert trainable == {f"base_model.gfa_B.{name}.weight", f"base_model.gfa_A.{name}.weight"}
         expected = case.output(apply_deltas(reference, dense_reference_deltas(model, name)), inputs)
         torch.testing.assert_close(case.output(model, inputs), expected, rtol=1e-5, atol=1e-5)
     model.delete_adapter("mlp_only")
@@ -285,7 +285,7 @@ def test_introspection_api():
     model, _ = make(case, init_weights=False)
     layout = gfa_peft.layout_of(model)
     B, A = gfa_peft.factors(model)
-    assert B is model.base_model.gfa_B["default"] and B.shape == (layout.m, layout.r) and A.shape == (layout.r, layout.k)
+    assert B is model.base_model.gfa_B["default"].weight and B.shape == (layout.m, layout.r) and A.shape == (layout.r, layout.k)
     assert layout.d == sum(p.numel for p in layout.modules) and layout.m * layout.k - layout.d == layout.padding
     assert layout.offsets == [sum(p.numel for p in layout.modules[:i]) for i in range(len(layout.modules))]
     deltas = gfa_peft.delta_weights(model)

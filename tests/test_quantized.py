@@ -24,15 +24,18 @@ QUANTIZATIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
+def save_quantizable_llama(folder):
     # 64 wide: bitsandbytes' 4-bit CPU kernels need in_features to be a multiple of their block size (64).
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base")
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    return save_quantizable_llama(tmp_path_factory.mktemp("base"))
 
 
 def quantized_gfa(folder, quantization):

@@ -38,7 +38,7 @@ def layout_of(model: nn.Module, adapter_name: str = "default") -> AdapterLayout:
 def factors(model: nn.Module, adapter_name: str = "default") -> tuple[nn.Parameter, nn.Parameter]:
     """The live (B, A) parameters of the adapter: B is m x r, A is r x k."""
     tuner = _tuner(model, adapter_name)
-    return tuner.gfa_B[adapter_name], tuner.gfa_A[adapter_name]
+    return tuner.gfa_B[adapter_name].weight, tuner.gfa_A[adapter_name].weight
 
 
 @torch.no_grad()

@@ -33,6 +33,12 @@ class WeightOp:
         """The update's shape in GFA's orientation."""
         return tuple(self.weight().shape)
 
+    @property
+    def features(self) -> tuple[int, int]:
+        """(in_features, out_features) as PEFT's LoRA layers report them for this layer type."""
+        out_features, in_features = self.shape[:2]
+        return in_features, out_features
+
     def weight(self) -> torch.Tensor:
         """The layer's weight in GFA's orientation; a view that shares the layer's storage."""
         return self.layer.weight
@@ -101,6 +107,10 @@ class Conv2dOp(WeightOp):
         super().__init__(layer)
         self.hyper = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
 
+    @property
+    def features(self):
+        return self.layer.in_channels, self.layer.out_channels
+
     def forward(self, x, weight):
         return F.conv2d(x, weight, None, **self.hyper)
 
@@ -120,6 +130,10 @@ class EmbeddingOp(WeightOp):
         if layer.max_norm is not None or layer.sparse:
             raise TypeError("GFA supports nn.Embedding without max_norm and with dense gradients only")
         super().__init__(layer)
+
+    @property
+    def features(self):
+        return self.layer.num_embeddings, self.layer.embedding_dim
 
     def forward(self, x, weight):
         return F.embedding(

@@ -56,6 +56,16 @@ class GfaConfig(PeftConfig):
         default=True,
         metadata={"help": "B = 0 so the adapter starts as an exact no-op. False also draws B at random (for tests)."},
     )
+    cache_inference_update: bool = field(
+        default=True,
+        metadata={
+            "help": "In eval mode, when no gradient is needed for the factors (torch.no_grad / inference_mode, or "
+            "frozen factors), form each module's adapted weight once and reuse it until a factor or the base weight "
+            "changes, so inference costs what the bare model costs. Memory: one extra tensor of each adapted "
+            "weight's size per adapter combination run. False (or the environment variable GFA_INFERENCE_CACHE=0) "
+            "re-forms the update in every forward instead."
+        },
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Modules besides the adapter to train and save, e.g. a classifier head."},

@@ -1,9 +1,11 @@
 """`GfaLayer`: a target module that adds its slice of one or more global GFA updates.
 
 The factors B and A are not parameters of the layer: they belong to the tuner (`GfaModel`),
-which owns one `ParameterDict` per factor keyed by adapter name. Every layer keeps a plain,
-unregistered reference to those dicts, so the checkpoint holds exactly one copy of each factor
-and PEFT's `set_adapter` / `delete_adapter` / `requires_grad` handling works through the layer.
+which owns one `ModuleDict` per factor keyed by adapter name (each entry a `GfaFactor` holding
+the tensor as `.weight`, so parameters are named `gfa_B.<adapter>.weight` like LoRA's
+`lora_B.<adapter>.weight`). Every layer keeps a plain, unregistered reference to those dicts, so
+the checkpoint holds exactly one copy of each factor and PEFT's `set_adapter` /
+`delete_adapter` / `requires_grad` handling works through the layer.
 """
 
 from __future__ import annotations
@@ -14,41 +16,80 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from gfa_peft.scatter import SliceSpec, scattered_op, slice_of_product
+from gfa_peft.scatter import SliceSpec, effective_weight, scattered_op, slice_of_product
+from gfa_peft.tuner.inference_cache import InferenceCache, enabled_by_environment
 from gfa_peft.weight_ops import WeightOp, op_for
 
 
-class GfaLayer(nn.Module, BaseTunerLayer):
-    adapter_layer_names = ("gfa_B", "gfa_A")
-    other_param_names = ("gfa_slice", "gfa_dropout")
+class GfaFactor(nn.Module):
+    """One global factor (B or A) of one adapter, held as `.weight`."""
 
-    def __init__(self, base_layer: nn.Module, name: str, gfa_B: nn.ParameterDict, gfa_A: nn.ParameterDict):
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(tensor)
+
+
+class GfaLayer(nn.Module, BaseTunerLayer):
+    """A wrapped layer computing with W + sum over its active adapters of scale * slice(B A).
+
+    In eval mode, when no gradient is needed for the factors (under `torch.no_grad()` /
+    `torch.inference_mode()`, or with frozen factors), the adapted weight is formed once and reused
+    until a factor or the base weight changes (see `gfa_peft.tuner.inference_cache`): this holds one
+    extra tensor of the weight's size per adapter combination run. `GfaConfig.cache_inference_update`
+    or `GFA_INFERENCE_CACHE=0` turn that off.
+    """
+
+    adapter_layer_names = ("gfa_B", "gfa_A")
+    other_param_names = ("gfa_slice", "gfa_dropout", "gfa_cache_update")
+
+    def __init__(self, base_layer: nn.Module, name: str, gfa_B: nn.ModuleDict, gfa_A: nn.ModuleDict):
         super().__init__()
         self.base_layer = base_layer
         self.op: WeightOp = op_for(base_layer, name)
+        self.in_features, self.out_features = self.op.features
         # Plain attributes, not submodules: the tuner owns and saves the factors.
         object.__setattr__(self, "gfa_B", gfa_B)
         object.__setattr__(self, "gfa_A", gfa_A)
         self.gfa_slice: dict[str, SliceSpec] = {}
         self.gfa_dropout = nn.ModuleDict()
+        self.gfa_cache_update: dict[str, bool] = {}
+        self._inference_cache = InferenceCache()
         self._disable_adapters = False
         self.merged_adapters = []
 
-    def update_layer(self, adapter_name: str, spec: SliceSpec, dropout: float) -> None:
+    def update_layer(self, adapter_name: str, spec: SliceSpec, dropout: float, cache_inference_update: bool) -> None:
         self.gfa_slice[adapter_name] = spec
         self.gfa_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gfa_cache_update[adapter_name] = cache_inference_update
+        self._inference_cache.clear()
         self.set_adapter(self.active_adapters)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         """The shared factors are placed by the tuner; moving them per layer would fight over them."""
 
+    def factors(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.gfa_B[adapter_name].weight, self.gfa_A[adapter_name].weight
+
     @torch.no_grad()
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """scale * slice of B A for this module, in GFA's (out, in, ...) orientation."""
-        return slice_of_product(self.gfa_B[adapter_name], self.gfa_A[adapter_name], self.gfa_slice[adapter_name])
+        return slice_of_product(*self.factors(adapter_name), self.gfa_slice[adapter_name])
 
     def _adapters_here(self, adapter_names) -> list[str]:
         return [name for name in adapter_names if name in self.gfa_slice]
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._inference_cache.clear()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._inference_cache.clear()
+
+    def train(self, mode: bool = True) -> GfaLayer:
+        if mode:
+            self._inference_cache.clear()  # training re-forms the update every step; do not hold memory for it
+        return super().train(mode)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = self._adapters_here(check_adapters_to_merge(self, adapter_names))
@@ -57,13 +98,14 @@ class GfaLayer(nn.Module, BaseTunerLayer):
                 f"GFA cannot merge into the quantized layer {type(self.base_layer).__name__}: merge the adapter "
                 "into the unquantized checkpoint instead (`gfa merge ADAPTER --base DIR --out DIR`)"
             )
+        self._inference_cache.clear()
         weight = self.op.weight()
         with torch.no_grad():
             for adapter_name in adapter_names:
                 # Accumulate in float32: adding a small update to fp16/bf16 weights on CPU loses it otherwise.
                 merged = weight.float() + self.get_delta_weight(adapter_name).float()
                 if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs or infs detected when merging GFA adapter {adapter_name!r}; not merged")
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
                 weight.copy_(merged.to(weight.dtype))
                 self.merged_adapters.append(adapter_name)
 
@@ -71,19 +113,63 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self._inference_cache.clear()
         weight = self.op.weight()
         with torch.no_grad():
             while self.merged_adapters:
                 adapter_name = self.merged_adapters.pop()
                 weight.copy_((weight.float() - self.get_delta_weight(adapter_name).float()).to(weight.dtype))
 
+    def _check_forward_args(self, x: torch.Tensor, *args, **kwargs) -> None:
+        """PEFT's checks of a mixed-adapter batch (`adapter_names=`), with PEFT's wording."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters and self.merged:
-            self.unmerge()
-        active = [] if self.disable_adapters or self.merged else self._adapters_here(self.active_adapters)
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self._forward_with(x, self._adapters_here(self.active_adapters), *args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        """Row i runs with adapter adapter_names[i] alone ("__base__", or an adapter that does not
+        reach this module: the base layer)."""
+        rows_of: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows_of.setdefault(name, []).append(row)
+        out = None
+        for name, rows in rows_of.items():
+            part = self._forward_with(x[rows], self._adapters_here([name]), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((len(x), *part.shape[1:]))
+            out[rows] = part
+        return out
+
+    def _forward_with(self, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch.Tensor:
+        """The layer's output with the updates of the `active` adapters added."""
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        adapters = [(self.gfa_slice[name], self.gfa_B[name], self.gfa_A[name]) for name in active]
+        sources = self._reusable_sources(active)
+        if sources is not None:
+            return self._forward_reusing_update(x, active, sources, *args, **kwargs)
+        adapters = [(self.gfa_slice[name], *self.factors(name)) for name in active]
         dropouts = [self.gfa_dropout[name] for name in active]
         if not self.op.fusable or (self.training and any(isinstance(dropout, nn.Dropout) for dropout in dropouts)):
             # A quantized weight, or dropout feeding the update a different input than the frozen weight:
@@ -93,6 +179,40 @@ class GfaLayer(nn.Module, BaseTunerLayer):
                 out = out + scattered_op(dropout(x), self.op, None, [adapter]).to(out.dtype)
             return out
         return self.op.add_bias(scattered_op(x, self.op, self.op.weight(), adapters))
+
+    def _reusable_sources(self, active: list[str]) -> list[torch.Tensor] | None:
+        """The tensors the adapted weight is formed from, when it may be reused: in eval mode, with reuse
+        switched on, and no gradient needed for them. None when it is to be formed afresh."""
+        if self.training or not enabled_by_environment() or not all(self.gfa_cache_update[name] for name in active):
+            return None
+        sources = [self.get_base_layer().weight, *(tensor for name in active for tensor in self.factors(name))]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return None
+        return sources
+
+    def _forward_reusing_update(
+        self, x: torch.Tensor, active: list[str], sources: list[torch.Tensor], *args, **kwargs
+    ) -> torch.Tensor:
+        """The same tensors and products as the forward above (so the same result), with the
+        weight-sized tensors taken from the cache: the effective weight W + sum of the updates where
+        the update fuses into the weight, otherwise each adapter's update (the input's dtype)."""
+
+        def build() -> tuple[torch.Tensor, ...]:
+            if not self.op.fusable:
+                return tuple(effective_weight(None, [self.gfa_slice[name]], self.factors(name), x) for name in active)
+            specs = [self.gfa_slice[name] for name in active]
+            factors = [tensor for name in active for tensor in self.factors(name)]
+            weight = self.op.weight()
+            return (effective_weight(weight, specs, factors, weight),)
+
+        like = self.op.weight() if self.op.fusable else x
+        weights = self._inference_cache.get(tuple(active), sources, like, build)
+        if self.op.fusable:
+            return self.op.add_bias(self.op.forward(x, weights[0]))
+        out = self.base_layer(x, *args, **kwargs)
+        for update in weights:
+            out = out + self.op.forward(x, update).to(out.dtype)
+        return out
 
     def __repr__(self) -> str:
         return "gfa." + super().__repr__()

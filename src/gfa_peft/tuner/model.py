@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 # A module, not its names: PEFT's import can start from `targets` itself and register GFA (importing this
@@ -15,7 +20,8 @@ from gfa_peft import targets as target_matching
 from gfa_peft.layout import Layout, build_layout, order_modules
 from gfa_peft.scatter import SliceSpec
 from gfa_peft.tuner.config import GfaConfig
-from gfa_peft.tuner.layer import GfaLayer
+from gfa_peft.tuner.layer import GfaFactor, GfaLayer
+from gfa_peft.tuner.weighted import concatenated_factors, truncated_factors
 from gfa_peft.weight_ops import update_shape
 
 
@@ -23,7 +29,8 @@ class GfaModel(BaseTuner):
     """Global Factorized Adaptation of a model; created through `peft.get_peft_model`.
 
     Attributes:
-        gfa_B, gfa_A: `ParameterDict`s keyed by adapter name, the global factors B (m x r), A (r x k).
+        gfa_B, gfa_A: `ModuleDict`s keyed by adapter name of `GfaFactor`s, whose `.weight` is the global
+            factor B (m x r) or A (r x k): parameters `gfa_B.<adapter>.weight`, saved as `base_model.gfa_B`.
         gfa_layouts: the `Layout` of each adapter (its own target modules, order, d, m, k).
     """
 
@@ -50,7 +57,7 @@ class GfaModel(BaseTuner):
         # saved layout that does not fit leaves the model exactly as it was.
         config = self.peft_config[adapter_name]
         layout, targets = self._plan_layout(model, config, adapter_name)
-        self._create_factors(adapter_name, config, layout, targets, autocast_adapter_dtype, low_cpu_mem_usage)
+        self._create_factors(adapter_name, config, layout, targets, low_cpu_mem_usage)
         config.layout = layout.to_dict()
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
         adapted = {name for name, module in model.named_modules() if adapter_name in getattr(module, "gfa_slice", {})}
@@ -77,33 +84,53 @@ class GfaModel(BaseTuner):
                 raise ValueError(f"GFA adapter {adapter_name!r} does not fit this model: {problem}")
         return layout, targets
 
-    def _create_factors(self, adapter_name, config, layout, targets, autocast_adapter_dtype, low_cpu_mem_usage):
+    def _create_factors(self, adapter_name, config, layout, targets, low_cpu_mem_usage):
         if "gfa_B" not in self._modules:
-            self.gfa_B = nn.ParameterDict()
-            self.gfa_A = nn.ParameterDict()
+            self.gfa_B = nn.ModuleDict()
+            self.gfa_A = nn.ModuleDict()
             self.gfa_layouts: dict[str, Layout] = {}
         reference = next(iter(targets.values())).weight
-        dtype = reference.dtype
-        if not dtype.is_floating_point or (autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)):
-            dtype = torch.float32  # quantized (int8, packed 4-bit) weights train float32 factors
+        # The base weights' dtype; PeftModel then calls `_cast_adapter_dtype`, which upcasts fp16/bf16 factors
+        # to float32 unless `autocast_adapter_dtype=False`. Quantized (int8, packed 4-bit) weights get float32.
+        dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
         device = torch.device("meta") if low_cpu_mem_usage else reference.device
         sigma = config.init_sigma if config.init_sigma is not None else 1.0 / math.sqrt(layout.k)
-        A = torch.randn(config.r, layout.k, dtype=dtype, device=device) * sigma
-        B = torch.zeros(layout.m, config.r, dtype=dtype, device=device)
+        # Drawn in float32 whatever the dtype, so a seed gives the same initial adapter for every base dtype.
+        A = torch.randn(config.r, layout.k, device=device) * sigma
+        B = torch.zeros(layout.m, config.r, device=device)
         if not config.init_weights:
             B.normal_(0.0, sigma)
-        self.gfa_B[adapter_name] = nn.Parameter(B)
-        self.gfa_A[adapter_name] = nn.Parameter(A)
+        self.gfa_B[adapter_name] = GfaFactor(B.to(dtype))
+        self.gfa_A[adapter_name] = GfaFactor(A.to(dtype))
         self.gfa_layouts[adapter_name] = layout
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's upcast of fp16/bf16 adapter weights to float32 (which reaches only tensors inside tuner
+        layers), applied to the tuner's factors too."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            return
+        for factor in (self.gfa_B[adapter_name], self.gfa_A[adapter_name]):
+            if factor.weight.dtype in (torch.float16, torch.bfloat16):
+                factor.weight.data = factor.weight.data.float()
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """`base_model.gfa_B.<adapter>.weight` is saved as `base_model.gfa_B` (and A likewise), the key GFA
+        checkpoints have always had; PEFT applies the same mapping backwards when loading."""
+        for factor in ("gfa_B", "gfa_A"):
+            if key.endswith(f"{factor}.{adapter_name}.weight"):
+                return key.removesuffix(f".{adapter_name}.weight")
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layout = self.gfa_layouts[adapter_name]
         spec = SliceSpec(layout[current_key], layout.k, config.scale)
         if isinstance(target, GfaLayer):
-            target.update_layer(adapter_name, spec, config.dropout)
+            target.update_layer(adapter_name, spec, config.dropout, config.cache_inference_update)
             return
         new_module = GfaLayer(target, current_key, self.gfa_B, self.gfa_A)
-        new_module.update_layer(adapter_name, spec, config.dropout)
+        new_module.update_layer(adapter_name, spec, config.dropout, config.cache_inference_update)
         self._replace_module(parent, target_name, new_module, target)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -112,3 +139,131 @@ class GfaModel(BaseTuner):
         # adapter_layer_names); what is left to forget is the layout.
         del self.gfa_layouts[adapter_name]
 
+    def clear_inference_cache(self) -> None:
+        """Drop every adapted weight kept for inference (see `GfaConfig.cache_inference_update`); needed
+        only after writing to a factor or base weight through `.data`, which PyTorch does not version."""
+        for module in self.model.modules():
+            if isinstance(module, GfaLayer):
+                module._inference_cache.clear()
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """Route `adapter_names=[...]` of `PeftModel.forward` / `generate` to every GFA layer (and
+        `modules_to_save` wrapper): row i of the batch runs with adapter adapter_names[i] alone
+        ("__base__": no adapter). Refused, as PEFT refuses it, in training mode and for unknown names."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        unknown = {name for name in adapter_names if name != "__base__"} - set(self.gfa_layouts)
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate repeats every input num_beams times, each copy right after its original
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        hook = partial(_pass_adapter_names, adapter_names=list(adapter_names))
+        handles = [
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, (GfaLayer, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
+        """Add adapter `adapter_name` whose update is sum_i weights[i] * (update of adapters[i]).
+
+        The adapters must be laid out alike (same target modules, order and shapes), so the sum is one
+        GFA update on that layout. `combination_type="cat"` stores it exactly, at rank sum r_i
+        (B = [w_1 s_1/s B_1, ..., w_n s_n/s B_n], A = [A_1; ...; A_n], s the first adapter's scale).
+        `"svd"` stores its best approximation of rank `svd_rank` (default: the largest r_i), from QRs of
+        the stacked factors and an SVD of an (sum r_i)-sized core; no m x k matrix is formed.
+        The new adapter is frozen and not made active (call `set_adapter`), as in PEFT's LoRA.
+        Anything wrong (unknown or existing names, a weights list of another length, different
+        layouts, `modules_to_save`) raises a `ValueError` before the model is touched.
+        """
+        rank = self._check_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank)
+        pairs = [(self.gfa_B[name].weight.detach(), self.gfa_A[name].weight.detach()) for name in adapters]
+        scale = self.peft_config[adapters[0]].scale
+        coefficients = [w * self.peft_config[name].scale / scale for w, name in zip(weights, adapters)]
+        B, A = concatenated_factors(pairs, coefficients)
+        if combination_type == "svd":
+            B, A = truncated_factors(B, A, rank)
+        self.peft_config[adapter_name] = replace(self.peft_config[adapters[0]], r=rank)
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        dtype = pairs[0][0].dtype
+        for factors, value in ((self.gfa_B, B), (self.gfa_A, A)):
+            factors[adapter_name] = GfaFactor(value.to(dtype))
+            factors[adapter_name].requires_grad_(False)
+
+    def _check_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, svd_rank: int | None
+    ) -> int:
+        """The new adapter's rank, after refusing any request `add_weighted_adapter` cannot do exactly."""
+        if combination_type not in ("cat", "svd"):
+            raise ValueError(f"Invalid combination_type: {combination_type} (GFA supports 'cat' and 'svd')")
+        if not adapters:
+            raise ValueError("add_weighted_adapter needs at least one adapter")
+        if len(weights) != len(adapters):
+            raise ValueError(f"add_weighted_adapter got {len(weights)} weights for {len(adapters)} adapters")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} already exists; choose another adapter_name")
+        for adapter in adapters:
+            if adapter not in self.peft_config:
+                raise ValueError(f"Adapter {adapter} does not exist")
+            if self.peft_config[adapter].modules_to_save:
+                raise ValueError(
+                    f"add_weighted_adapter cannot combine adapter {adapter}: it has modules_to_save "
+                    f"{sorted(self.peft_config[adapter].modules_to_save)}, which have no weighted sum"
+                )
+        first = self.gfa_layouts[adapters[0]]
+        for adapter in adapters[1:]:
+            layout = self.gfa_layouts[adapter]
+            if layout != first:
+                raise ValueError(
+                    f"add_weighted_adapter needs adapters with one layout, but adapter {adapter} adapts "
+                    f"{len(layout.modules)} modules (d={layout.d}) and adapter {adapters[0]} "
+                    f"{len(first.modules)} modules (d={first.d}), or the same ones in another order or shape"
+                )
+        total_rank = sum(self.peft_config[adapter].r for adapter in adapters)
+        if combination_type == "cat":
+            if total_rank > first.max_rank():
+                raise ValueError(
+                    f"the concatenated rank {total_rank} exceeds min(m, k) = {first.max_rank()}: "
+                    "use combination_type='svd' with svd_rank <= that"
+                )
+            return total_rank
+        rank = svd_rank if svd_rank is not None else max(self.peft_config[adapter].r for adapter in adapters)
+        if not 1 <= rank <= min(total_rank, first.max_rank()):
+            raise ValueError(
+                f"svd_rank={rank} is out of range: the combined update has rank at most {total_rank} and the "
+                f"layout is {first.m} x {first.k}, so svd_rank must be between 1 and {min(total_rank, first.max_rank())}"
+            )
+        return rank
+
+
+def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple[tuple, dict]:
+    """Forward pre-hook adding `adapter_names` to a layer's call."""
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _readable(targets) -> object:
+    return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets

@@ -1,0 +1,97 @@
+"""PEFT conventions other tools rely on: layer in/out features, adapter dtype, safe-merge wording, parameter
+names of the `<factor>.<adapter>.<...>` form (TRL's reference-adapter copy) with the saved keys unchanged."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import gfa_peft
+from gfa_peft import GfaConfig, GfaLayer
+from test_peft_matrix import apply_deltas, dense_reference_deltas
+from toy_models import CASES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+IDS = [case.name for case in CASES]
+LLAMA = CASES[2]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_in_and_out_features_match_peft_lora(case):
+    config = {key: value for key, value in case.config.items() if key != "task_type"}
+    gfa = get_peft_model(case.model(), GfaConfig(r=1, **config))
+    lora = get_peft_model(case.model(), LoraConfig(r=1, **config))
+    ours = {name: (m.in_features, m.out_features) for name, m in gfa.named_modules() if isinstance(m, GfaLayer)}
+    theirs = {name: (m.in_features, m.out_features) for name, m in lora.named_modules() if hasattr(m, "lora_A")}
+    assert len(ours) == case.n_targets and ours == theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_dtype_false_keeps_the_base_dtype(dtype):
+    base = LLAMA.model().to(dtype)
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, GfaConfig(r=2, target_modules=["q_proj"], init_weights=False), autocast_adapter_dtype=False)
+    assert all(p.dtype == dtype for p in gfa_peft.factors(model))
+    inputs = LLAMA.inputs()
+    out = LLAMA.output(model, inputs)
+    expected = LLAMA.output(apply_deltas(reference, dense_reference_deltas(model)), inputs)
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in gfa_peft.factors(model))
+    upcast = get_peft_model(LLAMA.model().to(dtype), GfaConfig(r=2, target_modules=["q_proj"]))
+    assert all(p.dtype == torch.float32 for p in gfa_peft.factors(upcast))
+
+
+def test_safe_merge_of_a_broken_adapter_raises_peft_wording_and_leaves_weights():
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=2, target_modules=["q_proj"], init_weights=False))
+    with torch.no_grad():
+        gfa_peft.factors(model)[0][0, 0] = float("nan")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"):
+        model.merge_adapter(safe_merge=True)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+
+
+def test_reference_adapter_copy_by_parameter_name_covers_both_factors():
+    """TRL's DPO/KTO/GRPO re-training of a trained adapter: add a "ref" adapter with the same config and copy
+    every parameter whose name contains ".default." onto the ".ref." one."""
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.add_adapter("ref", model.peft_config["default"])
+    copied = []
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+            copied.append(name)
+    assert sorted(copied) == ["base_model.gfa_A.default.weight", "base_model.gfa_B.default.weight"]
+    for ref, default in zip(gfa_peft.factors(model, "ref"), gfa_peft.factors(model, "default")):
+        assert torch.equal(ref, default)
+    ids = LLAMA.inputs()["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        model.set_adapter("ref")
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_checkpoint_written_with_the_original_keys_loads_exactly(tmp_path):
+    """The factors are saved as `base_model.gfa_B` / `base_model.gfa_A`, as before they were named
+    `gfa_B.<adapter>.weight` in the model: a file holding just those two tensors loads with no warning."""
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "adapter_model.safetensors")
+    assert set(load_file(path)) == {"base_model.gfa_B", "base_model.gfa_A"}
+    B, A = (p.detach().clone() * 1.5 for p in gfa_peft.factors(model))
+    save_file({"base_model.gfa_B": B.contiguous(), "base_model.gfa_A": A.contiguous()}, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(LLAMA.model(), tmp_path)
+        result = loaded.load_adapter(tmp_path, adapter_name="second")
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    assert not result.missing_keys and not result.unexpected_keys
+    for name in ("default", "second"):
+        assert torch.equal(gfa_peft.factors(loaded, name)[0], B) and torch.equal(gfa_peft.factors(loaded, name)[1], A)
