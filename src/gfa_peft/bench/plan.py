@@ -124,7 +124,8 @@ class InferenceSettings:
 
 
 QUICK_INFERENCE = InferenceSettings(shapes=(SHAPES["llama-3.2-3b"],), scopes=("q+v",), batch_sizes=(1,), steps=3)
-"""Llama-3.2-3B shapes at q+v, batch 1: two to three minutes on 2 cores."""
+"""Llama-3.2-3B shapes at q+v, batch 1, 3 timed calls: 4.5 minutes measured on 2 cores that other jobs kept busy
+(its workers got 40-75% of a core)."""
 
 Settings = BenchSettings | InferenceSettings
 

@@ -94,6 +94,7 @@ INFERENCE_COLUMNS: list[Column] = [
     ("decode/LoRA", lambda r: _number(r["decode_ratio_to_lora"], ".3f")),
     ("CPU/LoRA", lambda r: _number(r["decode_cpu_ratio_to_lora"], ".3f")),
     ("decode/base", lambda r: _number(r["decode_ratio_to_base"], ".3f")),
+    ("CPU/base", lambda r: _number(r["decode_cpu_ratio_to_base"], ".3f")),
     ("prefill/base", lambda r: _number(r["prefill_ratio_to_base"], ".3f")),
     ("peak/base", lambda r: _number(r["mem_ratio_to_base"], ".3f")),
 ]
