@@ -28,10 +28,27 @@ def tiny_shapes(monkeypatch):
     monkeypatch.setitem(SHAPES, TINY.name, TINY)
 
 
-def generator(method: str, scope: str = "all-linear", batch_size: int = 2, new_tokens: int = 5) -> Generator:
-    rank = None if method == "base" else 4
-    return Generator(WorkerSpec(TINY, scope, method, rank, batch_size, 6, "cpu", "float32", 1, 0,
-                                task="generate", new_tokens=new_tokens))
+@pytest.fixture
+def generator():
+    """Builds in-process generation sessions on TINY at all-linear. A session records allocations with PyTorch's
+    profiler, of which one runs at a time, until its measured step (a worker process holds one session): so each
+    earlier session's recording is ended with its measured step before the next is built, and the last at the end."""
+    sessions = []
+
+    def end_recordings() -> None:
+        for session in sessions:
+            if session._recorder._recording:
+                session.measured_step()
+
+    def build(method: str, batch_size: int = 2, new_tokens: int = 5) -> Generator:
+        end_recordings()
+        rank = None if method == "base" else 4
+        sessions.append(Generator(WorkerSpec(TINY, "all-linear", method, rank, batch_size, 6, "cpu", "float32", 1, 0,
+                                             task="generate", new_tokens=new_tokens)))
+        return sessions[-1]
+
+    yield build
+    end_recordings()
 
 
 def test_plan_measures_the_four_methods_together_at_each_batch_size():
@@ -75,7 +92,7 @@ def test_rounds_alternate_the_four_methods(monkeypatch, tmp_path):
     assert all(record["decode_tokens_per_s"] == pytest.approx(2 / 0.1) for record in records)
 
 
-def test_generator_times_prefill_and_decode_and_returns_the_tokens():
+def test_generator_times_prefill_and_decode_and_returns_the_tokens(generator):
     session = generator("gfa", batch_size=3, new_tokens=4)
     session.step()  # the warm-up
     timed = session.timed_step()
@@ -87,7 +104,7 @@ def test_generator_times_prefill_and_decode_and_returns_the_tokens():
     assert memory["peak_mem_mb"] >= memory["resting_mem_mb"] > 0
 
 
-def test_gfa_merged_and_unmerged_generate_the_same_tokens_with_a_nonzero_update():
+def test_gfa_merged_and_unmerged_generate_the_same_tokens_with_a_nonzero_update(generator):
     unmerged, merged = generator("gfa"), generator("gfa-merged")
     [factor_b] = [parameter for name, parameter in unmerged.model.named_parameters() if "gfa_B" in name]
     assert factor_b.abs().sum() > 0  # B drawn at random: the update is not the zero a fresh adapter starts at
@@ -95,7 +112,7 @@ def test_gfa_merged_and_unmerged_generate_the_same_tokens_with_a_nonzero_update(
     assert merged.step().tolist() == unmerged.step().tolist()
 
 
-def test_lora_generates_with_a_nonzero_update():
+def test_lora_generates_with_a_nonzero_update(generator):
     lora, base = generator("lora"), generator("base")
     assert lora.step().tolist() != base.step().tolist()
 
@@ -115,6 +132,7 @@ def test_end_to_end_through_worker_processes(tiny_shapes, tmp_path):
         assert record["decode_ratio_to_base"] == pytest.approx(record["decode_s"] / by_method["base"]["decode_s"])
         assert len(record["generated"]) == 2 and all(len(row) == 3 for row in record["generated"])
     assert by_method["gfa"]["generated"] == by_method["gfa-merged"]["generated"]
+    assert by_method["base"]["trainable"] == 0 and by_method["gfa"]["trainable"] > 0
     assert json.loads((out / "results.json").read_text()) == records
     markdown = (out / "results.md").read_text()
     assert markdown.startswith("# gfa bench --inference") and "GFA/LoRA unmerged decode" in markdown

@@ -110,7 +110,7 @@ def attach_for_generation(model: nn.Module, method: str, rank: int | None, targe
     Every factor is drawn at random (no zero B), so no shortcut for a zero update can hide an adapter's cost.
     """
     if method == "base":
-        return model
+        return model.requires_grad_(False)  # nothing trains: its trainable count is 0, as an adapter's is its own
     model = get_peft_model(model, peft_config(method.removesuffix("-merged"), {"r": rank}, targets, zero_update=False))
     if method == "gfa-merged":
         model.merge_adapter()
