@@ -115,7 +115,8 @@ def test_sub_rank1_anchor_runs_beside_its_lora_reference():
 def test_ratios_divide_by_lora_of_the_reference_cell():
     def record(anchor, method, time, memory):
         return {"cell": f"s/q+v/{anchor}", "shapes": "s", "scope": "q+v", "anchor": anchor, "method": method,
-                "step_time_s": time, "cpu_time_s": None, "peak_mem_mb": memory, "step_mem_mb": memory / 2}
+                "batch_size": 4, "step_time_s": time, "cpu_time_s": None, "peak_mem_mb": memory,
+                "step_mem_mb": memory / 2}
 
     records = add_ratios([record("1/2", "gfa", 3.0, 90.0), record("1", "lora", 2.0, 100.0),
                           record("4", "gfa", 5.0, 120.0)])
@@ -124,13 +125,14 @@ def test_ratios_divide_by_lora_of_the_reference_cell():
     assert [r["mem_ratio_to_lora"] for r in records] == [0.9, 1.0, None]
     assert [r["step_mem_ratio_to_lora"] for r in records] == [0.9, 1.0, None]
     assert [r["cpu_time_ratio_to_lora"] for r in records] == [None, None, None]
+    assert [r["time_ratio_to_dora"] for r in records] == [None, None, None]  # no DoRA measured
 
 
 def test_summary_takes_median_and_worst_gfa_cell_against_the_targets():
     def record(anchor, method, time, memory):
         return {"cell": f"s/q+v/{anchor}", "shapes": "s", "scope": "q+v", "anchor": anchor, "method": method,
-                "step_time_s": time, "cpu_time_s": 2 * time, "peak_mem_mb": memory, "step_mem_mb": memory,
-                "step_times_s": [time], "cpu_times_s": [2 * time], "threads": 2}
+                "batch_size": 4, "step_time_s": time, "cpu_time_s": 2 * time, "peak_mem_mb": memory,
+                "step_mem_mb": memory, "step_times_s": [time], "cpu_times_s": [2 * time], "threads": 2}
 
     records = add_ratios([
         record("1/2", "gfa", 1.00, 100.0), record("1", "gfa", 1.10, 103.0), record("1", "lora", 1.0, 100.0),
@@ -142,9 +144,12 @@ def test_summary_takes_median_and_worst_gfa_cell_against_the_targets():
     assert summary["median_time_ratio"] == pytest.approx(1.04)  # of 1.00, 1.10, 1.04
     assert summary["worst_time_ratio"] == pytest.approx(1.10)
     assert summary["worst_mem_ratio"] == pytest.approx(1.03)
-    assert (summary["faster_than_dora"], summary["cells_with_dora"]) == (1, 2)  # 1.10 > 1.05 at anchor 1
+    # Anchor 1/2 is compared with DoRA r = 1, as with LoRA r = 1; 1.10 > 1.05 at anchor 1.
+    assert (summary["faster_than_dora"], summary["cells_with_dora"]) == (2, 3)
+    assert summary["slower_than_dora"] == ["s/q+v/1"]
     text = format_summary(records)
     assert "median 1.040 (target <= 1.07: met)" in text and "worst 1.100 (target <= 1.12: met)" in text
+    assert "faster than DoRA in 2/3 cells (target: every cell: MISSED in s/q+v/1)" in text
     assert "peak memory worst 1.030 (target <= 1.02: MISSED)" in text
     assert "The steps got 100% of their threads' time" in text  # cpu = 2 x wall on 2 threads
 
@@ -214,7 +219,7 @@ def test_a_failing_worker_is_reported_with_its_traceback(tmp_path):
     broken = BenchShapes("broken", "no-such-preset")
     settings = BenchSettings(shapes=(broken,), steps=1)
     with pytest.raises(WorkerError, match=r"bench worker lora r=1 on broken/q\+v failed:(.|\n)*no-such-preset"):
-        measure_group([Run(broken, "q+v", "1", "lora", 1)], settings, tmp_path)
+        measure_group([Run(broken, "q+v", "1", "lora", 1, batch_size=4)], settings, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,12 @@ or DoRA; its GFA runs in the group of anchor "1", and LoRA r = 1 is its referenc
 is run for that even when anchor "1" is not asked for).
 
 Each worker runs `warmup` untimed steps (the first creates AdamW's state), one more untimed step with its
-memory measured (see `bench_worker.py`), then `steps` timed ones; a method's step time is the median of its
+memory measured (see `worker.py`), then `steps` timed ones; a method's step time is the median of its
 timed steps.
+
+`gfa bench --inference` (`InferenceSettings`) runs the same plan, workers and rounds with generation instead of
+training: a step is one greedy `generate` call, the methods are the bare model ("base"), LoRA and GFA unmerged
+and GFA merged, and each cell also has a batch size. Its warm-up also lets GFA form the adapted weight it reuses.
 """
 
 from __future__ import annotations
@@ -29,12 +33,22 @@ import torch
 from tqdm.auto import tqdm
 
 from gfa_peft.analysis.budget import SUB_RANK1_LABEL, rank_anchors
-from gfa_peft.bench.settings import BENCH_METHODS, BenchSettings
+from gfa_peft.bench.settings import (
+    BENCH_METHODS,
+    GFA_METHODS,
+    INFERENCE_METHODS,
+    NO_ADAPTER,
+    BenchSettings,
+    InferenceSettings,
+    Settings,
+)
 from gfa_peft.bench.shapes import SCOPES, BenchShapes
 from gfa_peft.bench.worker import DTYPES, WorkerHandle, WorkerSpec
 from gfa_peft.targets import target_shapes
 
 REFERENCE = "lora"
+
+
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,7 @@ class Run:
     anchor: str
     method: str
     rank: int | None
+    batch_size: int
 
     @property
     def cell(self) -> str:
@@ -61,8 +76,9 @@ def reference_anchor(anchor: str) -> str:
     return "1" if anchor == SUB_RANK1_LABEL else anchor
 
 
-def plan(settings: BenchSettings) -> list[list[Run]]:
-    """The process groups to run, each a list of runs measured side by side.
+def plan(settings: Settings) -> list[list[Run]]:
+    """The process groups to run, each a list of runs measured side by side (one group per reference anchor
+    and batch size of each shapes and scope).
 
     Raises ValueError for any bad setting (an unknown name, an anchor out of range, ...), before anything runs.
     """
@@ -75,25 +91,27 @@ def plan(settings: BenchSettings) -> list[list[Run]]:
             for reference in dict.fromkeys(reference_anchor(anchor.label) for anchor in anchors):
                 members = [anchor for anchor in anchors if reference_anchor(anchor.label) == reference]
                 reference_asked_for = any(anchor.label == reference for anchor in members)  # not only "1/2"
-                runs = []
-                for method in settings.methods:
-                    if method == "gfa":
-                        runs += [Run(shapes, scope, anchor.label, method, anchor.gfa_rank) for anchor in members]
-                    elif method == "floor":
-                        runs.append(Run(shapes, scope, reference, method, None))
-                    elif method == REFERENCE or reference_asked_for:
-                        runs.append(Run(shapes, scope, reference, method, int(reference)))
-                groups.append(runs)
+                for batch_size in settings.batch_sizes:
+                    runs = []
+                    for method in settings.methods:
+                        if method in GFA_METHODS:
+                            runs += [Run(shapes, scope, anchor.label, method, anchor.gfa_rank, batch_size)
+                                     for anchor in members]
+                        elif method in NO_ADAPTER:
+                            runs.append(Run(shapes, scope, reference, method, None, batch_size))
+                        elif method == REFERENCE or reference_asked_for:
+                            runs.append(Run(shapes, scope, reference, method, int(reference), batch_size))
+                    groups.append(runs)
     return groups
 
 
-def _check(settings: BenchSettings) -> None:
-    for name, value, least in [("steps", settings.steps, 1), ("warmup", settings.warmup, 1),
-                               ("batch size", settings.batch_size, 1), ("sequence length", settings.seq_len, 2),
-                               ("threads", settings.threads, 1)]:
+def _check(settings: Settings) -> None:
+    for name, value, least in settings.lower_bounds():
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
-    _check_names("method", settings.methods, BENCH_METHODS)
+    _check_names("method", settings.methods,
+                 INFERENCE_METHODS if isinstance(settings, InferenceSettings) else BENCH_METHODS)
+    _check_names("batch size", [str(batch_size) for batch_size in settings.batch_sizes])
     _check_names("scope", settings.scopes, SCOPES)
     _check_names("dtype", [settings.dtype], DTYPES)
     _check_names("shapes", [shapes.name for shapes in settings.shapes])
@@ -121,43 +139,44 @@ def _check_names(what: str, given: Sequence[str], allowed: Sequence[str] | None 
         raise ValueError(f"{what} {', '.join(map(repr, repeated))} given more than once")
 
 
-def run_bench(settings: BenchSettings, progress: bool = True,
+def run_bench(settings: Settings, progress: bool = True,
               after_group: Callable[[list[dict], int, int], object] = lambda records, done, total: None) -> list[dict]:
-    """Measure every run of `plan(settings)`; one record per (cell, method), ratios to LoRA included.
+    """Measure every run of `plan(settings)`; one record per (cell, batch size, method), ratios included.
     After each group, `after_group(records so far with ratios, groups done, groups in all)`, e.g. to save a long
     run as it goes.
 
-    Record keys: cell, shapes, scope, anchor, method, rank, trainable, tokens, device, dtype, threads,
-    step_time_s (median), step_times_s (every timed step), cpu_time_s (median process CPU seconds over all
-    threads; None on CUDA), cpu_times_s, tokens_per_s, resting_mem_mb, peak_mem_mb, step_mem_mb (MiB), and
-    from `add_ratios`: reference, time_ratio_to_lora, cpu_time_ratio_to_lora, mem_ratio_to_lora (peak) and
-    step_mem_ratio_to_lora.
+    Training record keys: cell, shapes, scope, anchor, method, rank, trainable, batch_size, tokens, device,
+    dtype, threads, step_time_s (median), step_times_s (every timed step), cpu_time_s (median process CPU
+    seconds over all threads; None on CUDA), cpu_times_s, tokens_per_s, resting_mem_mb, peak_mem_mb, step_mem_mb
+    (MiB), and from `add_ratios`: reference and each ratio of `RATIOS`. Inference records: see
+    `_inference_record`, and `INFERENCE_RATIOS`.
     """
     groups = plan(settings)
     steps = sum(len(runs) for runs in groups) * rounds(settings)
     bar = tqdm(total=steps, desc="gfa bench", unit="step", disable=not progress)
+    ratios = INFERENCE_RATIOS if isinstance(settings, InferenceSettings) else RATIOS
     records = []
     with tempfile.TemporaryDirectory(prefix="gfa-bench-logs-") as log_dir, bar:
         for done, runs in enumerate(groups, 1):
-            bar.set_postfix_str(f"{runs[0].shapes.name} {runs[0].scope} r={reference_anchor(runs[0].anchor)}")
+            first = runs[0]
+            bar.set_postfix_str(f"{first.shapes.name} {first.scope} r={reference_anchor(first.anchor)} "
+                                f"batch {first.batch_size}")
             records += measure_group(runs, settings, Path(log_dir), on_step=lambda: bar.update())
-            after_group(add_ratios(records), done, len(groups))
-    return add_ratios(records)
+            after_group(add_ratios(records, ratios), done, len(groups))
+    return add_ratios(records, ratios)
 
 
-def rounds(settings: BenchSettings) -> int:
+def rounds(settings: Settings) -> int:
     """Steps each worker runs: the warm-up, one with its memory measured, the timed ones."""
     return settings.warmup + 1 + settings.steps
 
 
-def measure_group(runs: Sequence[Run], settings: BenchSettings, log_dir: Path, on_step=lambda: None) -> list[dict]:
+def measure_group(runs: Sequence[Run], settings: Settings, log_dir: Path, on_step=lambda: None) -> list[dict]:
     """Run the group's workers side by side in alternating rounds; one record per run (ratios not yet added)."""
     workers = []
     try:
         for index, run in enumerate(runs):
-            spec = WorkerSpec(run.shapes, run.scope, run.method, run.rank, settings.batch_size, settings.seq_len,
-                              settings.device, settings.dtype, settings.threads, settings.seed)
-            workers.append(WorkerHandle(spec, log_dir / f"{index}-{run.method}.log"))
+            workers.append(WorkerHandle(settings.worker_spec(run), log_dir / f"{index}-{run.method}.log"))
         ready = [worker.receive("ready") for worker in workers]
         memory: list[dict] = [{} for _ in runs]
         timings: list[list[dict]] = [[] for _ in runs]
@@ -174,14 +193,12 @@ def measure_group(runs: Sequence[Run], settings: BenchSettings, log_dir: Path, o
     finally:
         for worker in workers:
             worker.stop()
-    return [_record(run, settings, start["trainable"], steps, held)
+    make_record = _inference_record if isinstance(settings, InferenceSettings) else _record
+    return [make_record(run, settings, start["trainable"], steps, held)
             for run, start, steps, held in zip(runs, ready, timings, memory)]
 
 
-def _record(run: Run, settings: BenchSettings, trainable: int, steps: list[dict], memory: dict) -> dict:
-    wall = [step["wall_s"] for step in steps]
-    cpu = [step["cpu_s"] for step in steps] if torch.device(settings.device).type == "cpu" else None
-    step_time = statistics.median(wall)
+def _common_fields(run: Run, settings: Settings, trainable: int) -> dict:
     return {
         "cell": run.cell,
         "shapes": run.shapes.name,
@@ -190,10 +207,20 @@ def _record(run: Run, settings: BenchSettings, trainable: int, steps: list[dict]
         "method": run.method,
         "rank": run.rank,
         "trainable": trainable,
-        "tokens": settings.tokens,
+        "batch_size": run.batch_size,
         "device": settings.device,
         "dtype": settings.dtype,
         "threads": settings.threads,
+    }
+
+
+def _record(run: Run, settings: BenchSettings, trainable: int, steps: list[dict], memory: dict) -> dict:
+    wall = [step["wall_s"] for step in steps]
+    cpu = [step["cpu_s"] for step in steps] if torch.device(settings.device).type == "cpu" else None
+    step_time = statistics.median(wall)
+    return {
+        **_common_fields(run, settings, trainable),
+        "tokens": settings.tokens,
         "step_time_s": step_time,
         "step_times_s": wall,
         "cpu_time_s": statistics.median(cpu) if cpu else None,
@@ -203,24 +230,70 @@ def _record(run: Run, settings: BenchSettings, trainable: int, steps: list[dict]
     }
 
 
+def _inference_record(run: Run, settings: InferenceSettings, trainable: int, steps: list[dict],
+                      memory: dict) -> dict:
+    """Keys besides the training record's first ones: prompt_len, new_tokens; prefill_s and decode_s (medians
+    over the timed calls: the prompt's forward, and one decode forward, which makes batch_size tokens), with
+    every timed call's value in prefill_times_s and decode_times_s, and the process CPU seconds alike
+    (prefill_cpu_s, decode_cpu_s, decode_cpu_times_s; None on CUDA); prefill_tokens_per_s,
+    decode_tokens_per_s; the memory of one generate call; generated (the last call's new tokens)."""
+    on_cpu = torch.device(settings.device).type == "cpu"
+    prefill, decode = ([step[key] for step in steps] for key in ("prefill_s", "decode_s"))
+    prefill_cpu, decode_cpu = ([step[key] for step in steps] if on_cpu else None
+                               for key in ("prefill_cpu_s", "decode_cpu_s"))
+    return {
+        **_common_fields(run, settings, trainable),
+        "prompt_len": settings.prompt_len,
+        "new_tokens": settings.new_tokens,
+        "prefill_s": statistics.median(prefill),
+        "prefill_times_s": prefill,
+        "prefill_cpu_s": statistics.median(prefill_cpu) if on_cpu else None,
+        "prefill_tokens_per_s": run.batch_size * settings.prompt_len / statistics.median(prefill),
+        "decode_s": statistics.median(decode),
+        "decode_times_s": decode,
+        "decode_cpu_s": statistics.median(decode_cpu) if on_cpu else None,
+        "decode_cpu_times_s": decode_cpu,
+        "decode_tokens_per_s": run.batch_size / statistics.median(decode),
+        **memory,
+        "generated": steps[-1]["tokens"],
+    }
+
+
 RATIOS = {
-    "time_ratio_to_lora": "step_time_s",
-    "cpu_time_ratio_to_lora": "cpu_time_s",
-    "mem_ratio_to_lora": "peak_mem_mb",
-    "step_mem_ratio_to_lora": "step_mem_mb",
+    "time_ratio_to_lora": (REFERENCE, "step_time_s"),
+    "cpu_time_ratio_to_lora": (REFERENCE, "cpu_time_s"),
+    "mem_ratio_to_lora": (REFERENCE, "peak_mem_mb"),
+    "step_mem_ratio_to_lora": (REFERENCE, "step_mem_mb"),
+    "time_ratio_to_dora": ("dora", "step_time_s"),
 }
-"""Each ratio key and the quantity it divides by LoRA's, in the cell of `reference_anchor`."""
+"""Each ratio key of a training record: (the method divided by, in the cell of `reference_anchor`; the quantity)."""
+
+INFERENCE_RATIOS = {
+    "decode_ratio_to_lora": (REFERENCE, "decode_s"),
+    "decode_cpu_ratio_to_lora": (REFERENCE, "decode_cpu_s"),
+    "prefill_ratio_to_lora": (REFERENCE, "prefill_s"),
+    "decode_ratio_to_base": ("base", "decode_s"),
+    "decode_cpu_ratio_to_base": ("base", "decode_cpu_s"),
+    "prefill_ratio_to_base": ("base", "prefill_s"),
+    "mem_ratio_to_base": ("base", "peak_mem_mb"),
+}
+"""The same for an inference record: decode seconds per decode forward, prefill seconds, peak memory over LoRA
+unmerged's and over the bare model's, at the same batch size."""
 
 
-def add_ratios(records: Sequence[dict]) -> list[dict]:
-    """The records with `reference` (the LoRA cell divided by, None without one) and every ratio in `RATIOS`."""
-    lora = {record["cell"]: record for record in records if record["method"] == REFERENCE}
+def add_ratios(records: Sequence[dict], ratios: dict[str, tuple[str, str]] = RATIOS) -> list[dict]:
+    """The records with `reference` (the LoRA cell divided by, None without one) and every ratio in `ratios`,
+    each divided by its method's record in the cell of `reference_anchor` at the same batch size (None without
+    one)."""
+    by_cell = {(record["method"], record["cell"], record["batch_size"]): record for record in records}
     result = []
     for record in records:
-        reference = lora.get(cell_name(record["shapes"], record["scope"], reference_anchor(record["anchor"])))
-        ratios = {
-            ratio: record[key] / reference[key] if reference and record[key] is not None and reference[key] else None
-            for ratio, key in RATIOS.items()
-        }
-        result.append({**record, "reference": reference["cell"] if reference else None, **ratios})
+        cell = cell_name(record["shapes"], record["scope"], reference_anchor(record["anchor"]))
+        values = {}
+        for ratio, (method, key) in ratios.items():
+            reference = by_cell.get((method, cell, record["batch_size"]))
+            usable = reference is not None and record[key] is not None and reference[key]
+            values[ratio] = record[key] / reference[key] if usable else None
+        lora = by_cell.get((REFERENCE, cell, record["batch_size"]))
+        result.append({**record, "reference": lora["cell"] if lora else None, **values})
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,26 +15,43 @@ from gfa_peft.io.tables import text_table
 
 @dataclass(frozen=True)
 class Targets:
-    """The project's efficiency goals for GFA against LoRA in one scope (None: no goal), from `targets.json`."""
+    """The project's training goals for GFA in one scope, from `targets.json`: ratios to LoRA (None: no goal),
+    and whether GFA must be faster than DoRA in every cell."""
 
     median_time: float | None = None
     worst_time: float | None = None
     worst_peak_mem: float | None = None
+    faster_than_dora: bool = False
+
+
+@dataclass(frozen=True)
+class InferenceTargets:
+    """The inference goals, in every cell: GFA unmerged's decode time per token over LoRA unmerged's at most
+    `decode_vs_lora`; GFA merged's over the bare model's equal to `merged_decode_vs_base` within the noise."""
+
+    decode_vs_lora: float
+    merged_decode_vs_base: float
 
 
 TARGETS_FILE = Path(__file__).with_name("targets.json")
 
 
 def load_targets(path: Path = TARGETS_FILE) -> dict[str, Targets]:
-    """The goals of each scope, read from `targets.json` (data shipped with the package, not code)."""
-    goals = json.loads(path.read_text(encoding="utf-8"))
-    return {scope: Targets(**values) for scope, values in goals.items() if scope != "about"}
+    """The training goals of each scope, read from `targets.json` (data shipped with the package, not code)."""
+    goals = json.loads(path.read_text(encoding="utf-8"))["training"]
+    return {scope: Targets(**values) for scope, values in goals.items()}
+
+
+def load_inference_targets(path: Path = TARGETS_FILE) -> InferenceTargets:
+    return InferenceTargets(**json.loads(path.read_text(encoding="utf-8"))["inference"])
 
 
 BUSY_SHARE = 0.9
 """Below this share of their threads' time the steps were slowed by other jobs (see `cpu_share`)."""
 
-COLUMNS = [
+Column = tuple[str, Callable[[dict], str]]
+
+COLUMNS: list[Column] = [
     ("method", lambda r: r["method"]),
     ("anchor", lambda r: r["anchor"]),
     ("rank", lambda r: _text(r["rank"])),
@@ -49,6 +66,7 @@ COLUMNS = [
     ("CPU/LoRA", lambda r: _number(r["cpu_time_ratio_to_lora"], ".3f")),
     ("peak/LoRA", lambda r: _number(r["mem_ratio_to_lora"], ".3f")),
     ("step mem/LoRA", lambda r: _number(r["step_mem_ratio_to_lora"], ".3f")),
+    ("time/DoRA", lambda r: _number(r["time_ratio_to_dora"], ".3f")),
 ]
 
 LEGEND = (
@@ -56,7 +74,40 @@ LEGEND = (
     "the timed steps / median; CPU s: median process CPU seconds of a step (all threads; steadier than wall-clock "
     "time when other jobs share the machine); peak MiB: most tensor memory held during a step, weights included; "
     "step MiB: its rise above the memory held between steps. x/LoRA: the quantity over LoRA's at the same anchor, "
-    "LoRA r=1's for anchor 1/2. floor: every weight frozen, gradients still flowing back to every target module."
+    "LoRA r=1's for anchor 1/2; time/DoRA: step time over DoRA's (below 1: faster). floor: every weight frozen, "
+    "gradients still flowing back to every target module."
+)
+
+INFERENCE_COLUMNS: list[Column] = [
+    ("method", lambda r: r["method"]),
+    ("anchor", lambda r: r["anchor"]),
+    ("rank", lambda r: _text(r["rank"])),
+    ("batch", lambda r: str(r["batch_size"])),
+    ("prefill s", lambda r: f"{r['prefill_s']:.3f}"),
+    ("prefill tok/s", lambda r: f"{r['prefill_tokens_per_s']:,.0f}"),
+    ("decode ms", lambda r: f"{1000 * r['decode_s']:.1f}"),
+    ("IQR", lambda r: _percent(relative_iqr(r["decode_times_s"]))),
+    ("decode tok/s", lambda r: f"{r['decode_tokens_per_s']:,.1f}"),
+    ("CPU ms", lambda r: "-" if r["decode_cpu_s"] is None else f"{1000 * r['decode_cpu_s']:.1f}"),
+    ("resting MiB", lambda r: f"{r['resting_mem_mb']:,.1f}"),
+    ("peak MiB", lambda r: f"{r['peak_mem_mb']:,.1f}"),
+    ("decode/LoRA", lambda r: _number(r["decode_ratio_to_lora"], ".3f")),
+    ("CPU/LoRA", lambda r: _number(r["decode_cpu_ratio_to_lora"], ".3f")),
+    ("decode/base", lambda r: _number(r["decode_ratio_to_base"], ".3f")),
+    ("CPU/base", lambda r: _number(r["decode_cpu_ratio_to_base"], ".3f")),
+    ("prefill/base", lambda r: _number(r["prefill_ratio_to_base"], ".3f")),
+    ("peak/base", lambda r: _number(r["mem_ratio_to_base"], ".3f")),
+]
+
+INFERENCE_LEGEND = (
+    "A timed call is one greedy `generate` of new_tokens tokens after a prompt of prompt_len random tokens, per "
+    "sequence of the batch. prefill s: median seconds of the prompt's forward; decode ms: median milliseconds of "
+    "one decode forward (one new token per sequence; the mean over a call's decode forwards); IQR: interquartile "
+    "range of the calls' decode times / median; decode tok/s: batch / decode time; CPU ms: the decode forward's "
+    "process CPU time (all threads). resting MiB: tensor memory held between calls (weights, adapters, and what an "
+    "implementation keeps for reuse); peak MiB: the most held during a call. x/LoRA, x/base: over LoRA unmerged's, "
+    "over the bare model's, same batch. base: no adapter; lora, gfa: adapters unmerged, factors drawn at random; "
+    "gfa-merged: GFA merged into the weights (merge_adapter)."
 )
 
 
@@ -68,40 +119,48 @@ def relative_iqr(values: Sequence[float]) -> float | None:
     return (third - first) / statistics.median(values)
 
 
+def group_title(record: dict) -> str:
+    """The group a record was measured in: shapes, scope, the anchor of its LoRA reference (and its batch size in
+    the inference bench)."""
+    title = f"{record['shapes']} {record['scope']}, LoRA rank {reference_anchor(record['anchor'])}"
+    return title + (f", batch {record['batch_size']}" if _is_inference(record) else "")
+
+
 def group_records(records: Sequence[dict]) -> dict[str, list[dict]]:
-    """Records by the group they were measured in (shapes, scope and the anchor of their LoRA reference)."""
+    """Records by the group they were measured in."""
     groups: dict[str, list[dict]] = {}
     for record in records:
-        key = f"{record['shapes']} {record['scope']}, LoRA rank {reference_anchor(record['anchor'])}"
-        groups.setdefault(key, []).append(record)
+        groups.setdefault(group_title(record), []).append(record)
     return groups
 
 
 def format_tables(records: Sequence[dict]) -> str:
     """One aligned table per group of records measured side by side."""
+    columns = _columns(records)
     blocks = []
     for title, members in group_records(records).items():
-        table = text_table([name for name, _ in COLUMNS], [[show(record) for _, show in COLUMNS] for record in members])
+        table = text_table([name for name, _ in columns], [[show(record) for _, show in columns] for record in members])
         blocks.append(f"{title}:\n{table}")
     return "\n\n".join(blocks)
 
 
 def summarize(records: Sequence[dict]) -> list[dict]:
-    """GFA against LoRA and DoRA in each (shapes, scope): median and worst ratios over its cells."""
+    """GFA against LoRA and DoRA in each (shapes, scope) of a training bench: median and worst ratios over its
+    cells, and the cells where GFA was not faster than DoRA."""
     summaries = []
     for shapes, scope in dict.fromkeys((record["shapes"], record["scope"]) for record in records):
         here = [record for record in records if (record["shapes"], record["scope"]) == (shapes, scope)]
         gfa = [record for record in here if record["method"] == "gfa" and record["time_ratio_to_lora"] is not None]
         if not gfa:
             continue
-        dora = {record["cell"]: record for record in here if record["method"] == "dora"}
-        versus_dora = [record["step_time_s"] < dora[record["cell"]]["step_time_s"]
-                       for record in gfa if record["cell"] in dora]
+        versus_dora = {record["cell"]: record["time_ratio_to_dora"] < 1
+                       for record in gfa if record["time_ratio_to_dora"] is not None}
         summary = {"shapes": shapes, "scope": scope, "cells": len(gfa)}
         for name, key in [("time", "time_ratio_to_lora"), ("cpu_time", "cpu_time_ratio_to_lora"),
                           ("mem", "mem_ratio_to_lora"), ("step_mem", "step_mem_ratio_to_lora")]:
             summary[f"median_{name}_ratio"], summary[f"worst_{name}_ratio"] = _median_and_worst(gfa, key)
-        summary.update(faster_than_dora=sum(versus_dora), cells_with_dora=len(versus_dora))
+        summary.update(faster_than_dora=sum(versus_dora.values()), cells_with_dora=len(versus_dora),
+                       slower_than_dora=[cell for cell, faster in versus_dora.items() if not faster])
         summaries.append(summary)
     return summaries
 
@@ -112,16 +171,32 @@ def _median_and_worst(records: Sequence[dict], key: str) -> tuple[float | None, 
 
 
 def cpu_share(records: Sequence[dict]) -> float | None:
-    """The median over all timed CPU steps of CPU seconds / (wall seconds x threads): about 1 on an idle machine,
-    lower when other jobs took the cores (the wall-clock times then measure them too). None without CPU times."""
-    shares = [cpu / (wall * record["threads"]) for record in records if record["cpu_times_s"]
-              for wall, cpu in zip(record["step_times_s"], record["cpu_times_s"])]
+    """The median over all timed CPU steps (decode forwards in the inference bench) of CPU seconds / (wall seconds x
+    threads): about 1 on an idle machine, lower when other jobs took the cores (the wall-clock times then measure
+    them too). None without CPU times."""
+    wall_key, cpu_key = ("decode_times_s", "decode_cpu_times_s") if _is_inference(records[0]) else \
+        ("step_times_s", "cpu_times_s")
+    shares = [cpu / (wall * record["threads"]) for record in records if record[cpu_key]
+              for wall, cpu in zip(record[wall_key], record[cpu_key])]
     return statistics.median(shares) if shares else None
 
 
 def format_summary(records: Sequence[dict]) -> str:
-    """One line per (shapes, scope), each ratio beside its target (targets are set for Llama-3.2-3B shapes),
-    and how much of the cores the steps got."""
+    """The summary of a training or an inference bench, each ratio beside its target, and how much of the cores
+    the steps got."""
+    lines = format_inference_checks(records) if _is_inference(records[0]) else _training_lines(records)
+    share = cpu_share(records)
+    if share is not None:
+        lines.append(
+            f"The steps got {100 * share:.0f}% of their threads' time (median)"
+            + (": other jobs were using the cores, so wall-clock times are inflated and noisy; the CPU-time ratios "
+               "are the steadier reading" if share < BUSY_SHARE else "")
+        )
+    return "\n".join(lines)
+
+
+def _training_lines(records: Sequence[dict]) -> list[str]:
+    """One line per (shapes, scope) against the training targets (set for Llama-3.2-3B shapes)."""
     lines = []
     for summary in summarize(records):
         targets = load_targets().get(summary["scope"], Targets())
@@ -137,71 +212,146 @@ def format_summary(records: Sequence[dict]) -> str:
             f"step memory worst {summary['worst_step_mem_ratio']:.3f}",
         ]
         if summary["cells_with_dora"]:
-            parts.append(f"faster than DoRA in {summary['faster_than_dora']}/{summary['cells_with_dora']} cells")
+            versus = f"faster than DoRA in {summary['faster_than_dora']}/{summary['cells_with_dora']} cells"
+            if targets.faster_than_dora:
+                missed = summary["slower_than_dora"]
+                versus += (" (target: every cell: " + ("met)" if not missed else f"MISSED in {', '.join(missed)})"))
+            parts.append(versus)
         cells = f"{summary['cells']} cell{'s' * (summary['cells'] > 1)}"
         lines.append(f"GFA/LoRA on {summary['shapes']} {summary['scope']} ({cells}): " + "; ".join(parts))
-    share = cpu_share(records)
-    if share is not None:
-        lines.append(
-            f"The steps got {100 * share:.0f}% of their threads' time (median)"
-            + (": other jobs were using the cores, so wall-clock times are inflated and noisy; the CPU-time ratios "
-               "are the steadier reading" if share < BUSY_SHARE else "")
-        )
-    return "\n".join(lines)
+    return lines
+
+
+def inference_checks(records: Sequence[dict]) -> list[dict]:
+    """Each (cell, batch size) of an inference bench against the inference targets: GFA unmerged's decode time per
+    token over LoRA unmerged's, GFA merged's over the bare model's with the noise allowed (the larger relative IQR
+    of the two methods' decode times), whether each is met, and whether GFA merged generated the same tokens as GFA
+    unmerged (None where a method is missing)."""
+    targets = load_inference_targets()
+    by_key = {(record["cell"], record["batch_size"], record["method"]): record for record in records}
+    checks = []
+    for cell, batch_size in dict.fromkeys((record["cell"], record["batch_size"]) for record in records):
+        gfa, merged, base = (by_key.get((cell, batch_size, method)) for method in ("gfa", "gfa-merged", "base"))
+        check = {"cell": cell, "batch_size": batch_size, "decode_vs_lora": gfa and gfa["decode_ratio_to_lora"],
+                 "cpu_decode_vs_lora": gfa and gfa["decode_cpu_ratio_to_lora"],
+                 "merged_vs_base": merged and merged["decode_ratio_to_base"],
+                 "cpu_merged_vs_base": merged and merged["decode_cpu_ratio_to_base"]}
+        check["decode_vs_lora_met"] = (None if check["decode_vs_lora"] is None
+                                       else check["decode_vs_lora"] <= targets.decode_vs_lora)
+        noise = max(relative_iqr(merged["decode_times_s"]) or 0, relative_iqr(base["decode_times_s"]) or 0) \
+            if merged and base else None
+        check["noise"] = noise
+        check["merged_vs_base_met"] = (None if check["merged_vs_base"] is None
+                                       else abs(check["merged_vs_base"] - targets.merged_decode_vs_base) <= noise)
+        check["same_tokens"] = gfa["generated"] == merged["generated"] if gfa and merged else None
+        if any(check[key] is not None for key in ("decode_vs_lora", "merged_vs_base")):
+            checks.append(check)
+    return checks
+
+
+def format_inference_checks(records: Sequence[dict]) -> list[str]:
+    targets = load_inference_targets()
+    lines = []
+    for check in inference_checks(records):
+        parts = []
+        if check["decode_vs_lora"] is not None:
+            parts.append(f"GFA/LoRA unmerged decode {check['decode_vs_lora']:.3f} (target <= {targets.decode_vs_lora}: "
+                         f"{_met(check['decode_vs_lora_met'])})" + _cpu_reading(check["cpu_decode_vs_lora"]))
+        if check["merged_vs_base"] is not None:
+            parts.append(f"GFA merged/base decode {check['merged_vs_base']:.3f} (target {targets.merged_decode_vs_base}"
+                         f" within noise {100 * check['noise']:.1f}%: {_met(check['merged_vs_base_met'])})"
+                         + _cpu_reading(check["cpu_merged_vs_base"]))
+        if check["same_tokens"] is not None:
+            parts.append("GFA merged and unmerged generated " + ("the same tokens" if check["same_tokens"]
+                                                                 else "DIFFERENT tokens"))
+        lines.append(f"{check['cell']} batch {check['batch_size']}: " + "; ".join(parts))
+    return lines
+
+
+def _cpu_reading(ratio: float | None) -> str:
+    """The CPU-time reading of a ratio, steadier than wall-clock time on a busy machine (nothing on CUDA)."""
+    return "" if ratio is None else f", CPU time {ratio:.3f}"
 
 
 def markdown_report(records: Sequence[dict], run_line: str) -> str:
     """The results as markdown: the run, the summary, one table of every record, the legend."""
-    header = ["cell", *(name for name, _ in COLUMNS)]
-    rows = [[record["cell"], *(show(record) for _, show in COLUMNS)] for record in records]
+    columns = _columns(records)
+    header = ["cell", *(name for name, _ in columns)]
+    rows = [[record["cell"], *(show(record) for _, show in columns)] for record in records]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in rows]
     summary = format_summary(records)
+    inference = _is_inference(records[0])
     return "\n".join([
-        "# gfa bench", "", run_line, "",
+        "# gfa bench" + (" --inference" if inference else ""), "", run_line, "",
         "## Summary", "", *(f"- {line}" for line in summary.splitlines()), "",
-        "## Results", "", *table, "", LEGEND, "",
+        "## Results", "", *table, "", INFERENCE_LEGEND if inference else LEGEND, "",
     ])
 
 
 def plot_ratios(records: Sequence[dict], path: Path) -> None:
-    """Step time (wall and, on CPU, CPU time) and peak memory over LoRA's, per cell, for GFA, DoRA and the floor,
-    with the targets marked."""
+    """Training: step time (wall and, on CPU, CPU time) and peak memory over LoRA's, per cell, for GFA, DoRA and
+    the floor. Inference: decode time over LoRA unmerged's and over the bare model's, and peak memory over the bare
+    model's, per cell and batch size. The targets are marked."""
+    if _is_inference(records[0]):
+        inference = load_inference_targets()
+        panels = [("decode_ratio_to_lora", "decode time / LoRA unmerged's",
+                   [(inference.decode_vs_lora, "GFA target", "bottom")], "LoRA"),
+                  ("decode_ratio_to_base", "decode time / bare model's",
+                   [(inference.merged_decode_vs_base, "GFA merged target", "top")], "base"),
+                  ("mem_ratio_to_base", "peak memory / bare model's", [], "base")]
+        styles = {"gfa": ("o", "tab:blue", "GFA unmerged"), "gfa-merged": ("D", "tab:green", "GFA merged"),
+                  "lora": ("s", "tab:orange", "LoRA unmerged"), "base": ("_", "tab:gray", "bare model")}
+        title = "gfa bench --inference: greedy generation, paired in alternating rounds"
+    else:
+        scopes = {record["scope"] for record in records}  # only the targets of the scopes measured
+        time_targets = _target_lines("median_time", scopes) + _target_lines("worst_time", scopes)
+        panels = [("time_ratio_to_lora", "step time / LoRA's", time_targets, "LoRA")]
+        if any(record["cpu_time_ratio_to_lora"] is not None for record in records):
+            panels.append(("cpu_time_ratio_to_lora", "CPU time / LoRA's", time_targets, "LoRA"))
+        panels.append(("mem_ratio_to_lora", "peak memory / LoRA's", _target_lines("worst_peak_mem", scopes), "LoRA"))
+        styles = {"gfa": ("o", "tab:blue", "GFA"), "dora": ("s", "tab:orange", "DoRA (PEFT)"),
+                  "floor": ("_", "tab:gray", "floor")}
+        title = "gfa bench: paired against PEFT's LoRA at the same anchor (anchor 1/2 against LoRA r=1)"
+    _plot_panels(records, panels, styles, title, path)
+
+
+def _plot_panels(records: Sequence[dict], panels: list[tuple[str, str, list[tuple[float, str, str]], str]],
+                 styles: dict[str, tuple[str, str, str]], title: str, path: Path) -> None:
+    """One panel per (ratio key, title, target lines, name of the line at 1), the records' ratios per cell (and
+    batch size, where the records have more than one) in each method's (marker, color, label)."""
     from gfa_peft.io.plots import plt, save_figure  # matplotlib loads (with Agg) only when a plot is drawn
 
-    cells = list(dict.fromkeys(record["cell"] for record in records if record["time_ratio_to_lora"] is not None))
-    # "llama-3.2-3b, q+v, anchor 1/2" rather than the cell key "llama-3.2-3b/q+v/1/2", whose anchor reads as a path
-    cell_labels = {record["cell"]: f"{record['shapes']}, {record['scope']}, anchor {record['anchor']}"
-                   for record in records}
-    scopes = {record["scope"] for record in records}  # only the targets of the scopes measured
-    time_targets = _target_lines("median_time", scopes) + _target_lines("worst_time", scopes)
-    panels = [("time_ratio_to_lora", "step time / LoRA's", time_targets)]
-    if any(record["cpu_time_ratio_to_lora"] is not None for record in records):
-        panels.append(("cpu_time_ratio_to_lora", "CPU time / LoRA's", time_targets))
-    panels.append(("mem_ratio_to_lora", "peak memory / LoRA's", _target_lines("worst_peak_mem", scopes)))
-    figure, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(4, 0.55 * len(cells) + 2), 5), squeeze=False)
-    styles = {"gfa": ("o", "tab:blue", "GFA"), "dora": ("s", "tab:orange", "DoRA (PEFT)"),
-              "floor": ("_", "tab:gray", "floor")}
-    for panel, (key, title, targets) in zip(axes[0], panels):
-        for method, (marker, color, label) in styles.items():
-            points = [(cells.index(r["cell"]), r[key]) for r in records
-                      if r["method"] == method and r["cell"] in cells and r[key] is not None]
+    several_batches = len({record["batch_size"] for record in records}) > 1
+
+    def label(record: dict) -> str:
+        # "llama-3.2-3b, q+v, anchor 1/2" rather than the cell key "llama-3.2-3b/q+v/1/2", whose anchor reads as a path
+        return (f"{record['shapes']}, {record['scope']}, anchor {record['anchor']}"
+                + (f", batch {record['batch_size']}" if several_batches else ""))
+
+    labels = list(dict.fromkeys(label(record) for record in records
+                                if any(record[key] is not None for key, *_ in panels)))
+    figure, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(4, 0.55 * len(labels) + 2), 5),
+                                squeeze=False)
+    for panel, (key, panel_title, targets, unit_name) in zip(axes[0], panels):
+        for method, (marker, color, method_label) in styles.items():
+            points = [(labels.index(label(r)), r[key]) for r in records
+                      if r["method"] == method and label(r) in labels and r[key] is not None]
             if points:
-                panel.scatter(*zip(*points), marker=marker, color=color, label=label, s=60, zorder=3)
-        panel.axhline(1.0, color="black", linewidth=1, label="LoRA")
-        for value, label, side in targets:
+                panel.scatter(*zip(*points), marker=marker, color=color, label=method_label, s=60, zorder=3)
+        panel.axhline(1.0, color="black", linewidth=1, label=unit_name)
+        for value, target_label, side in targets:
             panel.axhline(value, color="tab:red", linestyle=":", linewidth=1)
-            panel.annotate(label, (1.0, value), xycoords=("axes fraction", "data"), ha="right", va=side,
+            panel.annotate(target_label, (1.0, value), xycoords=("axes fraction", "data"), ha="right", va=side,
                            fontsize=7, color="tab:red")
-        panel.set_title(title)
-        panel.set_xticks(range(len(cells)), [cell_labels[cell] for cell in cells], rotation=60, ha="right",
-                         fontsize=7)
+        panel.set_title(panel_title)
+        panel.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         panel.margins(x=0.2)  # the first and last cells' points off the frame
         panel.grid(axis="y", alpha=0.3)
     # beside the last panel, where it covers no point
     axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1),
                        borderaxespad=0)
-    figure.suptitle("gfa bench: paired against PEFT's LoRA at the same anchor (anchor 1/2 against LoRA r=1)")
+    figure.suptitle(title)
     save_figure(figure, path)
 
 
@@ -231,10 +381,23 @@ def write_outputs(folder: Path, records: Sequence[dict], run_config: dict, run_l
     return [folder / name for name in OUTPUT_FILES]
 
 
+def _is_inference(record: dict) -> bool:
+    """Whether a record is of `gfa bench --inference` (it times decoding) rather than of the training bench."""
+    return "decode_s" in record
+
+
+def _columns(records: Sequence[dict]) -> list[Column]:
+    return INFERENCE_COLUMNS if _is_inference(records[0]) else COLUMNS
+
+
 def _against(value: float, target: float | None) -> str:
     if target is None:
         return f"{value:.3f}"
     return f"{value:.3f} (target <= {target}: {'met' if value <= target else 'MISSED'})"
+
+
+def _met(met: bool) -> str:
+    return "met" if met else "MISSED"
 
 
 def _number(value: float | None, spec: str) -> str:

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gfa_peft.bench.shapes import SCOPES, SHAPES, BenchShapes
 
+if TYPE_CHECKING:
+    from gfa_peft.bench.plan import Run
+    from gfa_peft.bench.worker import WorkerSpec
+
 BENCH_METHODS = ("gfa", "lora", "dora", "floor")
 """The paper's Table 1 methods (named as in `training.methods.METHODS`) and the no-adapter floor."""
+INFERENCE_METHODS = ("base", "lora", "gfa", "gfa-merged")
+"""The inference bench's: the bare model, LoRA and GFA unmerged, GFA merged into the base weights."""
+GFA_METHODS = ("gfa", "gfa-merged")
+"""Methods at the anchor's GFA rank; "floor" and "base" have no adapter, the others sit at its LoRA rank."""
+NO_ADAPTER = ("floor", "base")
 DEFAULT_ANCHORS = ("1/2", "1", "4", "16")
 DTYPE_NAMES = ("float32", "bfloat16")
 """The weights' dtypes a run can use (torch's names)."""
@@ -41,6 +51,60 @@ class BenchSettings:
         """Tokens a step."""
         return self.batch_size * self.seq_len
 
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return (self.batch_size,)
+
+    def worker_spec(self, run: Run) -> WorkerSpec:
+        from gfa_peft.bench.worker import WorkerSpec  # torch loads once a benchmark runs
+
+        return WorkerSpec(run.shapes, run.scope, run.method, run.rank, run.batch_size, self.seq_len, self.device,
+                          self.dtype, self.threads, self.seed)
+
+    def lower_bounds(self) -> list[tuple[str, int, int]]:
+        """(name, value, least allowed) of each count setting."""
+        return [("steps", self.steps, 1), ("warmup", self.warmup, 1), ("batch size", self.batch_size, 1),
+                ("sequence length", self.seq_len, 2), ("threads", self.threads, 1)]
+
 
 QUICK = BenchSettings(shapes=(SHAPES["llama-3.2-3b"],), scopes=("q+v",), anchors=("4",), steps=4, warmup=1)
 """One cell, Llama-3.2-3B shapes at q+v and the paper's Table 1 anchor (LoRA r = 4): a few minutes on 2 cores."""
+
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What `gfa bench --inference` measures: greedy generation of `new_tokens` after a `prompt_len`-token prompt,
+    at each batch size. The defaults are the full run; `QUICK_INFERENCE` is the few-minute subset."""
+
+    shapes: tuple[BenchShapes, ...] = tuple(SHAPES.values())
+    scopes: tuple[str, ...] = tuple(SCOPES)
+    anchors: tuple[str, ...] = ("4",)
+    methods: tuple[str, ...] = INFERENCE_METHODS
+    batch_sizes: tuple[int, ...] = (1, 8)
+    prompt_len: int = 16
+    new_tokens: int = 24
+    steps: int = 5
+    warmup: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = field(default_factory=available_threads)
+    seed: int = 0
+
+    def worker_spec(self, run: Run) -> WorkerSpec:
+        from gfa_peft.bench.worker import WorkerSpec
+
+        return WorkerSpec(run.shapes, run.scope, run.method, run.rank, run.batch_size, self.prompt_len, self.device,
+                          self.dtype, self.threads, self.seed, task="generate", new_tokens=self.new_tokens)
+
+    def lower_bounds(self) -> list[tuple[str, int, int]]:
+        return [("steps", self.steps, 1), ("warmup", self.warmup, 1), ("prompt length", self.prompt_len, 1),
+                ("new tokens", self.new_tokens, 2), ("threads", self.threads, 1),
+                *(("batch size", batch_size, 1) for batch_size in self.batch_sizes)]
+
+
+QUICK_INFERENCE = InferenceSettings(shapes=(SHAPES["llama-3.2-3b"],), scopes=("q+v",), batch_sizes=(1,), steps=3)
+"""Llama-3.2-3B shapes at q+v, batch 1, 3 timed calls: 4.5 minutes measured on 2 cores that other jobs kept busy
+(its workers got 40-75% of a core)."""
+
+Settings = BenchSettings | InferenceSettings

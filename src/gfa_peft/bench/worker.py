@@ -1,13 +1,17 @@
-"""One method of one `gfa bench` cell, trained in a process of its own so that its memory is its own.
+"""One method of one `gfa bench` cell, run in a process of its own so that its memory is its own.
 
-The parent starts one worker per method and drives them one training step at a time, so that the methods'
-steps interleave (see `bench.py`). Protocol, pickled messages over the worker's stdin and stdout: the parent
-sends the `WorkerSpec`; the worker builds its model and answers ("ready", {"trainable": n}); then each
-command gets one answer:
+The parent starts one worker per method and drives them one step at a time, so that the methods' steps
+interleave (see `plan.py`). A step is one training step (`WorkerSpec.task` "train": forward, loss, backward,
+AdamW) or one greedy `generate` call ("generate": a prompt's prefill, then one decode forward per new token).
+Protocol, pickled messages over the worker's stdin and stdout: the parent sends the `WorkerSpec`; the worker
+builds its model and answers ("ready", {"trainable": n}); then each command gets one answer:
 
-    "step"    -> ("step", {"wall_s": ..., "cpu_s": ...})     one timed training step
+    "step"    -> ("step", timings)                           one timed step; training:
+                                                              {"wall_s": ..., "cpu_s": ...}, generation:
+                                                              {"prefill_s", "prefill_cpu_s", "decode_s",
+                                                              "decode_cpu_s" (per decode forward), "tokens"}
     "memory"  -> ("memory", {"resting_mem_mb": ..., "peak_mem_mb": ..., "step_mem_mb": ...})
-                                                              one training step with its memory measured
+                                                              one step with its memory measured
     "stop"    -> no answer; the process ends.
 
 A failure is answered with ("error", traceback) and ends the process.
@@ -58,7 +62,11 @@ class WorkerError(RuntimeError):
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to build its model, adapter and batch (picklable: it crosses the process boundary)."""
+    """Everything a worker needs to build its model, adapter and batch (picklable: it crosses the process boundary).
+
+    `task` "train": a step trains on `batch_size` sequences of `seq_len` tokens. "generate": a step greedily
+    generates `new_tokens` tokens after a prompt of `seq_len` tokens for each of `batch_size` sequences.
+    """
 
     shapes: BenchShapes
     scope: str
@@ -70,6 +78,8 @@ class WorkerSpec:
     dtype: str
     threads: int
     seed: int
+    task: str = "train"
+    new_tokens: int = 0
 
 
 def attach_method(model: nn.Module, method: str, rank: int | None, targets: str | list[str]) -> nn.Module:
@@ -94,37 +104,43 @@ def _output_requires_grad(module: nn.Module, inputs, output: torch.Tensor) -> No
         output.requires_grad_()
 
 
-class Trainer:
-    """One method's model, AdamW over its trainable parameters, and a fixed batch of random tokens."""
+def attach_for_generation(model: nn.Module, method: str, rank: int | None, targets: str | list[str]) -> nn.Module:
+    """The model as `method` generates with: bare ("base"), with LoRA or GFA unmerged, or with GFA merged
+    (`merge_adapter`, so the PEFT wrapper and its layers stay in the forward path, as a user's merged model's do).
 
-    def __init__(self, spec: WorkerSpec):
+    Every factor is drawn at random (no zero B), so no shortcut for a zero update can hide an adapter's cost.
+    """
+    if method == "base":
+        return model.requires_grad_(False)  # nothing trains: its trainable count is 0, as an adapter's is its own
+    model = get_peft_model(model, peft_config(method.removesuffix("-merged"), {"r": rank}, targets, zero_update=False))
+    if method == "gfa-merged":
+        model.merge_adapter()
+    return model
+
+
+class Session:
+    """One method's model, built with the same weights for every method, and its memory measurement.
+
+    Subclasses define `step` (the work timed and measured) and `timed_step`.
+    """
+
+    def __init__(self, spec: WorkerSpec, attach: Callable[[nn.Module, str, int | None, str | list[str]], nn.Module]):
         self.device = torch.device(spec.device)
         # On CPU, recording starts before the model exists, so that every tensor the worker holds is counted.
         self._recorder = CpuAllocationRecorder() if self.device.type == "cpu" else None
         torch.manual_seed(spec.seed)  # the same weights for every method
         model = spec.shapes.build(self.device).to(DTYPES[spec.dtype])
-        self.model = attach_method(model, spec.method, spec.rank, SCOPES[spec.scope]).train()
-        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        self.trainable = sum(parameter.numel() for parameter in trainable)
-        self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE) if trainable else None
+        self.model = attach(model, spec.method, spec.rank, SCOPES[spec.scope])
+        self.trainable = sum(parameter.numel() for parameter in self.model.parameters() if parameter.requires_grad)
         generator = torch.Generator().manual_seed(spec.seed)
         vocabulary = self.model.get_input_embeddings().num_embeddings
         self.tokens = torch.randint(vocabulary, (spec.batch_size, spec.seq_len), generator=generator).to(self.device)
 
-    def step(self) -> None:
-        """Forward, causal-LM loss, backward, optimizer step; gradients are dropped so none is held between steps."""
-        self.model(input_ids=self.tokens, labels=self.tokens).loss.backward()
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+    def step(self) -> object:
+        raise NotImplementedError
 
-    def timed_step(self) -> dict[str, float]:
-        """Wall-clock and process CPU seconds (all threads) of one step."""
-        self._synchronize()
-        wall, cpu = time.perf_counter(), time.process_time()
-        self.step()
-        self._synchronize()
-        return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    def timed_step(self) -> dict:
+        raise NotImplementedError
 
     def measured_step(self) -> dict[str, float]:
         """One step's tensor memory in MiB: resting before it, its peak, and the rise between them.
@@ -145,6 +161,83 @@ class Trainer:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class Trainer(Session):
+    """One method's model in training mode, AdamW over its trainable parameters, a fixed batch of random tokens."""
+
+    def __init__(self, spec: WorkerSpec):
+        super().__init__(spec, attach_method)
+        self.model.train()
+        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE) if trainable else None
+
+    def step(self) -> None:
+        """Forward, causal-LM loss, backward, optimizer step; gradients are dropped so none is held between steps."""
+        self.model(input_ids=self.tokens, labels=self.tokens).loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def timed_step(self) -> dict[str, float]:
+        """Wall-clock and process CPU seconds (all threads) of one step."""
+        self._synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.step()
+        self._synchronize()
+        return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+class Generator(Session):
+    """One method's model in eval mode, generating greedily from a fixed batch of random prompts."""
+
+    def __init__(self, spec: WorkerSpec):
+        if spec.new_tokens < 2:
+            raise ValueError(f"generation needs at least 2 new tokens (one decode forward), got {spec.new_tokens}")
+        super().__init__(spec, attach_for_generation)
+        self.model.eval()
+        self.new_tokens = spec.new_tokens
+
+    def step(self, logits_processor: list | None = None) -> torch.Tensor:
+        """The new tokens (batch x new_tokens) of one greedy `generate`, exactly `new_tokens` of them."""
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids=self.tokens, attention_mask=torch.ones_like(self.tokens), do_sample=False,
+                max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, pad_token_id=0,
+                logits_processor=logits_processor,
+            )
+        return output[:, self.tokens.shape[1]:]
+
+    def timed_step(self) -> dict:
+        """Seconds (wall and process CPU) of the prefill and of one decode forward (the mean over the call's
+        `new_tokens - 1` decode forwards), with the tokens generated.
+
+        The times are read where `generate` hands each new token's logits to its logits processors: the first
+        call follows the prefill forward, each later one a decode forward.
+        """
+        clock = _Clock(self._synchronize)
+        tokens = self.step(logits_processor=[clock])
+        wall, cpu = zip(*clock.marks)
+        decodes = len(clock.marks) - 2
+        return {
+            "prefill_s": wall[1] - wall[0], "prefill_cpu_s": cpu[1] - cpu[0],
+            "decode_s": (wall[-1] - wall[1]) / decodes, "decode_cpu_s": (cpu[-1] - cpu[1]) / decodes,
+            "tokens": tokens.cpu().tolist(),
+        }
+
+
+class _Clock:
+    """A logits processor that changes nothing and notes (wall, CPU) time at its creation and at each call."""
+
+    def __init__(self, synchronize: Callable[[], None]):
+        self._synchronize = synchronize
+        synchronize()
+        self.marks = [(time.perf_counter(), time.process_time())]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._synchronize()
+        self.marks.append((time.perf_counter(), time.process_time()))
+        return scores
 
 
 class CpuAllocationRecorder:
@@ -195,9 +288,9 @@ def serve(commands: BinaryIO, answers: BinaryIO) -> None:
     try:
         spec = pickle.load(commands)
         torch.set_num_threads(spec.threads)
-        trainer = Trainer(spec)
-        _answer(answers, ("ready", {"trainable": trainer.trainable}))
-        actions = {"step": trainer.timed_step, "memory": trainer.measured_step}
+        session = {"train": Trainer, "generate": Generator}[spec.task](spec)
+        _answer(answers, ("ready", {"trainable": session.trainable}))
+        actions = {"step": session.timed_step, "memory": session.measured_step}
         while (command := pickle.load(commands)) != "stop":
             _answer(answers, (command, actions[command]()))
     except EOFError:  # the parent is gone

@@ -1,4 +1,6 @@
-"""`gfa bench`: paired step time and memory of GFA, LoRA, DoRA and the frozen floor at matched rank anchors."""
+"""`gfa bench`: paired step time and memory of GFA, LoRA, DoRA and the frozen floor at matched rank anchors;
+with --inference, paired prefill and decode speed and memory of greedy generation with GFA (unmerged and merged),
+LoRA and the bare model."""
 
 from __future__ import annotations
 
@@ -11,14 +13,27 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gfa_peft.bench.settings import BENCH_METHODS, DTYPE_NAMES, QUICK, BenchSettings
+from gfa_peft.bench.settings import (
+    BENCH_METHODS,
+    DTYPE_NAMES,
+    INFERENCE_METHODS,
+    QUICK,
+    QUICK_INFERENCE,
+    BenchSettings,
+    InferenceSettings,
+    Settings,
+)
 from gfa_peft.bench.shapes import SCOPES, SHAPES
 from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path, parse_list
 from gfa_peft.io.files import check_output_folder
 
 FULL = BenchSettings()
+FULL_INFERENCE = InferenceSettings()
 DEFAULT_OUT = "gfa-bench"
+DEFAULT_INFERENCE_OUT = "gfa-bench-inference"
+TRAINING_ONLY = {"batch_size": "--batch-size", "seq_len": "--seq-len"}
+INFERENCE_ONLY = {"batch_sizes": "--batch-sizes", "prompt_len": "--prompt-len", "new_tokens": "--new-tokens"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,15 +47,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the processes of a cell take turns one step at a time, in rounds of alternating order, so that a busy "
             "machine slows them alike. Reported per method: median step time, tokens/s, process CPU time, peak "
             "tensor memory of a step (CPU: from PyTorch's profiler; CUDA: the allocator's statistics), and each as "
-            f"a ratio to LoRA's. Without --quick the full run writes results.json, results.md, plot.png and "
-            f"config.json to --out (default {DEFAULT_OUT}/). See docs/bench.md."
+            f"a ratio to LoRA's. With --inference, time greedy generation instead (prefill and decode tokens/s, "
+            f"memory) of the bare model, LoRA unmerged, GFA unmerged and GFA merged, factors drawn at random, paired "
+            f"the same way. Without --quick the full run writes results.json, results.md, plot.png and config.json "
+            f"to --out (default {DEFAULT_OUT}/, with --inference {DEFAULT_INFERENCE_OUT}/). See docs/bench.md."
         ),
+    )
+    parser.add_argument(
+        "--inference", action="store_true",
+        help="time greedy generation instead of training: methods " + ", ".join(INFERENCE_METHODS)
+        + f", anchor {','.join(FULL_INFERENCE.anchors)} unless --anchors is given",
     )
     parser.add_argument(
         "--quick", action="store_true",
         help=f"a few-minute subset: shapes {_names(QUICK.shapes)}, scope {','.join(QUICK.scopes)}, anchor "
-        f"{','.join(QUICK.anchors)}, {QUICK.warmup} warm-up, 1 memory and {QUICK.steps} timed steps; "
-        "flags given still apply",
+        f"{','.join(QUICK.anchors)}, {QUICK.warmup} warm-up, 1 memory and {QUICK.steps} timed steps (with "
+        f"--inference: batch size {','.join(map(str, QUICK_INFERENCE.batch_sizes))}, {QUICK_INFERENCE.steps} timed "
+        "calls); flags given still apply",
     )
     parser.add_argument(
         "--shapes", metavar="NAMES",
@@ -57,9 +80,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default: {','.join(FULL.anchors)})",
     )
     parser.add_argument(
-        "--methods", metavar="NAMES", help=f"comma-separated methods from {', '.join(BENCH_METHODS)} (default: all)"
+        "--methods", metavar="NAMES",
+        help=f"comma-separated methods from {', '.join(BENCH_METHODS)}; with --inference from "
+        f"{', '.join(INFERENCE_METHODS)} (default: all)",
     )
-    parser.add_argument("--steps", type=int, metavar="N", help=f"timed steps per method (default: {FULL.steps})")
+    parser.add_argument(
+        "--steps", type=int, metavar="N",
+        help=f"timed steps per method (default: {FULL.steps}); with --inference timed generate calls "
+        f"(default: {FULL_INFERENCE.steps})",
+    )
     parser.add_argument(
         "--warmup", type=int, metavar="N",
         help=f"untimed steps per method before the one that measures memory (default: {FULL.warmup})",
@@ -68,6 +97,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seq-len", type=int, metavar="N",
         help=f"tokens a sequence (default: {FULL.seq_len}; {FULL.tokens:,} tokens a step with the default batch)",
+    )
+    parser.add_argument(
+        "--batch-sizes", metavar="NS",
+        help="--inference: comma-separated batch sizes, each its own cell "
+        f"(default: {','.join(map(str, FULL_INFERENCE.batch_sizes))})",
+    )
+    parser.add_argument(
+        "--prompt-len", type=int, metavar="N",
+        help=f"--inference: prompt tokens a sequence (default: {FULL_INFERENCE.prompt_len})",
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, metavar="N",
+        help=f"--inference: tokens generated a sequence (default: {FULL_INFERENCE.new_tokens})",
     )
     parser.add_argument("--device", metavar="DEVICE", help=f"'cpu' or 'cuda[:N]' (default: {FULL.device})")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help=f"weights' dtype (default: {FULL.dtype})")
@@ -83,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", metavar="DIR",
         help="write results.json, results.md, plot.png and config.json to DIR "
-        f"(default: {DEFAULT_OUT} for the full run, nothing for --quick)",
+        f"(default: {DEFAULT_OUT}, with --inference {DEFAULT_INFERENCE_OUT}, for the full run; nothing for --quick)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -99,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     json_path = output_path(args.json)
-    out = args.out or (None if args.quick else DEFAULT_OUT)
+    out = args.out or (None if args.quick else DEFAULT_INFERENCE_OUT if args.inference else DEFAULT_OUT)
     out_folder = _folder_path(out) if out else None
     if out_folder is not None:  # a folder of other files is refused now, not after the first group
         check_output_folder(out_folder, BENCH, overwrite=True)
@@ -108,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
 
     def run_line(done: int, total: int) -> str:
         return (
-            f"{settings.device} {settings.dtype}, {settings.threads} threads, {settings.tokens:,} tokens a step "
-            f"({settings.batch_size} x {settings.seq_len}), {settings.warmup} warm-up + 1 memory + {settings.steps} "
-            f"timed steps per method, wall time {time.perf_counter() - clock:.0f} s"
+            f"{settings.device} {settings.dtype}, {settings.threads} threads, {_work(settings)}, {settings.warmup} "
+            f"warm-up + 1 memory + {settings.steps} timed {'calls' if args.inference else 'steps'} per method, "
+            f"wall time {time.perf_counter() - clock:.0f} s"
             + ("" if done == total else f"; PARTIAL: {done} of {total} groups measured so far")
         )
 
@@ -132,9 +174,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def settings_from(args: argparse.Namespace) -> BenchSettings:
-    """The full run's settings, or `QUICK`'s with --quick, with every flag given applied on top."""
-    base = QUICK if args.quick else FULL
+def _work(settings: Settings) -> str:
+    """What one step is, for the run line."""
+    if isinstance(settings, InferenceSettings):
+        return (f"greedy generate of {settings.new_tokens} tokens after a {settings.prompt_len}-token prompt, batch "
+                f"{','.join(map(str, settings.batch_sizes))}")
+    return f"{settings.tokens:,} tokens a step ({settings.batch_size} x {settings.seq_len})"
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The full run's settings, or `QUICK`'s with --quick (with --inference: the inference bench's), with every
+    flag given applied on top."""
+    if args.inference:
+        base = QUICK_INFERENCE if args.quick else FULL_INFERENCE
+    else:
+        base = QUICK if args.quick else FULL
     given = {
         "shapes": _names_given(args.shapes, "--shapes"),
         "scopes": _names_given(args.scopes, "--scopes"),
@@ -144,6 +198,9 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         "warmup": args.warmup,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
+        "batch_sizes": _integers_given(args.batch_sizes, "--batch-sizes"),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
         "device": args.device,
         "dtype": args.dtype,
         "threads": args.threads,
@@ -154,7 +211,23 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         if unknown:
             raise UsageError(f"unknown shapes {', '.join(map(repr, unknown))}; choose from {', '.join(SHAPES)}")
         given["shapes"] = tuple(SHAPES[name] for name in given["shapes"])
-    return dataclasses.replace(base, **{key: value for key, value in given.items() if value is not None})
+    given = {key: value for key, value in given.items() if value is not None}
+    other_bench = TRAINING_ONLY if args.inference else INFERENCE_ONLY
+    misplaced = [flag for key, flag in other_bench.items() if key in given]
+    if misplaced:
+        raise UsageError(f"{', '.join(misplaced)} {'is' if len(misplaced) == 1 else 'are'} "
+                         + ("the training bench's: not with --inference" if args.inference else "for --inference only"))
+    return dataclasses.replace(base, **given)
+
+
+def _integers_given(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    items = parse_list(text, flag)
+    try:
+        return tuple(int(item) for item in items)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: give whole numbers, e.g. 1,8") from None
 
 
 def _names_given(text: str | None, flag: str) -> tuple[str, ...] | None:
@@ -170,7 +243,7 @@ def _folder_path(text: str) -> Path:
     return path
 
 
-def _run_config(settings: BenchSettings, args: argparse.Namespace, started: datetime, wall_s: float,
+def _run_config(settings: Settings, args: argparse.Namespace, started: datetime, wall_s: float,
                 load_before: list[float] | None) -> dict:
     """The settings and the machine, so that a result can be read (and rerun) later."""
     import peft
@@ -183,7 +256,7 @@ def _run_config(settings: BenchSettings, args: argparse.Namespace, started: date
             **dataclasses.asdict(settings),
             "shapes": [{"name": shapes.name, "preset": shapes.preset, "changes": dict(shapes.changes),
                         "description": shapes.description} for shapes in settings.shapes],
-            "tokens": settings.tokens,
+            **({"tokens": settings.tokens} if isinstance(settings, BenchSettings) else {}),
         },
         "arguments": {name: value for name, value in vars(args).items() if not callable(value)},
         "started": started.isoformat(timespec="seconds"),

@@ -134,18 +134,23 @@ def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int) 
     return Placement(method, None, {"r": rank}, trainable, None)
 
 
-def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_type: str | None = None) -> PeftConfig:
+def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_type: str | None = None,
+                zero_update: bool = True) -> PeftConfig:
     """The PEFT config that trains `method` at size `knobs` (a `Placement`'s) on `targets`.
 
     The one mapping from this package's method names to PEFT configs, used by training and by `gfa bench`.
+    `zero_update=False` (GFA, LoRA and DoRA) draws every factor at random, so the adapter changes the model from
+    the start: the inference bench's adapters, whose cost no shortcut for a zero update may hide.
     Not defined for full fine-tuning, which uses no adapter.
     """
     target_modules = targets if isinstance(targets, str) else list(targets)
     common = {"target_modules": target_modules, "task_type": task_type}
     if method == "gfa":
-        return GfaConfig(r=knobs["r"], scale=1.0, module_order=knobs.get("module_order", "model"), **common)
+        return GfaConfig(r=knobs["r"], scale=1.0, module_order=knobs.get("module_order", "model"),
+                         init_weights=zero_update, **common)
     if method in ("lora", "dora"):
-        return LoraConfig(r=knobs["r"], lora_alpha=knobs["r"], use_dora=method == "dora", **common)
+        return LoraConfig(r=knobs["r"], lora_alpha=knobs["r"], use_dora=method == "dora",
+                          init_lora_weights=zero_update, **common)
     if method == "vera":
         return VeraConfig(r=knobs["r"], **common)
     if method == "vblora":
