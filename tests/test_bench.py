@@ -11,6 +11,7 @@ import statistics
 import pytest
 import torch
 
+from fake_workers import logging_worker
 from gfa_peft.analysis.budget import rank_anchors
 from gfa_peft.cli import main
 from gfa_peft.bench import plan as bench
@@ -156,24 +157,7 @@ def test_summary_takes_median_and_worst_gfa_cell_against_the_targets():
 
 def test_rounds_alternate_order_and_memory_is_measured_after_the_warmup(monkeypatch, tmp_path):
     log = []
-
-    class FakeWorker:
-        def __init__(self, spec, log_path):
-            self.method = spec.method
-
-        def receive(self, expected):
-            return {"trainable": 0}
-
-        def ask(self, command):
-            log.append((command, self.method))
-            if command == "memory":
-                return {"resting_mem_mb": 1.0, "peak_mem_mb": 3.0, "step_mem_mb": 2.0}
-            return {"wall_s": 1.0, "cpu_s": 1.0}
-
-        def stop(self):
-            log.append(("stop", self.method))
-
-    monkeypatch.setattr(bench, "WorkerHandle", FakeWorker)
+    monkeypatch.setattr(bench, "WorkerHandle", logging_worker(log, {"wall_s": 1.0, "cpu_s": 1.0}, log_stop=True))
     settings = BenchSettings(shapes=(TINY,), scopes=("q+v",), anchors=("1",), methods=("gfa", "lora", "floor"),
                              warmup=2, steps=3)
     measure_group(plan(settings)[0], settings, tmp_path)

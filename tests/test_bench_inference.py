@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from fake_workers import logging_worker
 from gfa_peft.bench import plan as bench
 from gfa_peft.bench.plan import INFERENCE_RATIOS, InferenceSettings, add_ratios, measure_group, plan
 from gfa_peft.bench.report import format_summary, inference_checks
@@ -65,24 +66,8 @@ def test_plan_measures_the_four_methods_together_at_each_batch_size():
 
 def test_rounds_alternate_the_four_methods(monkeypatch, tmp_path):
     log = []
-
-    class FakeWorker:
-        def __init__(self, spec, log_path):
-            self.method = spec.method
-
-        def receive(self, expected):
-            return {"trainable": 0}
-
-        def ask(self, command):
-            log.append((command, self.method))
-            if command == "memory":
-                return {"resting_mem_mb": 1.0, "peak_mem_mb": 3.0, "step_mem_mb": 2.0}
-            return {"prefill_s": 0.5, "prefill_cpu_s": 0.5, "decode_s": 0.1, "decode_cpu_s": 0.1, "tokens": [[1, 2]]}
-
-        def stop(self):
-            pass
-
-    monkeypatch.setattr(bench, "WorkerHandle", FakeWorker)
+    answer = {"prefill_s": 0.5, "prefill_cpu_s": 0.5, "decode_s": 0.1, "decode_cpu_s": 0.1, "tokens": [[1, 2]]}
+    monkeypatch.setattr(bench, "WorkerHandle", logging_worker(log, answer))
     settings = InferenceSettings(shapes=(TINY,), scopes=("q+v",), batch_sizes=(2,), prompt_len=4, warmup=1, steps=2)
     records = measure_group(plan(settings)[0], settings, tmp_path)
     forward = ["base", "lora", "gfa", "gfa-merged"]
