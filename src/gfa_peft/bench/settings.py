@@ -71,7 +71,6 @@ QUICK = BenchSettings(shapes=(SHAPES["llama-3.2-3b"],), scopes=("q+v",), anchors
 """One cell, Llama-3.2-3B shapes at q+v and the paper's Table 1 anchor (LoRA r = 4): a few minutes on 2 cores."""
 
 
-
 @dataclass(frozen=True)
 class InferenceSettings:
     """What `gfa bench --inference` measures: greedy generation of `new_tokens` after a `prompt_len`-token prompt,
