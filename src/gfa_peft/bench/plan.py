@@ -43,7 +43,7 @@ from gfa_peft.bench.settings import (
     Settings,
 )
 from gfa_peft.bench.shapes import SCOPES, BenchShapes
-from gfa_peft.bench.worker import DTYPES, WorkerHandle, WorkerSpec
+from gfa_peft.bench.worker import DTYPES, WorkerHandle
 from gfa_peft.targets import target_shapes
 
 REFERENCE = "lora"
