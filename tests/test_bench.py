@@ -198,6 +198,23 @@ def test_a_stopped_full_run_keeps_the_groups_it_finished(monkeypatch, tiny_shape
     assert (config["groups_measured"], config["groups"]) == (1, 2)
     assert "PARTIAL: 1 of 2 groups" in (out / "results.md").read_text()
 
+    # Another settings' run may not replace it; the same command finishes it, measuring only the missing group.
+    assert main(["bench", "--shapes", "tiny", "--scopes", "q+v", "--anchors", "1,16", "--methods", "gfa,lora",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert json.loads((out / "results.json").read_text()) == records
+    log = []
+    monkeypatch.setattr(bench, "WorkerHandle", logging_worker(log, {"wall_s": 2.0, "cpu_s": 2.0}))
+    assert main(["bench", "--shapes", "tiny", "--scopes", "q+v", "--anchors", "1,4", "--methods", "gfa,lora",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert {command for command, _ in log} == {"step", "memory"} and len(log) == 2 * (1 + 1 + 8)
+    finished = json.loads((out / "results.json").read_text())
+    assert [(record["anchor"], record["method"], record["step_time_s"]) for record in finished] == [
+        ("1", "gfa", 1.0), ("1", "lora", 1.0), ("4", "gfa", 2.0), ("4", "lora", 2.0)]
+    assert finished[2]["time_ratio_to_lora"] == 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["groups_measured"], config["groups"], len(config["resumed"])) == (2, 2, 1)
+    assert "PARTIAL" not in (out / "results.md").read_text()
+
 
 def test_a_failing_worker_is_reported_with_its_traceback(tmp_path):
     broken = BenchShapes("broken", "no-such-preset")

@@ -140,10 +140,12 @@ def _check_names(what: str, given: Sequence[str], allowed: Sequence[str] | None 
 
 
 def run_bench(settings: Settings, progress: bool = True,
-              after_group: Callable[[list[dict], int, int], object] = lambda records, done, total: None) -> list[dict]:
+              after_group: Callable[[list[dict], int, int], object] = lambda records, done, total: None,
+              measured: Sequence[dict] = ()) -> list[dict]:
     """Measure every run of `plan(settings)`; one record per (cell, batch size, method), ratios included.
     After each group, `after_group(records so far with ratios, groups done, groups in all)`, e.g. to save a long
-    run as it goes.
+    run as it goes. `measured`: records of an earlier, stopped run of the same settings; the groups they cover
+    whole are kept, not run again, so that a long run can be finished in pieces.
 
     Training record keys: cell, shapes, scope, anchor, method, rank, trainable, batch_size, tokens, device,
     dtype, threads, step_time_s (median), step_times_s (every timed step), cpu_time_s (median process CPU
@@ -152,18 +154,29 @@ def run_bench(settings: Settings, progress: bool = True,
     `_inference_record`, and `INFERENCE_RATIOS`.
     """
     groups = plan(settings)
-    steps = sum(len(runs) for runs in groups) * rounds(settings)
+    earlier = {_run_key(record): record for record in measured}
+    kept = [[earlier[_run_key(run)] for run in runs] for runs in groups
+            if all(_run_key(run) in earlier for run in runs)]
+    records = [record for group in kept for record in group]
+    remaining = [runs for runs in groups if not all(_run_key(run) in earlier for run in runs)]
+    steps = sum(len(runs) for runs in remaining) * rounds(settings)
     bar = tqdm(total=steps, desc="gfa bench", unit="step", disable=not progress)
     ratios = INFERENCE_RATIOS if isinstance(settings, InferenceSettings) else RATIOS
-    records = []
     with tempfile.TemporaryDirectory(prefix="gfa-bench-logs-") as log_dir, bar:
-        for done, runs in enumerate(groups, 1):
+        for done, runs in enumerate(remaining, len(kept) + 1):
             first = runs[0]
             bar.set_postfix_str(f"{first.shapes.name} {first.scope} r={reference_anchor(first.anchor)} "
                                 f"batch {first.batch_size}")
             records += measure_group(runs, settings, Path(log_dir), on_step=lambda: bar.update())
             after_group(add_ratios(records, ratios), done, len(groups))
     return add_ratios(records, ratios)
+
+
+def _run_key(run: Run | dict) -> tuple[str, str, int]:
+    """What identifies a run's record among those of one settings: its cell, method and batch size."""
+    if isinstance(run, dict):
+        return run["cell"], run["method"], run["batch_size"]
+    return run.cell, run.method, run.batch_size
 
 
 def rounds(settings: Settings) -> int:

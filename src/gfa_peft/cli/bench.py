@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -145,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     out_folder = _folder_path(out) if out else None
     if out_folder is not None:  # a folder of other files is refused now, not after the first group
         check_output_folder(out_folder, BENCH, overwrite=True)
+    earlier = _stopped_run(out_folder, settings) if out_folder is not None else None
+    measured, earlier_wall_s = (earlier["records"], earlier["wall_s"]) if earlier else ([], 0.0)
 
     started, load_before, clock = datetime.now(timezone.utc), _load(), time.perf_counter()
 
@@ -152,12 +155,15 @@ def run(args: argparse.Namespace) -> int:
         return (
             f"{settings.device} {settings.dtype}, {settings.threads} threads, {_work(settings)}, {settings.warmup} "
             f"warm-up + 1 memory + {settings.steps} timed {'calls' if args.inference else 'steps'} per method, "
-            f"wall time {time.perf_counter() - clock:.0f} s"
+            f"wall time {earlier_wall_s + time.perf_counter() - clock:.0f} s"
             + ("" if done == total else f"; PARTIAL: {done} of {total} groups measured so far")
         )
 
     def save(records: list[dict], done: int, total: int) -> list[Path]:
-        config = _run_config(settings, args, started, time.perf_counter() - clock, load_before)
+        config = _run_config(settings, args, started, earlier_wall_s + time.perf_counter() - clock, load_before)
+        if earlier:
+            config["resumed"] = earlier["resumed"] + [{"started": started.isoformat(timespec="seconds"),
+                                                       "groups_measured_before": earlier["groups_measured"]}]
         return write_outputs(out_folder, records, {**config, "groups_measured": done, "groups": total},
                              run_line(done, total))
 
@@ -165,13 +171,54 @@ def run(args: argparse.Namespace) -> int:
         if out_folder is not None and done < total:
             save(records, done, total)
 
-    records = run_bench(settings, progress=not args.no_progress, after_group=save_partial)
+    if earlier:
+        print(f"resuming the run stopped in {str(out_folder)!r}: {earlier['groups_measured']} of {groups} groups "
+              "measured there are kept", file=sys.stderr)
+    records = run_bench(settings, progress=not args.no_progress, after_group=save_partial, measured=measured)
     if emit_json(records, args.json, json_path):
         print(format_tables(records), format_summary(records), run_line(groups, groups), sep="\n\n")
     if out_folder is not None:
         written = save(records, groups, groups)
         print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     return 0
+
+
+def _stopped_run(folder: Path, settings: Settings) -> dict | None:
+    """The earlier run that `folder` holds, when it stopped part-way with the same settings: its records, wall
+    time, groups measured and earlier resumptions, for this run to finish. None when the folder holds no run or a
+    finished one (replaced, as any finished run is). A stopped run of other settings is refused rather than
+    replaced: it may be an hour of measurement."""
+    from gfa_peft.bench.report import OUTPUT_FILES
+
+    results_path, config_path = folder / OUTPUT_FILES[0], folder / OUTPUT_FILES[3]
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+        stopped = config["groups_measured"] < config["groups"]
+        if not stopped:
+            return None
+        records = json.loads(results_path.read_text())
+        same = config["settings"] == _settings_record(settings)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--out {str(folder)!r}: its {OUTPUT_FILES[3]} or {OUTPUT_FILES[0]} cannot be read "
+                         f"({error}); give another --out or remove the folder") from None
+    if not same:
+        raise UsageError(f"--out {str(folder)!r} holds a run stopped part-way with other settings "
+                         f"({config['groups_measured']} of {config['groups']} groups measured); to finish it, run "
+                         "its command again (config.json 'arguments'); to start another, give another --out")
+    return {"records": records, "wall_s": config.get("wall_s", 0.0), "groups_measured": config["groups_measured"],
+            "resumed": config.get("resumed", [])}
+
+
+def _settings_record(settings: Settings) -> dict:
+    """The settings as config.json records them (JSON types), so that two runs' can be compared."""
+    return json.loads(json.dumps({
+        **dataclasses.asdict(settings),
+        "shapes": [{"name": shapes.name, "preset": shapes.preset, "changes": dict(shapes.changes),
+                    "description": shapes.description} for shapes in settings.shapes],
+        **({"tokens": settings.tokens} if isinstance(settings, BenchSettings) else {}),
+    }))
 
 
 def _work(settings: Settings) -> str:
@@ -252,12 +299,7 @@ def _run_config(settings: Settings, args: argparse.Namespace, started: datetime,
 
     device = torch.device(settings.device)
     return {
-        "settings": {
-            **dataclasses.asdict(settings),
-            "shapes": [{"name": shapes.name, "preset": shapes.preset, "changes": dict(shapes.changes),
-                        "description": shapes.description} for shapes in settings.shapes],
-            **({"tokens": settings.tokens} if isinstance(settings, BenchSettings) else {}),
-        },
+        "settings": _settings_record(settings),
         "arguments": {name: value for name, value in vars(args).items() if not callable(value)},
         "started": started.isoformat(timespec="seconds"),
         "wall_s": wall_s,
