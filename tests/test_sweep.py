@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,19 @@ def test_order_spread_sets_the_spread_of_order_means_against_the_seed_spread():
     assert row["seed_std_pp"] == pytest.approx(math.sqrt((2 + 0 + 2) / 3))  # sample variances 2, 0, 2; 1 dof each
     assert {cell["module_order"] for cell in summary["cells"]} == {"model", 3, "by_name", None}
 
+
+
+def test_zero_shot_runs_once_per_task_and_is_summarised_as_the_untrained_row(cache, tmp_path, capsys):
+    grid = spec(cache, model="smollm2", tasks=("arc_easy",), methods=("zero-shot", "lora"), anchors=("1",),
+                seeds=(3, 4), learning_rates=(1e-2, 1e-3))
+    names = sorted(run.name for run, _ in sweep_module.plan(grid, tmp_path).runs)
+    assert names == ["lora-1-s3-lr0.001", "lora-1-s3-lr0.01", "lora-1-s4-lr0.001", "lora-1-s4-lr0.01", "zero-shot-s3"]
+    summary = run_sweep(replace(grid, learning_rates=None, methods=("zero-shot",)), tmp_path / "sweep",
+                        progress=False, log=lambda message: None)
+    (cell,) = summary["cells"]
+    assert (cell["method"], cell["anchor"], cell["n"], cell["adapter_params"]) == ("zero-shot", "zero-shot", 1, 0)
+    assert summary["zero_shot"] == {"arc_easy": cell["mean"]}
+    assert f"zero-shot (the pretrained model, untrained): arc_easy {cell['mean']:.1f}%" in format_summary(summary)
+    assert main(["tune", "--model", "smollm2", "--tasks", "arc_easy", "--methods", "zero-shot,lora", "--lrs", "0.01",
+                 "--cache", str(cache), "--out", str(tmp_path / "tune")]) == 2
+    assert "no learning rate to tune" in capsys.readouterr().err and not (tmp_path / "tune").exists()

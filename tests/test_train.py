@@ -156,6 +156,32 @@ def test_multiple_choice_run_trains_on_the_gold_answer_and_scores_every_question
     assert metrics["budget"] == 112 and metrics["adapter_params"] == 2 * (29 + 27)
 
 
+def test_zero_shot_scores_the_untrained_model_and_saves_no_weights(cache, llama_dir, tmp_path):
+    folder = tmp_path / "zero"
+    run = prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None))
+    assert run.name == "zero-shot-s0" and (run.steps, run.lr) == (0, 0.0)
+    metrics = train(run.config, folder, progress=False)
+    assert (metrics["steps"], metrics["train_loss"], metrics["adapter_params"], metrics["trainable_params"]) == (
+        0, None, 0, 0)
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "metrics.json", "train_log.json"]
+    assert json.loads((folder / "train_log.json").read_text()) == []
+    # the accuracy of the pretrained model's own answers, scored one choice at a time
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    test = load_task("arc_easy", cache)[1]["test"]
+    right = 0
+    for example in test:
+        scores = []
+        for choice in example["choices"]:
+            query = tokenizer(example["query"])["input_ids"]
+            answer = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                log_probs = model(input_ids=torch.tensor([query + answer])).logits[0].log_softmax(-1)
+            scores.append(sum(log_probs[len(query) + t - 1, token].item() for t, token in enumerate(answer)))
+        right += int(np.argmax(scores)) == example["label"]
+    assert metrics["accuracy"] == right / test.num_rows
+
+
 def test_training_labels_cover_the_answer_only_and_truncation_keeps_it(llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     data = Dataset.from_dict({"query": ["the sky is blue and the grass is"], "choices": [["red", "good grass"]],
@@ -247,6 +273,8 @@ def user_files(tmp_path) -> dict[str, Path]:
     (["--task", "rt", "--method", "gfa"], "needs exactly one of an anchor or a rank"),
     (["--task", "rt", "--method", "vblora", "--rank", "4"], "no rank to set"),
     (["--task", "rt", "--method", "full", "--anchor", "4"], "give no anchor or rank"),
+    (["--task", "arc_easy", "--model", "smollm2", "--method", "zero-shot", "--anchor", "4"], "trains nothing: give no"),
+    (["--task", "rt", "--method", "zero-shot"], "'rt' is a classification task"),
     (["--task", "rt", "--method", "lora", "--anchor", "1", "--module-order", "3"], "GFA's setting; lora has none"),
     (["--task", "rt", "--method", "gfa", "--anchor", "1", "--module-order", "random"], "module_order must be"),
     (["--task", "rt", "--anchor", "1", "--steps", "5", "--epochs", "1"], "not both"),

@@ -51,7 +51,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser, anchors: str = "1/2,1,4,
     parser.add_argument("--tasks", type=comma_list("--tasks"), default=["rt"], metavar="NAMES",
                         help="comma-separated tasks (default: rt)")
     parser.add_argument("--methods", type=comma_list("--methods"), default=["gfa", "lora", "dora"], metavar="NAMES",
-                        help="comma-separated methods: gfa, lora, dora, vera, vblora, full (default: gfa,lora,dora)")
+                        help="comma-separated methods: gfa, lora, dora, vera, vblora, full, zero-shot (the "
+                        "pretrained model untrained, once per task; multiple choice only) (default: gfa,lora,dora)")
     parser.add_argument("--anchors", type=comma_list("--anchors"), default=anchors, metavar="LABELS",
                         help=f"comma-separated anchors: '1/2' or LoRA ranks (default: {anchors})")
     parser.add_argument("--seeds", type=int_list, default=[0], metavar="S,S,...", help="comma-separated seeds (default: 0)")

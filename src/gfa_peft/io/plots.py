@@ -1,8 +1,8 @@
 """The sweep's figure in the style of the paper's Figure 2: accuracy against adapter-only trainable parameters
 (log x), one panel per task titled with its full name, one line per method through its anchors, each GFA point
 labelled with its rank and count (its leftmost point is the "1/2" budget no per-module method reaches), error bars
-of one seed standard deviation, the majority-class baseline dashed. Full fine-tuning, when present, is a single
-point at its count.
+of one seed standard deviation, the majority-class baseline dashed and the zero-shot accuracy (the pretrained
+model, untrained) dotted. Full fine-tuning, when present, is a single point at its count.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
                 _label_gfa_points(axis, ours, others, color)
         if task in summary["baselines"]:
             axis.axhline(summary["baselines"][task], color="gray", linestyle="--", linewidth=1, label="majority class")
+        if task in summary.get("zero_shot", {}):
+            axis.axhline(summary["zero_shot"][task], color="black", linestyle=":", linewidth=1.2, label="zero-shot")
         axis.set_xscale("log")
         # plain counts, and none on minor ticks, whose "6x10^1 7x10^1 ..." collide when the counts span little
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))

@@ -40,11 +40,12 @@ class RunConfig:
                                    metavar="FILE", when_unset="none")
     eval_file: str | None = _knob("with --train-file: the test examples (the training file is then carved into "
                                   "train/dev only)", metavar="FILE", when_unset="a test split carved from --train-file")
-    method: str = _knob("gfa, lora, dora, vera, vblora, or full (fine-tune the target matrices themselves)", "gfa",
+    method: str = _knob("gfa, lora, dora, vera, vblora, full (fine-tune the target matrices themselves), or "
+                        "zero-shot (score the pretrained model untrained; multiple-choice tasks)", "gfa",
                         metavar="METHOD")
     anchor: str | None = _knob("the budget: '1/2' (0.3 x LoRA r=1) or a LoRA rank 1, 2, 4, 8, 16, ...; every method "
                                "is placed at it by gfa_peft.analysis.budget.rank_anchors", metavar="LABEL",
-                               when_unset="none (give --anchor or --rank; full fine-tuning takes neither)")
+                               when_unset="none (give --anchor or --rank; full and zero-shot take neither)")
     rank: int | None = _knob("an explicit rank instead of an anchor (gfa, lora, dora, vera), e.g. a LoRA r=64 proxy",
                              metavar="R", when_unset="none (the anchor sets it)")
     module_order: str | None = _knob("GFA only: the concatenation order of the target modules: 'model' (their "

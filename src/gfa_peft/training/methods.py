@@ -8,7 +8,9 @@ so a sweep compares methods at the same budgets:
   so like GFA each adds its factor product unscaled and the tuned learning rate is the one step-size knob);
 - `vera`, `vblora`: PEFT's VeRA and VB-LoRA, the shared-parameter competitors, at the knob value nearest the
   budget (VB-LoRA: R = 4, top-k = 2, vector length from `budget.vblora_vector_length`);
-- `full`: full fine-tuning of the target matrices themselves (no anchor); biases and the rest stay frozen.
+- `full`: full fine-tuning of the target matrices themselves (no anchor); biases and the rest stay frozen;
+- `zero-shot`: the pretrained model as it is, scored without training (multiple-choice tasks only): the row every
+  fine-tuned method must clear to have learnt anything.
 
 Counts are adapter-only: a classification head, trained by every method, is never part of them (the paper's
 convention).
@@ -35,7 +37,10 @@ from gfa_peft.analysis.budget import (
 from gfa_peft.layout import ModuleOrder, order_modules
 from gfa_peft.tuner import GfaConfig
 
-METHODS = ("gfa", "lora", "dora", "vera", "vblora", "full")
+METHODS = ("gfa", "lora", "dora", "vera", "vblora", "full", "zero-shot")
+ZERO_SHOT = "zero-shot"
+UNANCHORED = ("full", ZERO_SHOT)
+"""Methods without a budget to place: they take no anchor or rank."""
 RANKED_METHODS = ("gfa", "lora", "dora", "vera")
 """Methods whose size is a rank, so `--rank` can set it directly (VB-LoRA's knob is its bank size)."""
 
@@ -54,7 +59,7 @@ class Placement:
 
     method: str
     anchor: str | None
-    """The anchor label, None for an explicit rank or for full fine-tuning."""
+    """The anchor label, None for an explicit rank or for an unanchored method."""
     knobs: dict
     """The method's size settings, e.g. {"r": 3} for GFA or {"num_vectors": 24, ...} for VB-LoRA."""
     trainable: int
@@ -64,7 +69,7 @@ class Placement:
 
     @property
     def label(self) -> str:
-        """How the run is named: the anchor ("1_2", "4"), "r64" for an explicit rank, "full"."""
+        """How the run is named: the anchor ("1_2", "4"), "r64" for an explicit rank, else the method ("full")."""
         if self.anchor is not None:
             return self.anchor.replace("/", "_")
         return f"r{self.knobs['r']}" if "r" in self.knobs else self.method
@@ -74,7 +79,7 @@ def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | 
           rank: int | None = None, module_order: ModuleOrder | None = None) -> Placement:
     """Place `method` on the target modules `named_shapes` at `anchor` or at an explicit `rank`.
 
-    Full fine-tuning takes neither; every other method takes exactly one (VB-LoRA only an anchor).
+    Full fine-tuning and zero-shot take neither; every other method takes exactly one (VB-LoRA only an anchor).
     `module_order` (GFA only; None: the model's order) is recorded among GFA's knobs.
     Raises PlacementError for an unknown method, a missing or extra size, an anchor the method cannot reach
     (e.g. LoRA at "1/2"), a rank out of range or a module order for another method or of an unknown kind;
@@ -89,10 +94,12 @@ def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | 
         placement = place(method, named_shapes, anchor, rank)
         return replace(placement, knobs={**placement.knobs, "module_order": module_order})
     shapes = [shape for _, shape in named_shapes]
-    if method == "full":
+    if method in UNANCHORED:
         if anchor is not None or rank is not None:
-            raise PlacementError("full fine-tuning trains the target matrices themselves: give no anchor or rank")
-        return Placement("full", None, {}, sum(math.prod(shape) for shape in shapes), None)
+            why = {"full": "trains the target matrices themselves", ZERO_SHOT: "trains nothing"}[method]
+            raise PlacementError(f"{method} {why}: give no anchor or rank")
+        trainable = sum(math.prod(shape) for shape in shapes) if method == "full" else 0
+        return Placement(method, None, {}, trainable, None)
     if (anchor is None) == (rank is None):
         raise PlacementError(f"method {method!r} needs exactly one of an anchor or a rank")
     if rank is not None:
@@ -141,7 +148,7 @@ def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_typ
     The one mapping from this package's method names to PEFT configs, used by training and by `gfa bench`.
     `zero_update=False` (GFA, LoRA and DoRA) draws every factor at random, so the adapter changes the model from
     the start: the inference bench's adapters, whose cost no shortcut for a zero update may hide.
-    Not defined for full fine-tuning, which uses no adapter.
+    Not defined for the unanchored methods, which use no adapter.
     """
     target_modules = targets if isinstance(targets, str) else list(targets)
     common = {"target_modules": target_modules, "task_type": task_type}

@@ -7,7 +7,8 @@ leakage, user files) and raises `RunConfigError` naming the problem, before anyt
 
 - `config.json`: the RunConfig and everything resolved from it (targets, placement, recipe, versions);
 - `adapter/` (a PEFT adapter folder) or, for full fine-tuning, `model/` (the whole tuned model with its
-  tokenizer, so base and tuned weights can be diffed, e.g. by `gfa lens --base ... --tuned ...`);
+  tokenizer, so base and tuned weights can be diffed, e.g. by `gfa lens --base ... --tuned ...`); a zero-shot run,
+  which trains nothing, saves no weights and has an empty training log;
 - `train_log.json`: the Trainer's log (loss and learning rate every `LOG_EVERY` steps);
 - `metrics.json`, written last: a run folder whose metrics parse is finished.
 
@@ -45,6 +46,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import TrainOutput
 
 import gfa_peft
 from gfa_peft.data.assets import model_path
@@ -75,7 +77,7 @@ from gfa_peft.training.evaluation import (
     task_metrics,
     token_log_likelihoods,
 )
-from gfa_peft.training.methods import Placement, UnreachableAnchor, peft_config, place
+from gfa_peft.training.methods import UNANCHORED, ZERO_SHOT, Placement, UnreachableAnchor, peft_config, place
 from gfa_peft.training.config import RunConfig, RunConfigError
 from gfa_peft.training.recipes import RECIPES, default_learning_rate, recipe_key
 from gfa_peft.data.splits import carve
@@ -124,7 +126,7 @@ class PreparedRun:
     @property
     def name(self) -> str:
         """The run folder's name: method, size, seed, and what differs from a default run."""
-        parts = [self.config.method] + ([self.placement.label] if self.config.method != "full" else [])
+        parts = [self.config.method] + ([self.placement.label] if self.config.method not in UNANCHORED else [])
         parts.append(f"s{self.config.seed}")
         if self.config.module_order is not None:
             parts.append(f"order-{self.config.module_order}")
@@ -174,6 +176,10 @@ def _prepare(config: RunConfig) -> PreparedRun:
     targets = targets if isinstance(targets, str) else list(targets)
     module_order = None if config.module_order is None else parse_module_order(config.module_order)
     placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank, module_order)
+    trains = config.method != ZERO_SHOT
+    if not trains and task.kind != "multiple_choice":
+        raise ValueError(f"zero-shot scores multiple-choice tasks with the pretrained language model; {task.name!r} "
+                         "is a classification task, whose head would be untrained")
     if config.steps is not None and config.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     _check_positive(config)
@@ -186,8 +192,9 @@ def _prepare(config: RunConfig) -> PreparedRun:
     return PreparedRun(
         config=config, task=task, data=data, eval_task=eval_task, eval_data=eval_data, model_dir=model_dir,
         recipe=key, targets=targets, placement=placement,
-        steps=None if config.epochs is not None else config.steps or recipe.steps, epochs=config.epochs,
-        lr=config.lr if config.lr is not None else default_learning_rate(key, config.method),
+        steps=0 if not trains else None if config.epochs is not None else config.steps or recipe.steps,
+        epochs=config.epochs if trains else None,
+        lr=0.0 if not trains else config.lr if config.lr is not None else default_learning_rate(key, config.method),
         batch_size=batch_size, max_length=config.max_length or recipe.max_length,
         warmup_ratio=recipe.warmup_ratio if config.warmup_ratio is None else config.warmup_ratio,
         eval_batch_size=config.eval_batch_size or recipe.eval_batch_size,
@@ -330,9 +337,48 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     if adapter_params != run.placement.trainable:  # the budget arithmetic and the built model must agree
         raise RuntimeError(f"{run.config.method} has {adapter_params:,} adapter parameters, "
                            f"budget.py promised {run.placement.trainable:,}")
+    check_ranks_agree(model, asdict(run.config))  # the same flags and GFA layout on every rank, or all stop here
+    if folder is not None:
+        write_json_atomic(folder / CONFIG_FILE, run_record(run))
+    trained = time.perf_counter()
+    if run.config.method == ZERO_SHOT:
+        steps, train_loss, log_history, writes = 0, None, [], launched_rank() == 0
+    else:
+        trainer, result = _train(run, model, tokenizer, folder or destination, progress)
+        model, writes = trainer.model, trainer.is_world_process_zero()
+        steps, train_loss, log_history = result.global_step, result.training_loss, trainer.state.log_history
+    train_seconds = time.perf_counter() - trained
+
+    evaluated = time.perf_counter()
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.config.dtype == "bfloat16"):
+        predictions, labels = _predict(run, model, tokenizer, progress and writes)
+    eval_seconds = time.perf_counter() - evaluated
+    baseline = majority_label(list(run.data["train"]["label"]))
+    metrics = {
+        "task": run.task.name, "eval_task": run.eval_task.name, "eval_split": run.config.eval_split,
+        "eval_examples": len(labels), "model": run.config.model, "method": run.config.method,
+        "anchor": run.placement.anchor, "knobs": run.placement.knobs, "seed": run.config.seed, "lr": run.lr,
+        **task_metrics(run.eval_task.metrics, predictions, labels),
+        "majority_baseline": task_metrics(["accuracy"], [baseline] * len(labels), labels)["accuracy"],
+        "adapter_params": adapter_params, "trainable_params": trainable_params, "budget": run.placement.budget,
+        "steps": steps, "train_loss": train_loss, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+    }
+    if folder is not None:
+        _save_weights(run, model, tokenizer, folder)
+        write_json_atomic(folder / "train_log.json", log_history)
+        metrics["wall_seconds"] = time.perf_counter() - started
+        write_json_atomic(folder / METRICS_FILE, metrics)  # last
+    metrics.setdefault("wall_seconds", time.perf_counter() - started)
+    return metrics
+
+
+def _train(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, output_dir: Path,
+           progress: bool) -> tuple[GlobalBatchTrainer, TrainOutput]:
+    """Train `model` as the run asks; returns the trainer (its model and log) and what `train` returned."""
     examples, collate = _training_examples(run, tokenizer)
     arguments = TrainingArguments(
-        output_dir=str(folder or destination), max_steps=run.steps or -1, num_train_epochs=run.epochs or 1.0,
+        output_dir=str(output_dir), max_steps=run.steps or -1, num_train_epochs=run.epochs or 1.0,
         learning_rate=run.lr, per_device_train_batch_size=per_rank_batch(run.batch_size, launched_world_size()),
         warmup_steps=run.warmup_ratio,
         weight_decay=run.config.weight_decay,
@@ -348,9 +394,6 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     if arguments.world_size != launched_world_size():
         raise RuntimeError(f"{launched_world_size()} processes were launched but transformers trains with "
                            f"{arguments.world_size}: the processes would train unsynchronised copies")
-    check_ranks_agree(model, asdict(run.config))  # the same flags and GFA layout on every rank, or all stop here
-    if folder is not None:
-        write_json_atomic(folder / CONFIG_FILE, run_record(run))
     trainer_class = GlobalBatchTrainer if run.kind == "classification" else AnswerLossTrainer
     trainer = trainer_class(model=model, args=arguments, train_dataset=examples, data_collator=collate)
     if progress:
@@ -358,33 +401,7 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
         trainer.add_callback(LossBar)
     else:  # no bar, and no log lines printed in its place either: the log is in train_log.json
         trainer.remove_callback(PrinterCallback)
-    trained = time.perf_counter()
-    result = trainer.train()
-    train_seconds = time.perf_counter() - trained
-
-    evaluated = time.perf_counter()
-    device = next(trainer.model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.config.dtype == "bfloat16"):
-        predictions, labels = _predict(run, trainer.model, tokenizer, progress and trainer.is_world_process_zero())
-    eval_seconds = time.perf_counter() - evaluated
-    baseline = majority_label(list(run.data["train"]["label"]))
-    metrics = {
-        "task": run.task.name, "eval_task": run.eval_task.name, "eval_split": run.config.eval_split,
-        "eval_examples": len(labels), "model": run.config.model, "method": run.config.method,
-        "anchor": run.placement.anchor, "knobs": run.placement.knobs, "seed": run.config.seed, "lr": run.lr,
-        **task_metrics(run.eval_task.metrics, predictions, labels),
-        "majority_baseline": task_metrics(["accuracy"], [baseline] * len(labels), labels)["accuracy"],
-        "adapter_params": adapter_params, "trainable_params": trainable_params, "budget": run.placement.budget,
-        "steps": result.global_step, "train_loss": result.training_loss,
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-    }
-    if folder is not None:
-        _save_weights(run, trainer.model, tokenizer, folder)
-        write_json_atomic(folder / "train_log.json", trainer.state.log_history)
-        metrics["wall_seconds"] = time.perf_counter() - started
-        write_json_atomic(folder / METRICS_FILE, metrics)  # last
-    metrics.setdefault("wall_seconds", time.perf_counter() - started)
-    return metrics
+    return trainer, trainer.train()
 
 
 def is_finished(folder: Path) -> bool:
@@ -418,6 +435,8 @@ def _build_model(run: PreparedRun, tokenizer: PreTrainedTokenizerBase) -> nn.Mod
     model: PreTrainedModel = _model_class(run.kind).from_pretrained(run.model_dir, dtype=torch.float32, **extra)
     if model.config.pad_token_id is None:  # decoders classify from the last token that is not padding
         model.config.pad_token_id = tokenizer.pad_token_id
+    if run.config.method == ZERO_SHOT:
+        return model.requires_grad_(False)
     if run.config.method != "full":
         task_type = "SEQ_CLS" if run.kind == "classification" else "CAUSAL_LM"
         return get_peft_model(model, peft_config(run.placement.method, run.placement.knobs, run.targets, task_type))
@@ -466,6 +485,8 @@ def _predict(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerB
 
 
 def _save_weights(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    if run.config.method == ZERO_SHOT:
+        return
     if run.config.method == "full":
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")

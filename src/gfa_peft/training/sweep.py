@@ -42,7 +42,7 @@ from gfa_peft.io.files import (
 from gfa_peft.data.tasks import task_title
 
 from gfa_peft.io.tables import text_table
-from gfa_peft.training.methods import METHODS
+from gfa_peft.training.methods import METHODS, UNANCHORED, ZERO_SHOT
 from gfa_peft.training.run import (
     PreparedRun,
     RunConfig,
@@ -87,15 +87,17 @@ class SweepSpec:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def configs(self) -> list[RunConfig]:
-        """Every run of the grid; full fine-tuning, which has no anchor, once per task and seed."""
+        """Every run of the grid; full fine-tuning, which has no anchor, once per task and seed; zero-shot, which
+        trains nothing and so does not depend on the seed, once per task (at the first seed)."""
         base = RunConfig(model=self.model, **self.settings)
         configs = []
         for task in self.tasks:
             for method in self.methods:
-                anchors = [None] if method == "full" else self.anchors
+                anchors = [None] if method in UNANCHORED else self.anchors
                 orders = self.module_orders if method == "gfa" and self.module_orders else [None]
-                for anchor, order, seed, lr in itertools.product(anchors, orders, self.seeds,
-                                                                 self.learning_rates or [None]):
+                seeds = self.seeds[:1] if method == ZERO_SHOT else self.seeds
+                rates = [None] if method == ZERO_SHOT else self.learning_rates or [None]
+                for anchor, order, seed, lr in itertools.product(anchors, orders, seeds, rates):
                     configs.append(replace(base, task=task, method=method, anchor=anchor, module_order=order,
                                            seed=seed, lr=lr))
         return configs
@@ -176,9 +178,10 @@ def write_summary(root: Path, folders: Sequence[Path]) -> dict[str, Any]:
 
 
 def anchor_label(result: dict[str, Any]) -> str:
-    """How a run's size is labelled in tables: its anchor, "r<rank>" for an explicit rank, "full"."""
-    if result["method"] == "full":
-        return "full"
+    """How a run's size is labelled in tables: its anchor, "r<rank>" for an explicit rank, else the method ("full",
+    "zero-shot")."""
+    if result["method"] in UNANCHORED:
+        return result["method"]
     return result["anchor"] if result["anchor"] is not None else f"r{result['knobs']['r']}"
 
 
@@ -195,6 +198,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "retention": retention(cells) if one_lr else [],
         "order_spread": order_spread(cells),
         "baselines": {result["task"]: 100 * result["majority_baseline"] for result in results},
+        "zero_shot": {cell["task"]: cell["mean"] for cell in cells if cell["method"] == ZERO_SHOT},
         "task_titles": {task: task_title(task) for task in sorted({cell["task"] for cell in cells})},
     }
 
@@ -328,6 +332,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                      for cell in summary["cells"]])]
     lines.append("majority-class baseline: " + ", ".join(
         f"{task} {value:.1f}%" for task, value in sorted(summary["baselines"].items())))
+    if summary["zero_shot"]:
+        lines.append("zero-shot (the pretrained model, untrained): " + ", ".join(
+            f"{task} {value:.1f}%" for task, value in sorted(summary["zero_shot"].items())))
     band = summary["tie_band"]
     lines.append(f"tie band: +/-{band['band_pp']:.2f}pp, {band['source']}")
     if summary["verdicts"]:
