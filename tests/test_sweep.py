@@ -226,3 +226,19 @@ def test_zero_shot_runs_once_per_task_and_is_summarised_as_the_untrained_row(cac
     assert main(["tune", "--model", "smollm2", "--tasks", "arc_easy", "--methods", "zero-shot,lora", "--lrs", "0.01",
                  "--cache", str(cache), "--out", str(tmp_path / "tune")]) == 2
     assert "no learning rate to tune" in capsys.readouterr().err and not (tmp_path / "tune").exists()
+
+
+def test_a_mixture_gets_one_row_per_task_equal_to_the_tasks_run_alone(cache, tmp_path):
+    """Zero-shot trains nothing, so the mixture's rows must equal each task's own zero-shot run."""
+    grid = spec(cache, model="smollm2", methods=("zero-shot",), seeds=(0,), learning_rates=None)
+    mixed = run_sweep(replace(grid, tasks=("arc_easy+obqa",)), tmp_path / "mixed", progress=False,
+                      log=lambda message: None)
+    alone = run_sweep(replace(grid, tasks=("arc_easy", "obqa")), tmp_path / "alone", progress=False,
+                      log=lambda message: None)
+    assert [(cell["task"], cell["mean"]) for cell in mixed["cells"]] == [
+        (cell["task"], cell["mean"]) for cell in alone["cells"]]
+    assert mixed["baselines"] == alone["baselines"] and mixed["zero_shot"] == alone["zero_shot"]
+    assert (tmp_path / "mixed" / "arc_easy+obqa" / "zero-shot-s0" / "metrics.json").is_file()
+    with pytest.raises(RunConfigError, match="both as 'arc_easy' and as 'arc_easy\\+obqa'"):
+        run_sweep(replace(grid, tasks=("arc_easy", "arc_easy+obqa")), tmp_path / "both", progress=False)
+    assert not (tmp_path / "both").exists()

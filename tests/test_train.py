@@ -182,6 +182,41 @@ def test_zero_shot_scores_the_untrained_model_and_saves_no_weights(cache, llama_
     assert metrics["accuracy"] == right / test.num_rows
 
 
+def test_a_mixture_trains_on_the_union_and_scores_each_task_as_if_alone(cache, llama_dir, tmp_path):
+    folder = tmp_path / "mixture"
+    run = prepare(config(cache, model="smollm2", task="arc_easy+obqa", method="lora", anchor="1"))
+    assert run.data["train"].num_rows == 24 + 16
+    assert (run.eval_data["task"].count("arc_easy"), run.eval_data["task"].count("obqa")) == (10, 7)
+    metrics = train(run.config, folder, progress=False)
+    assert list(metrics["by_task"]) == ["arc_easy", "obqa"]
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), folder / "adapter").eval()
+    for name, scores in metrics["by_task"].items():
+        _, data = load_task(name, cache)
+        sequences = choice_sequences(tokenizer, data["test"], max_length=run.max_length)
+        predictions = best_choices(sequences, choice_log_likelihoods(model, sequences, tokenizer.pad_token_id,
+                                                                     batch_size=4, progress=False))
+        labels = list(data["test"]["label"])
+        assert scores["accuracy"] == np.mean(np.array(predictions) == np.array(labels))
+        assert scores["eval_examples"] == len(labels)
+        majority = majority_label(list(data["train"]["label"]))
+        assert scores["majority_baseline"] == np.mean(np.array(labels) == majority)
+    assert metrics["accuracy"] == pytest.approx(np.mean([scores["accuracy"] for scores in metrics["by_task"].values()]))
+
+
+def test_subsets_are_taken_from_each_task_of_a_mixture(cache):
+    run = prepare(config(cache, model="smollm2", task="arc_easy+obqa", method="lora", anchor="1",
+                         max_train_examples=5, max_eval_examples=3))
+    assert sorted(run.data["train"]["task"]) == ["arc_easy"] * 5 + ["obqa"] * 5
+    assert sorted(run.eval_data["task"]) == ["arc_easy"] * 3 + ["obqa"] * 3
+    alone = prepare(config(cache, model="smollm2", task="obqa", method="lora", anchor="1", max_train_examples=5,
+                           max_eval_examples=3))
+    assert [row for row, task in zip(run.data["train"]["id"], run.data["train"]["task"]) if task == "obqa"] == \
+        alone.data["train"]["id"]
+    assert [row for row, task in zip(run.eval_data["id"], run.eval_data["task"]) if task == "obqa"] == \
+        alone.eval_data["id"]
+
+
 def test_training_labels_cover_the_answer_only_and_truncation_keeps_it(llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     data = Dataset.from_dict({"query": ["the sky is blue and the grass is"], "choices": [["red", "good grass"]],
@@ -275,6 +310,12 @@ def user_files(tmp_path) -> dict[str, Path]:
     (["--task", "rt", "--method", "full", "--anchor", "4"], "give no anchor or rank"),
     (["--task", "arc_easy", "--model", "smollm2", "--method", "zero-shot", "--anchor", "4"], "trains nothing: give no"),
     (["--task", "rt", "--method", "zero-shot"], "'rt' is a classification task"),
+    (["--task", "arc_easy+rt", "--model", "smollm2", "--anchor", "1"], "rt is a classification task"),
+    (["--task", "arc_easy+arc_easy", "--model", "smollm2", "--anchor", "1"], "names arc_easy more than once"),
+    (["--task", "arc_easy+", "--model", "smollm2", "--anchor", "1"], "joins two or more task names"),
+    (["--task", "arc_easy+nope", "--model", "smollm2", "--anchor", "1"], "unknown task 'nope'"),
+    (["--task", "arc_easy", "--model", "smollm2", "--anchor", "1", "--max-train-examples", "0"],
+     "--max-train-examples must be positive"),
     (["--task", "rt", "--method", "lora", "--anchor", "1", "--module-order", "3"], "GFA's setting; lora has none"),
     (["--task", "rt", "--method", "gfa", "--anchor", "1", "--module-order", "random"], "module_order must be"),
     (["--task", "rt", "--anchor", "1", "--steps", "5", "--epochs", "1"], "not both"),

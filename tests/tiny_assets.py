@@ -99,7 +99,7 @@ def save_task(cache: Path, name: str, splits: dict[str, list[dict]], features: F
 
 
 def fake_cache(root: Path) -> Path:
-    """A cache with `minilm` (tiny BERT), `smollm2` (tiny Llama) and the tasks rt, sst2 and arc_easy."""
+    """A cache with `minilm` (tiny BERT), `smollm2` (tiny Llama) and the tasks rt, sst2, arc_easy and obqa."""
     for name, save in (("minilm", save_tiny_bert), ("smollm2", save_tiny_llama)):
         folder = save(asset_folder("model", name, root))
         (folder / DONE).write_text(json.dumps({"asset": name}))
@@ -107,5 +107,7 @@ def fake_cache(root: Path) -> Path:
               SENTIMENT)
     save_task(root, "sst2", {"train": [], "dev": [], "test": sentiment_rows(12, 3, "sst2")}, SENTIMENT)
     save_task(root, "arc_easy", {"train": question_rows(24, 0), "dev": question_rows(6, 1), "test": question_rows(10, 2)},
+              MULTIPLE_CHOICE)
+    save_task(root, "obqa", {"train": question_rows(16, 3), "dev": question_rows(4, 4), "test": question_rows(7, 5)},
               MULTIPLE_CHOICE)
     return root

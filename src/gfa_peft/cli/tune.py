@@ -34,17 +34,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gfa_peft.data.tasks import TASKS  # datasets and torch load once tuning runs
+    from gfa_peft.data.tasks import MIXTURE_JOIN, TASKS  # datasets and torch load once tuning runs
     from gfa_peft.training.methods import ZERO_SHOT
     from gfa_peft.training.sweep import choose_learning_rates
 
     spec = spec_from_args(args, eval_split="dev")
     if ZERO_SHOT in spec.methods:
         raise UsageError("zero-shot trains nothing: it has no learning rate to tune")
-    unknown = [task for task in spec.tasks if task not in TASKS]
+    names = [name for task in spec.tasks for name in task.split(MIXTURE_JOIN)]  # a mixture's tasks
+    unknown = [name for name in names if name not in TASKS]
     if unknown:
         raise UsageError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
-    kinds = {TASKS[task].kind for task in spec.tasks}
+    kinds = {TASKS[name].kind for name in names}
     if len(kinds) > 1:
         raise UsageError("tune on tasks of one kind (all classification or all multiple choice): they share a recipe")
     out = Path(args.out)

@@ -9,7 +9,9 @@ naming each example's source row. Columns by kind:
   after `query`; the highest sum is its prediction.
 
 `gfa assets install` builds the named tasks (see `task_sources`); `load_user_task` reads a user's
-CSV/JSONL files with the same columns.
+CSV/JSONL files with the same columns. A **mixture**, named by its multiple-choice tasks joined with "+"
+("arc_easy+boolq+piqa"), is their union, split by split, with a `task` column naming each example's task: one
+language model trains on all of them and is scored on each (the setup of the commonsense benchmarks).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_from_disk
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
 
 from gfa_peft.data.cache import MissingAssetError, asset_folder, read_record
 from gfa_peft.data.splits import carve
 
 SPLITS = ("train", "dev", "test")
+MIXTURE_JOIN = "+"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Task:
     source: str = ""
     title: str = ""
     """The task's full name, for figures and tables read by someone who does not know the short name."""
+    members: tuple[str, ...] = ()
+    """A mixture's tasks (its data has a `task` column naming each example's); empty for a single task."""
 
 
 class LeakageError(ValueError):
@@ -119,7 +124,10 @@ def task_title(name: str) -> str:
 
 
 def load_task(name: str, cache: Path | None = None) -> tuple[Task, DatasetDict]:
-    """A named task and its train/dev/test splits, as converted by `gfa assets install`."""
+    """A named task and its train/dev/test splits, as converted by `gfa assets install`; a name joining
+    several multiple-choice tasks with "+" is their mixture (`load_mixture`)."""
+    if MIXTURE_JOIN in name:
+        return load_mixture(name.split(MIXTURE_JOIN), cache)
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     folder = asset_folder("task", name, cache)
@@ -130,6 +138,42 @@ def load_task(name: str, cache: Path | None = None) -> tuple[Task, DatasetDict]:
     # An empty split is not saved (datasets cannot reload one): the test-only tasks have no train/dev.
     return TASKS[name], DatasetDict({split: saved[split] if split in saved else dataset_from_rows([], features)
                                      for split in SPLITS})
+
+
+def load_mixture(names: Sequence[str], cache: Path | None = None) -> tuple[Task, DatasetDict]:
+    """The union of several multiple-choice tasks, split by split, with a `task` column naming each example's
+    task. Raises ValueError for fewer than two tasks, a repeated or unknown one, or one that is not multiple
+    choice (a classifier's head has one task's labels)."""
+    if len(names) < 2 or not all(names):
+        raise ValueError(f"a mixture joins two or more task names with {MIXTURE_JOIN!r}, e.g. arc_easy+boolq; "
+                         f"got {MIXTURE_JOIN.join(names)!r}")
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    if repeated:
+        raise ValueError(f"mixture {MIXTURE_JOIN.join(names)!r} names {', '.join(repeated)} more than once")
+    members = [load_task(name, cache) for name in names]
+    classification = [task.name for task, _ in members if task.kind != "multiple_choice"]
+    if classification:
+        raise ValueError(f"a mixture trains one language model on multiple-choice tasks; {', '.join(classification)} "
+                         f"{'is a classification task' if len(classification) == 1 else 'are classification tasks'}")
+    name = MIXTURE_JOIN.join(names)
+    task = Task(name, "multiple_choice", _QUESTION, members=tuple(names),
+                title="mixture of " + ", ".join(TASKS[member].title for member in names),
+                source="the union of " + ", ".join(names))
+    data = DatasetDict({split: concatenate_datasets([
+        member_data[split].add_column("task", [member.name] * member_data[split].num_rows)
+        for member, member_data in members]) for split in SPLITS})
+    return task, data
+
+
+def member_rows(task: Task, split: Dataset) -> dict[str, list[int]]:
+    """The rows of `split` that belong to each of the task's members, in order; {task name: all rows} for a
+    single task."""
+    if not task.members:
+        return {task.name: list(range(split.num_rows))}
+    rows: dict[str, list[int]] = {member: [] for member in task.members}
+    for index, member in enumerate(split["task"]):
+        rows[member].append(index)
+    return rows
 
 
 def check_no_leakage(trained_on: str, test_task: Task) -> None:

@@ -32,8 +32,10 @@ class RunConfig:
 
     model: str = _knob("'minilm', 'smollm2' (bundled, see `gfa assets`) or a model folder with config and tokenizer",
                        "minilm", metavar="NAME_OR_DIR")
-    task: str | None = _knob("a task of `gfa assets list` (rt, trec6, arc_easy, boolq, ...); or use --train-file",
-                             metavar="NAME", when_unset="none (give --task or --train-file)")
+    task: str | None = _knob("a task of `gfa assets list` (rt, trec6, arc_easy, boolq, ...), or a mixture of "
+                             "multiple-choice tasks joined by '+' (arc_easy+boolq: trained on their union, scored "
+                             "on each); or use --train-file", metavar="NAME",
+                             when_unset="none (give --task or --train-file)")
     train_file: str | None = _knob("your own classification data: a CSV or JSONL file with text (or text_a, "
                                    "text_b) and label columns, carved into train/dev/test (docs/data.md); the run "
                                    "is recorded under the task name <format>:<folder>-<stem>, e.g. csv:reviews-train",
@@ -74,8 +76,10 @@ class RunConfig:
     eval_split: Literal["test", "dev"] = _knob("split to evaluate on: test, or dev (learning-rate tuning)", "test")
     eval_task: str | None = _knob("evaluate on this task's split instead (same labels; leakage is checked)",
                                   metavar="NAME", when_unset="the training task")
-    max_eval_examples: int | None = _knob("evaluate on a fixed subset of this many examples (hash of their ids)",
-                                          metavar="N", when_unset="the whole split")
+    max_train_examples: int | None = _knob("train on a fixed subset of this many examples (hash of their ids); "
+                                           "of each task of a mixture", metavar="N", when_unset="the whole split")
+    max_eval_examples: int | None = _knob("evaluate on a fixed subset of this many examples (hash of their ids); "
+                                          "of each task of a mixture", metavar="N", when_unset="the whole split")
     eval_batch_size: int | None = _knob("evaluation batch size (multiple choice: questions)", metavar="N",
                                         when_unset=recipe_defaults("eval_batch_size"))
     dtype: Literal["float32", "bfloat16"] = _knob(

@@ -81,7 +81,7 @@ from gfa_peft.training.methods import UNANCHORED, ZERO_SHOT, Placement, Unreacha
 from gfa_peft.training.config import RunConfig, RunConfigError
 from gfa_peft.training.recipes import RECIPES, default_learning_rate, recipe_key
 from gfa_peft.data.splits import carve
-from gfa_peft.data.tasks import Task, check_no_leakage, load_task, load_user_task
+from gfa_peft.data.tasks import Task, check_no_leakage, load_task, load_user_task, member_rows
 from gfa_peft.layout import parse_module_order
 from gfa_peft.targets import default_targets, find_targets, target_shapes
 
@@ -212,6 +212,9 @@ def _load_training_task(config: RunConfig, cache: Path | None) -> tuple[Task, Da
         task, data = load_user_task(config.train_file, config.eval_file)
     if task.test_only or not data["train"].num_rows:
         raise ValueError(f"task {task.name!r} has no training split (it is a test-only task)")
+    if config.max_train_examples is not None:
+        data = DatasetDict({**data, "train": _per_task_subset(task, data["train"], config.max_train_examples,
+                                                              "--max-train-examples")})
     return task, data
 
 
@@ -229,19 +232,30 @@ def _evaluation_split(config: RunConfig, task: Task, data: DatasetDict, cache: P
     if not split.num_rows:
         raise ValueError(f"task {eval_task.name!r} has no {config.eval_split} split")
     if config.max_eval_examples is not None:
-        if config.max_eval_examples < 1:
-            raise ValueError(f"--max-eval-examples must be positive, got {config.max_eval_examples}")
-        split = _fixed_subset(split, config.max_eval_examples)
+        split = _per_task_subset(eval_task, split, config.max_eval_examples, "--max-eval-examples")
     return eval_task, split
 
 
-def _fixed_subset(split: Dataset, size: int) -> Dataset:
-    """`size` examples chosen by the hash of their ids (as splits are), so every run sees the same ones."""
+def _per_task_subset(task: Task, split: Dataset, size: int, flag: str) -> Dataset:
+    """`_fixed_subset_rows`' `size` examples of each of the task's members (of the task itself when it is not a
+    mixture), in the split's order."""
+    if size < 1:
+        raise ValueError(f"{flag} must be positive, got {size}")
+    kept = []
+    for rows in member_rows(task, split).values():
+        member = split.select(rows)
+        kept += [rows[index] for index in _fixed_subset_rows(member, size)]
+    return split.select(sorted(kept))
+
+
+def _fixed_subset_rows(split: Dataset, size: int) -> list[int]:
+    """The rows of `size` examples chosen by the hash of their ids (as splits are), so every run sees the same
+    ones; every row when the split is no larger."""
     if size >= split.num_rows:
-        return split
+        return list(range(split.num_rows))
     rows = [{"id": identifier, "index": index} for index, identifier in enumerate(split["id"])]
     kept = carve(rows, {"kept": size / split.num_rows, "rest": 1 - size / split.num_rows})["kept"]
-    return split.select(sorted(row["index"] for row in kept))
+    return sorted(row["index"] for row in kept)
 
 
 def _model_dir(model: str, cache: Path | None) -> Path:
@@ -354,15 +368,15 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.config.dtype == "bfloat16"):
         predictions, labels = _predict(run, model, tokenizer, progress and writes)
     eval_seconds = time.perf_counter() - evaluated
-    baseline = majority_label(list(run.data["train"]["label"]))
+    scores = _scores(run, predictions, labels)
     metrics = {
         "task": run.task.name, "eval_task": run.eval_task.name, "eval_split": run.config.eval_split,
         "eval_examples": len(labels), "model": run.config.model, "method": run.config.method,
         "anchor": run.placement.anchor, "knobs": run.placement.knobs, "seed": run.config.seed, "lr": run.lr,
-        **task_metrics(run.eval_task.metrics, predictions, labels),
-        "majority_baseline": task_metrics(["accuracy"], [baseline] * len(labels), labels)["accuracy"],
+        **{name: value for name, value in scores.items() if name != "by_task"},
         "adapter_params": adapter_params, "trainable_params": trainable_params, "budget": run.placement.budget,
         "steps": steps, "train_loss": train_loss, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        **({"by_task": scores["by_task"]} if "by_task" in scores else {}),
     }
     if folder is not None:
         _save_weights(run, model, tokenizer, folder)
@@ -402,6 +416,28 @@ def _train(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBas
     else:  # no bar, and no log lines printed in its place either: the log is in train_log.json
         trainer.remove_callback(PrinterCallback)
     return trainer, trainer.train()
+
+
+def _scores(run: PreparedRun, predictions: list[int], labels: list[int]) -> dict[str, Any]:
+    """The task's metrics and majority-class baseline. A mixture's are the mean over its tasks (each task
+    counting once, whatever its size), with each task's own, and its number of examples, under `by_task`."""
+    evaluated = member_rows(run.eval_task, run.eval_data)
+    trained = member_rows(run.task, run.data["train"])
+    train_labels = list(run.data["train"]["label"])
+    by_task = {}
+    for member, rows in evaluated.items():
+        # a single task, or a mixture evaluated on another one, has the baseline of all its training labels
+        baseline_rows = trained.get(member, range(len(train_labels)))
+        baseline = majority_label([train_labels[row] for row in baseline_rows])
+        ours, truth = [predictions[row] for row in rows], [labels[row] for row in rows]
+        by_task[member] = {**task_metrics(run.eval_task.metrics, ours, truth), "eval_examples": len(rows),
+                           "majority_baseline": task_metrics(["accuracy"], [baseline] * len(rows), truth)["accuracy"]}
+    if not run.eval_task.members:
+        (single,) = by_task.values()
+        return {name: value for name, value in single.items() if name != "eval_examples"}
+    names = [*run.eval_task.metrics, "majority_baseline"]
+    return {**{name: sum(scores[name] for scores in by_task.values()) / len(by_task) for name in names},
+            "by_task": by_task}
 
 
 def is_finished(folder: Path) -> bool:

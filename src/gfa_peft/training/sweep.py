@@ -4,7 +4,8 @@
 finished run with the same settings (so an interrupted sweep picks up where it stopped, redoing only the
 unfinished run), and then summarises the finished runs: one row per (task, method, anchor, learning rate)
 cell with the mean and standard deviation over seeds, the tie band, GFA-vs-DoRA verdicts, the retention
-table and the majority-class baselines. Accuracies in the summary are in percentage points.
+table and the majority-class baselines. Accuracies in the summary are in percentage points. A run on a mixture of
+tasks ("arc_easy+boolq") counts as one result per task it was scored on, so its tasks get their own rows.
 
 A finished run recorded with other settings (other steps, batch size, ... than the sweep asks for now) is never
 reused nor summarised as if it were the asked one: the sweep names the runs that differ and stops before training,
@@ -39,7 +40,7 @@ from gfa_peft.io.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from gfa_peft.data.tasks import task_title
+from gfa_peft.data.tasks import MIXTURE_JOIN, task_title
 
 from gfa_peft.io.tables import text_table
 from gfa_peft.training.methods import METHODS, UNANCHORED, ZERO_SHOT
@@ -114,6 +115,7 @@ class Plan:
 def plan(spec: SweepSpec, root: Path) -> Plan:
     """Prepare every run of the grid. Cells a method cannot reach (LoRA at "1/2") are left out and listed;
     any other problem raises RunConfigError before anything is trained."""
+    _check_tasks_appear_once(spec.tasks)
     runs, unreachable = [], []
     for config in spec.configs():
         try:
@@ -127,6 +129,18 @@ def plan(spec: SweepSpec, root: Path) -> Plan:
             continue
         runs.append((run, root / run.task.name / run.name))
     return Plan(runs, unreachable)
+
+
+def _check_tasks_appear_once(tasks: Sequence[str]) -> None:
+    """The summary has one row per task: a task both alone and in a mixture (or in two) would mix two
+    trainings in one row."""
+    seen: dict[str, str] = {}
+    for entry in tasks:
+        for task in entry.split(MIXTURE_JOIN):
+            if task in seen and seen[task] != entry:
+                raise RunConfigError(f"task {task} is in the grid both as {seen[task]!r} and as {entry!r}: their "
+                                     "results would share one row; sweep them into separate folders")
+            seen[task] = entry
 
 
 def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
@@ -157,8 +171,9 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
             log(f"[{number}/{len(todo)}] {run.task.name} {run.name}")
             overwrite = folder in changed
             metrics = execute(run, folder, progress, overwrite)
-            log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: accuracy {100 * metrics['accuracy']:.1f}%, "
-                f"{metrics['wall_seconds']:.0f} s")
+            each = "".join(f", {task} {100 * scores['accuracy']:.1f}%" for task, scores in metrics.get("by_task", {}).items())
+            log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: accuracy {100 * metrics['accuracy']:.1f}%"
+                f"{' (mean)' + each if each else ''}, {metrics['wall_seconds']:.0f} s")
         return write_summary(root, [folder for _, folder in sweep.runs])
 
 
@@ -168,13 +183,23 @@ def write_summary(root: Path, folders: Sequence[Path]) -> dict[str, Any]:
     """Summarise the finished runs among `folders` into results.json, results.csv and the figure."""
     from gfa_peft.io.plots import plot_sweep
 
-    results = [load_run(folder)[1] for folder in folders if is_finished(folder)]
+    results = [result for folder in folders if is_finished(folder) for result in per_task(load_run(folder)[1])]
     summary = summarize(results)
     summary["figure"] = str(root / "accuracy_vs_params.png")
     write_json_atomic(root / "results.json", summary)
     write_text_atomic(root / "results.csv", cells_csv(summary["cells"]))
     plot_sweep(summary, Path(summary["figure"]))
     return summary
+
+
+def per_task(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's result for each task it was scored on: the result itself, or for a run on a mixture one result
+    per task of it, with that task's metrics and the mixture's name under `mixture`."""
+    if "by_task" not in result:
+        return [result]
+    shared = {key: value for key, value in result.items() if key != "by_task"}
+    return [{**shared, **scores, "task": task, "eval_task": task, "mixture": result["task"]}
+            for task, scores in result["by_task"].items()]
 
 
 def anchor_label(result: dict[str, Any]) -> str:
