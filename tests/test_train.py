@@ -408,7 +408,9 @@ def test_a_cli_run_hides_load_reports_and_harmless_warnings_unless_verbose(cache
             assert main([*arguments, "--out", str(tmp_path / "quiet")]) == 0
         assert not any("LOAD REPORT" in message for message in recorder.messages)
         assert not [warning for warning in caught if issubclass(warning.category, FutureWarning)]
-        assert "'train_runtime'" not in capsys.readouterr().out  # --no-progress: no Trainer log lines either
+        printed = capsys.readouterr()
+        assert "'train_runtime'" not in printed.out  # --no-progress: no Trainer log lines either
+        assert "Loading weights" not in printed.err  # nor transformers' loading bar
         assert main([*arguments, "--out", str(tmp_path / "verbose"), "--verbose"]) == 0
         assert any("LOAD REPORT" in message for message in recorder.messages)
     finally:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_utils import TrainOutput
+from transformers.utils import logging as transformers_logging
 
 import gfa_peft
 from gfa_peft.data.assets import model_path
@@ -345,8 +347,9 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     temporary folder that becomes `destination`."""
     started = time.perf_counter()
     set_seed(run.config.seed)
-    tokenizer = _tokenizer(run.model_dir)
-    model = _build_model(run, tokenizer)
+    with _library_bars(shown=progress):
+        tokenizer = _tokenizer(run.model_dir)
+        model = _build_model(run, tokenizer)
     adapter_params, trainable_params = _trainable_counts(model, run)
     if adapter_params != run.placement.trainable:  # the budget arithmetic and the built model must agree
         raise RuntimeError(f"{run.config.method} has {adapter_params:,} adapter parameters, "
@@ -416,6 +419,20 @@ def _train(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBas
     else:  # no bar, and no log lines printed in its place either: the log is in train_log.json
         trainer.remove_callback(PrinterCallback)
     return trainer, trainer.train()
+
+
+@contextmanager
+def _library_bars(shown: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") follow the run's: hidden while it loads, when the run
+    shows none, and as the caller had them afterwards."""
+    if shown or not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
 
 
 def _scores(run: PreparedRun, predictions: list[int], labels: list[int]) -> dict[str, Any]:
