@@ -371,15 +371,13 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.config.dtype == "bfloat16"):
         predictions, labels = _predict(run, model, tokenizer, progress and writes)
     eval_seconds = time.perf_counter() - evaluated
-    scores = _scores(run, predictions, labels)
     metrics = {
         "task": run.task.name, "eval_task": run.eval_task.name, "eval_split": run.config.eval_split,
         "eval_examples": len(labels), "model": run.config.model, "method": run.config.method,
         "anchor": run.placement.anchor, "knobs": run.placement.knobs, "seed": run.config.seed, "lr": run.lr,
-        **{name: value for name, value in scores.items() if name != "by_task"},
+        **_scores(run, predictions, labels),
         "adapter_params": adapter_params, "trainable_params": trainable_params, "budget": run.placement.budget,
         "steps": steps, "train_loss": train_loss, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        **({"by_task": scores["by_task"]} if "by_task" in scores else {}),
     }
     if folder is not None:
         _save_weights(run, model, tokenizer, folder)
