@@ -5,12 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gfa_peft.cli import main
+from gfa_peft.io.files import folder_lock
 from gfa_peft.training import sweep as sweep_module
 from gfa_peft.training.sweep import (
     PAPER_TIE_BAND,
@@ -242,3 +247,56 @@ def test_a_mixture_gets_one_row_per_task_equal_to_the_tasks_run_alone(cache, tmp
     with pytest.raises(RunConfigError, match="both as 'arc_easy' and as 'arc_easy\\+obqa'"):
         run_sweep(replace(grid, tasks=("arc_easy", "arc_easy+obqa")), tmp_path / "both", progress=False)
     assert not (tmp_path / "both").exists()
+
+
+# ---------------------------------------------------------------- several processes on one sweep folder
+
+def test_a_run_another_process_is_training_is_left_to_it(cache, tmp_path, monkeypatch):
+    root = tmp_path / "sweep"
+    grid = spec(cache, seeds=(0,))
+    run_sweep(replace(grid, methods=("lora",)), root, progress=False, log=lambda message: None)
+    taken = root / "rt" / "gfa-1-s0-lr0.01"
+    messages = []
+    with folder_lock(taken):  # as another `gfa sweep` training that run
+        summary = run_sweep(grid, root, progress=False, log=messages.append)
+    assert not taken.exists()
+    assert sorted(path.name for path in (root / "rt").iterdir()) == ["gfa-1_2-s0-lr0.01", "lora-1-s0-lr0.01"]
+    assert [(cell["method"], cell["anchor"]) for cell in summary["cells"]] == [("gfa", "1/2"), ("lora", "1")]
+    assert any("gfa-1-s0-lr0.01: being trained by another process" in message for message in messages)
+    assert "still training in another process" in messages[-1] and "rt/gfa-1-s0-lr0.01" in messages[-1]
+
+    trained = []
+    original = sweep_module.execute
+    monkeypatch.setattr(sweep_module, "execute", lambda *args, **kwargs: trained.append(args[1].name)
+                        or original(*args, **kwargs))
+    summary = run_sweep(grid, root, progress=False, log=lambda message: None)
+    assert trained == ["gfa-1-s0-lr0.01"] and len(summary["cells"]) == 3
+
+
+def test_two_sweeps_on_one_folder_share_the_runs_and_train_each_once(cache, tmp_path):
+    root = tmp_path / "sweep"
+    command = [sys.executable, "-m", "gfa_peft.cli", "sweep", "--methods", "gfa,lora", "--anchors", "1/2,1",
+               "--seeds", "0,1", "--lrs", "0.01", "--steps", "2", "--cache", str(cache), "--out", str(root),
+               "--no-progress"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=environment) for _ in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    trained = sorted(re.findall(r"\] rt (\S+): accuracy", "\n".join(outputs)))
+    runs = sorted(path.name for path in (root / "rt").iterdir())
+    assert trained == runs and len(runs) == 6  # every run trained, each by one process only
+    assert all(is_finished(root / "rt" / name) for name in runs)
+    summary = json.loads((root / "results.json").read_text())  # written last by the process that ended last
+    assert [cell["n"] for cell in summary["cells"]] == [2, 2, 2]
+
+
+def test_tune_leaves_the_choice_to_the_process_that_ends_last(cache, tmp_path, capsys, monkeypatch):
+    from gfa_peft.cli import tune
+
+    monkeypatch.setattr(tune, "run_spec", lambda *args, **kwargs: {"cells": [], "unfinished": ["rt/gfa-1-s0"]})
+    out = tmp_path / "tune"
+    assert main(["tune", "--methods", "gfa", "--lrs", "0.01", "--cache", str(cache), "--out", str(out),
+                 "--save-defaults"]) == 0
+    assert "that process will choose" in capsys.readouterr().out
+    assert not out.exists()

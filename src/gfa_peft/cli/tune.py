@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("tune on tasks of one kind (all classification or all multiple choice): they share a recipe")
     out = Path(args.out)
     summary = run_spec(spec, out, progress=not args.no_progress, rerun_changed=args.rerun_changed)
+    if summary["unfinished"]:  # another `gfa tune` on this folder ends later and chooses from every trial
+        print("trials still run in another process; that process will choose the rates")
+        return 0
     choices = choose_learning_rates(summary["cells"])
     key = recipe_key(spec.model, kinds.pop())
     record = {"recipe": key, "recipe_settings": RECIPES[key].__dict__, "spec": {**spec.__dict__},

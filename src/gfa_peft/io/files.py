@@ -159,8 +159,9 @@ def remove_leftovers(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (the file `.NAME.lock` beside it) or raise FolderBusy at once.
+def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (the file `.NAME.lock` beside it) or raise FolderBusy at once; with
+    `wait`, wait for it instead (for holders that keep it briefly).
 
     The lock is the operating system's (flock), so a killed process never leaves a stale lock; the lock file
     is removed on release, and a lock taken on a file that was removed meanwhile is retaken on the new one.
@@ -171,7 +172,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         with _unwritable_is_refused(folder.parent):
             handle = os.open(path, os.O_RDWR | os.O_CREAT, file_mode(0o666))
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(handle)
             raise FolderBusy(f"{folder} is being written by another gfa process (it holds {path})") from None
@@ -186,6 +187,15 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # while still locked, so nobody locks a file that is going away
         os.close(handle)
+
+
+def folder_is_busy(folder: str | os.PathLike) -> bool:
+    """Whether another process holds `folder`'s lock now."""
+    try:
+        with folder_lock(folder):
+            return False
+    except FolderBusy:
+        return True
 
 
 def _publish(building: Path, folder: Path) -> None:

@@ -9,8 +9,9 @@ tasks ("arc_easy+boolq") counts as one result per task it was scored on, so its 
 
 A finished run recorded with other settings (other steps, batch size, ... than the sweep asks for now) is never
 reused nor summarised as if it were the asked one: the sweep names the runs that differ and stops before training,
-or, with `rerun_changed`, trains them again (each replaced once its new run is complete). One process at a time
-writes a sweep folder (io/files.py's lock).
+or, with `rerun_changed`, trains them again (each replaced once its new run is complete). Several processes may
+share a sweep folder: each run folder is written by one process at a time (io/files.py's lock), and a run another
+process is training is left to it.
 
 Tie band: twice the pooled seed standard deviation, pooled over every cell with at least two seeds
 (variance weighted by its n - 1); with no such cell, the paper's +/-1.4pp (from its pooled 0.7pp).
@@ -35,6 +36,7 @@ from gfa_peft.io.files import (
     OutputRefused,
     ResultKind,
     check_output_folder,
+    folder_is_busy,
     folder_lock,
     make_folder,
     write_json_atomic,
@@ -145,14 +147,19 @@ def _check_tasks_appear_once(tasks: Sequence[str]) -> None:
 
 def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
               log: Callable[[str], object] = tqdm.write, rerun_changed: bool = False) -> dict[str, Any]:
-    """Train every unfinished run of the grid into `root`, then write and return the summary.
+    """Train every unfinished run of the grid into `root`, then write and return the summary (with `unfinished`:
+    the runs still training in another process, whose results it lacks).
+
+    Several processes may run the same sweep on one folder at once (e.g. two with OMP_NUM_THREADS=1 on a 2-core
+    machine): each trains the runs no other is training (a run's folder lock says which) and finishes none twice;
+    the summary covers the runs finished when it is written, and the last process to end writes the complete one.
 
     Raises ChangedRunsError, before anything is written, when finished runs in `root` were trained with other
     settings, unless `rerun_changed` (then they are trained again)."""
     sweep = plan(spec, root)
     check_output_folder(root, SWEEP)
     make_folder(root)
-    with folder_lock(root):
+    with folder_lock(root, wait=True):  # the checks and the record, not the training: other sweeps may join
         changed = {folder: changes for run, folder in sweep.runs
                    if is_finished(folder) and (changes := changed_settings(run, folder))}
         if changed and not rerun_changed:
@@ -164,27 +171,46 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
         for run, folder in todo:  # a folder of other files anywhere in the grid stops the sweep before it trains
             check_run_folder(run, folder, overwrite=folder in changed)
         write_json_atomic(root / SPEC_FILE, asdict(spec))
-        log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, "
-            f"{len(todo)} to run" + (f" ({len(changed)} with changed settings)" if changed else "")
-            + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else ""))
-        for number, (run, folder) in enumerate(todo, 1):
-            log(f"[{number}/{len(todo)}] {run.task.name} {run.name}")
-            overwrite = folder in changed
-            metrics = execute(run, folder, progress, overwrite)
-            each = "".join(f", {task} {100 * scores['accuracy']:.1f}%" for task, scores in metrics.get("by_task", {}).items())
-            log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: accuracy {100 * metrics['accuracy']:.1f}%"
-                f"{' (mean)' + each if each else ''}, {metrics['wall_seconds']:.0f} s")
-        return write_summary(root, [folder for _, folder in sweep.runs])
+    log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, "
+        f"{len(todo)} to run" + (f" ({len(changed)} with changed settings)" if changed else "")
+        + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else ""))
+    for number, (run, folder) in enumerate(todo, 1):
+        if _finished_as_asked(run, folder):  # by another process meanwhile
+            continue
+        log(f"[{number}/{len(todo)}] {run.task.name} {run.name}")
+        try:
+            metrics = execute(run, folder, progress, folder in changed)
+        except OutputRefused:
+            if _finished_as_asked(run, folder) or folder_is_busy(folder):  # another process took it meanwhile
+                log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: being trained by another process")
+                continue
+            raise
+        each = "".join(f", {task} {100 * scores['accuracy']:.1f}%" for task, scores in metrics.get("by_task", {}).items())
+        log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: accuracy {100 * metrics['accuracy']:.1f}%"
+            f"{' (mean)' + each if each else ''}, {metrics['wall_seconds']:.0f} s")
+    with folder_lock(root, wait=True):
+        summary = write_summary(root, [folder for _, folder in sweep.runs])
+    if summary["unfinished"]:
+        log(f"{len(summary['unfinished'])} run(s) still training in another process; the summary lacks them until "
+            f"it ends: {', '.join(summary['unfinished'])}")
+    return summary
+
+
+def _finished_as_asked(run: PreparedRun, folder: Path) -> bool:
+    return is_finished(folder) and not changed_settings(run, folder)
 
 
 # ---------------------------------------------------------------- summary
 
 def write_summary(root: Path, folders: Sequence[Path]) -> dict[str, Any]:
-    """Summarise the finished runs among `folders` into results.json, results.csv and the figure."""
+    """Summarise the finished runs among `folders` into results.json, results.csv and the figure; the summary
+    returned also lists, under `unfinished`, the folders (relative to `root`) it lacks."""
     from gfa_peft.io.plots import plot_sweep
 
-    results = [result for folder in folders if is_finished(folder) for result in per_task(load_run(folder)[1])]
+    finished = [folder for folder in folders if is_finished(folder)]
+    results = [result for folder in finished for result in per_task(load_run(folder)[1])]
     summary = summarize(results)
+    summary["unfinished"] = [str(folder.relative_to(root)) for folder in folders if folder not in finished]
     summary["figure"] = str(root / "accuracy_vs_params.png")
     write_json_atomic(root / "results.json", summary)
     write_text_atomic(root / "results.csv", cells_csv(summary["cells"]))
