@@ -155,15 +155,17 @@ def run_bench(settings: Settings, progress: bool = True,
     """
     groups = plan(settings)
     earlier = {_run_key(record): record for record in measured}
-    kept = [[earlier[_run_key(run)] for run in runs] for runs in groups
-            if all(_run_key(run) in earlier for run in runs)]
-    records = [record for group in kept for record in group]
-    remaining = [runs for runs in groups if not all(_run_key(run) in earlier for run in runs)]
+    records, remaining = [], []
+    for runs in groups:
+        if all(_run_key(run) in earlier for run in runs):
+            records += [earlier[_run_key(run)] for run in runs]
+        else:
+            remaining.append(runs)
     steps = sum(len(runs) for runs in remaining) * rounds(settings)
     bar = tqdm(total=steps, desc="gfa bench", unit="step", disable=not progress)
     ratios = INFERENCE_RATIOS if isinstance(settings, InferenceSettings) else RATIOS
     with tempfile.TemporaryDirectory(prefix="gfa-bench-logs-") as log_dir, bar:
-        for done, runs in enumerate(remaining, len(kept) + 1):
+        for done, runs in enumerate(remaining, len(groups) - len(remaining) + 1):
             first = runs[0]
             bar.set_postfix_str(f"{first.shapes.name} {first.scope} r={reference_anchor(first.anchor)} "
                                 f"batch {first.batch_size}")

@@ -51,10 +51,15 @@ BUSY_SHARE = 0.9
 
 Column = tuple[str, Callable[[dict], str]]
 
-COLUMNS: list[Column] = [
+RUN_COLUMNS: list[Column] = [
     ("method", lambda r: r["method"]),
     ("anchor", lambda r: r["anchor"]),
     ("rank", lambda r: _text(r["rank"])),
+]
+"""What names a record's run, first in both benches' tables."""
+
+COLUMNS: list[Column] = [
+    *RUN_COLUMNS,
     ("trainable", lambda r: f"{r['trainable']:,}"),
     ("step s", lambda r: f"{r['step_time_s']:.3f}"),
     ("IQR", lambda r: _percent(relative_iqr(r["step_times_s"]))),
@@ -79,9 +84,7 @@ LEGEND = (
 )
 
 INFERENCE_COLUMNS: list[Column] = [
-    ("method", lambda r: r["method"]),
-    ("anchor", lambda r: r["anchor"]),
-    ("rank", lambda r: _text(r["rank"])),
+    *RUN_COLUMNS,
     ("batch", lambda r: str(r["batch_size"])),
     ("prefill s", lambda r: f"{r['prefill_s']:.3f}"),
     ("prefill tok/s", lambda r: f"{r['prefill_tokens_per_s']:,.0f}"),

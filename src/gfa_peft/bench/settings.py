@@ -30,8 +30,8 @@ def available_threads() -> int:
 
 
 @dataclass(frozen=True)
-class BenchSettings:
-    """What to measure and how. The defaults are the full run; `QUICK` is the few-minute subset."""
+class _Measurement:
+    """What both benches share: which cells, how many steps, on what. Each bench sets its own defaults."""
 
     shapes: tuple[BenchShapes, ...] = tuple(SHAPES.values())
     scopes: tuple[str, ...] = tuple(SCOPES)
@@ -39,12 +39,22 @@ class BenchSettings:
     methods: tuple[str, ...] = BENCH_METHODS
     steps: int = 8
     warmup: int = 1
-    batch_size: int = 4
-    seq_len: int = 256
     device: str = "cpu"
     dtype: str = "float32"
     threads: int = field(default_factory=available_threads)
     seed: int = 0
+
+    def lower_bounds(self) -> list[tuple[str, int, int]]:
+        """(name, value, least allowed) of each count setting."""
+        return [("steps", self.steps, 1), ("warmup", self.warmup, 1), ("threads", self.threads, 1)]
+
+
+@dataclass(frozen=True)
+class BenchSettings(_Measurement):
+    """What to measure and how. The defaults are the full run; `QUICK` is the few-minute subset."""
+
+    batch_size: int = 4
+    seq_len: int = 256
 
     @property
     def tokens(self) -> int:
@@ -62,9 +72,7 @@ class BenchSettings:
                           self.dtype, self.threads, self.seed)
 
     def lower_bounds(self) -> list[tuple[str, int, int]]:
-        """(name, value, least allowed) of each count setting."""
-        return [("steps", self.steps, 1), ("warmup", self.warmup, 1), ("batch size", self.batch_size, 1),
-                ("sequence length", self.seq_len, 2), ("threads", self.threads, 1)]
+        return [*super().lower_bounds(), ("batch size", self.batch_size, 1), ("sequence length", self.seq_len, 2)]
 
 
 QUICK = BenchSettings(shapes=(SHAPES["llama-3.2-3b"],), scopes=("q+v",), anchors=("4",), steps=4, warmup=1)
@@ -72,23 +80,16 @@ QUICK = BenchSettings(shapes=(SHAPES["llama-3.2-3b"],), scopes=("q+v",), anchors
 
 
 @dataclass(frozen=True)
-class InferenceSettings:
+class InferenceSettings(_Measurement):
     """What `gfa bench --inference` measures: greedy generation of `new_tokens` after a `prompt_len`-token prompt,
     at each batch size. The defaults are the full run; `QUICK_INFERENCE` is the few-minute subset."""
 
-    shapes: tuple[BenchShapes, ...] = tuple(SHAPES.values())
-    scopes: tuple[str, ...] = tuple(SCOPES)
     anchors: tuple[str, ...] = ("4",)
     methods: tuple[str, ...] = INFERENCE_METHODS
+    steps: int = 5
     batch_sizes: tuple[int, ...] = (1, 8)
     prompt_len: int = 16
     new_tokens: int = 24
-    steps: int = 5
-    warmup: int = 1
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int = field(default_factory=available_threads)
-    seed: int = 0
 
     def worker_spec(self, run: Run) -> WorkerSpec:
         from gfa_peft.bench.worker import WorkerSpec
@@ -97,8 +98,7 @@ class InferenceSettings:
                           self.dtype, self.threads, self.seed, task="generate", new_tokens=self.new_tokens)
 
     def lower_bounds(self) -> list[tuple[str, int, int]]:
-        return [("steps", self.steps, 1), ("warmup", self.warmup, 1), ("prompt length", self.prompt_len, 1),
-                ("new tokens", self.new_tokens, 2), ("threads", self.threads, 1),
+        return [*super().lower_bounds(), ("prompt length", self.prompt_len, 1), ("new tokens", self.new_tokens, 2),
                 *(("batch size", batch_size, 1) for batch_size in self.batch_sizes)]
 
 
