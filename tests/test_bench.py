@@ -18,8 +18,8 @@ from gfa_peft.bench import plan as bench
 from gfa_peft.bench.plan import BenchSettings, Run, add_ratios, measure_group, plan
 from gfa_peft.bench.shapes import SCOPES, SHAPES, BenchShapes
 from gfa_peft.bench.report import format_summary, summarize
-from gfa_peft.bench.worker import CpuAllocationRecorder, WorkerError
-from gfa_peft.targets import target_shapes
+from gfa_peft.bench.worker import CpuAllocationRecorder, Trainer, WorkerError, WorkerSpec
+from gfa_peft.targets import find_targets, target_shapes
 
 # A SmolLM2 with tiny widths: q_proj 64 -> 64, v_proj 64 -> 2 key-value heads x 16 = 32, two layers.
 TINY = BenchShapes(
@@ -44,22 +44,22 @@ def tiny_shapes(monkeypatch):
 
 def test_end_to_end_through_worker_processes(tiny_shapes, tmp_path):
     json_path, out = tmp_path / "records.json", tmp_path / "out"
-    code = main(["bench", "--shapes", "tiny", "--scopes", "q+v", "--anchors", "1/2,1", "--methods", "gfa,lora,floor",
+    code = main(["bench", "--shapes", "tiny", "--scopes", "q+v", "--anchors", "1/2,1", "--methods", "gfa,lora,floor,wgrad",
                  "--steps", "2", "--warmup", "1",
                  "--batch-size", "2", "--seq-len", "8", "--threads", "1", "--json", str(json_path), "--out", str(out),
                  "--no-progress"])
     assert code == 0
     records = json.loads(json_path.read_text())
     by_key = {(record["anchor"], record["method"]): record for record in records}
-    assert len(by_key) == len(records) == 4
-    assert set(by_key) == {("1/2", "gfa"), ("1", "gfa"), ("1", "lora"), ("1", "floor")}
+    assert len(by_key) == len(records) == 5
+    assert set(by_key) == {("1/2", "gfa"), ("1", "gfa"), ("1", "lora"), ("1", "floor"), ("1", "wgrad")}
     assert all(REQUIRED_KEYS <= record.keys() for record in records)
 
     anchors = tiny_anchors(["1/2", "1"])
     assert by_key["1/2", "gfa"]["trainable"] == anchors["1/2"].gfa_params
     assert by_key["1", "gfa"]["trainable"] == anchors["1"].gfa_params
     assert by_key["1", "lora"]["trainable"] == LORA_PER_RANK
-    assert by_key["1", "floor"]["trainable"] == 0
+    assert by_key["1", "floor"]["trainable"] == by_key["1", "wgrad"]["trainable"] == 0
 
     lora = by_key["1", "lora"]
     for record in records:
@@ -76,6 +76,8 @@ def test_end_to_end_through_worker_processes(tiny_shapes, tmp_path):
     # (4 bytes each for the factor, its gradient-free moments exp_avg and exp_avg_sq; AdamW also keeps a float32
     # step count per tensor: A and B of 4 modules.)
     assert by_key["1", "lora"]["resting_mem_mb"] == pytest.approx(floor + (3 * 4 * LORA_PER_RANK + 8 * 4) / 2**20)
+    # The weight-gradient floor keeps nothing between steps: its weight gradients are dropped, with no optimizer.
+    assert by_key["1", "wgrad"]["resting_mem_mb"] == floor
 
     assert json.loads((out / "results.json").read_text()) == records
     markdown = (out / "results.md").read_text()
@@ -83,6 +85,25 @@ def test_end_to_end_through_worker_processes(tiny_shapes, tmp_path):
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["anchors"] == ["1/2", "1"] and config["settings"]["shapes"][0]["name"] == "tiny"
+
+
+def test_weight_gradient_floor_computes_every_target_weight_gradient_and_changes_nothing(monkeypatch):
+    spec = WorkerSpec(shapes=TINY, scope="q+v", method="wgrad", rank=None, batch_size=2, seq_len=8, device="cpu",
+                      dtype="float32", threads=1, seed=0)
+    trainer = Trainer(spec)
+    targets = {name for name, _ in find_targets(trainer.model, SCOPES["q+v"])}
+    assert {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad} == \
+        {f"{name}.weight" for name in targets}
+    assert trainer.optimizer is None and trainer.trainable == 0
+    before = {name: parameter.clone() for name, parameter in trainer.model.named_parameters()}
+    seen = []
+    for name, parameter in trainer.model.named_parameters():
+        if parameter.requires_grad:
+            parameter.register_hook(lambda grad, name=name: seen.append(name) or grad)
+    trainer.step()
+    assert sorted(seen) == sorted(f"{name}.weight" for name in targets)  # every target's weight gradient, computed
+    assert all(parameter.grad is None for parameter in trainer.model.parameters())  # ... and dropped
+    assert all(torch.equal(parameter, before[name]) for name, parameter in trainer.model.named_parameters())
 
 
 def test_cpu_recorder_counts_every_tensor_held_since_it_started():
@@ -153,6 +174,14 @@ def test_summary_takes_median_and_worst_gfa_cell_against_the_targets():
     assert "faster than DoRA in 2/3 cells (target: every cell: MISSED in s/q+v/1)" in text
     assert "peak memory worst 1.030 (target <= 1.02: MISSED)" in text
     assert "The steps got 100% of their threads' time" in text  # cpu = 2 x wall on 2 threads
+    assert summary["median_time_over_wgrad"] is None and "weight-gradient floor" not in text
+
+    # With the weight-gradient floor: GFA over it per cell, and the floor over DoRA.
+    records = add_ratios([*records, record("1", "wgrad", 1.08, 100.0), record("4", "wgrad", 2.0, 200.0)])
+    [summary] = summarize(records)
+    assert summary["median_time_over_wgrad"] == pytest.approx(1.10 / 1.08)  # of 1.00/1.08, 1.10/1.08, 2.08/2.0
+    assert summary["median_wgrad_over_dora"] == pytest.approx((1.08 / 1.05 + 2.0 / 2.5) / 2)
+    assert "the weight-gradient floor itself over DoRA median 0.914" in format_summary(records)
 
 
 def test_rounds_alternate_order_and_memory_is_measured_after_the_warmup(monkeypatch, tmp_path):

@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 from gfa_peft.analysis.budget import SUB_RANK1_LABEL, rank_anchors
 from gfa_peft.bench.settings import (
-    BENCH_METHODS,
     GFA_METHODS,
     INFERENCE_METHODS,
     NO_ADAPTER,
+    TRAINING_METHODS,
     BenchSettings,
     InferenceSettings,
     Settings,
@@ -110,7 +110,7 @@ def _check(settings: Settings) -> None:
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
     _check_names("method", settings.methods,
-                 INFERENCE_METHODS if isinstance(settings, InferenceSettings) else BENCH_METHODS)
+                 INFERENCE_METHODS if isinstance(settings, InferenceSettings) else TRAINING_METHODS)
     _check_names("batch size", [str(batch_size) for batch_size in settings.batch_sizes])
     _check_names("scope", settings.scopes, SCOPES)
     _check_names("dtype", [settings.dtype], DTYPES)

@@ -80,7 +80,8 @@ LEGEND = (
     "time when other jobs share the machine); peak MiB: most tensor memory held during a step, weights included; "
     "step MiB: its rise above the memory held between steps. x/LoRA: the quantity over LoRA's at the same anchor, "
     "LoRA r=1's for anchor 1/2; time/DoRA: step time over DoRA's (below 1: faster). floor: every weight frozen, "
-    "gradients still flowing back to every target module."
+    "gradients still flowing back to every target module. wgrad (weight-gradient floor): the floor plus every target "
+    "module's weight gradient, computed and dropped: the least work of an exact GFA gradient."
 )
 
 INFERENCE_COLUMNS: list[Column] = [
@@ -164,8 +165,22 @@ def summarize(records: Sequence[dict]) -> list[dict]:
             summary[f"median_{name}_ratio"], summary[f"worst_{name}_ratio"] = _median_and_worst(gfa, key)
         summary.update(faster_than_dora=sum(versus_dora.values()), cells_with_dora=len(versus_dora),
                        slower_than_dora=[cell for cell, faster in versus_dora.items() if not faster])
+        summary.update(_against_weight_gradient_floor(here, gfa))
         summaries.append(summary)
     return summaries
+
+
+def _against_weight_gradient_floor(here: Sequence[dict], gfa: Sequence[dict]) -> dict:
+    """Where the weight-gradient floor was measured: GFA's step time over it (GFA's own overhead beyond the weight
+    gradients its exact gradient needs), and its step time over DoRA's (at or above 1, no method that needs those
+    weight gradients can be faster than DoRA in that cell), medians over the cells."""
+    floors = {record["reference"]: record for record in here if record["method"] == "wgrad"}
+    over_floor = [record["time_ratio_to_lora"] / floors[record["reference"]]["time_ratio_to_lora"]
+                  for record in gfa if record["reference"] in floors]
+    floor_over_dora = [floor["time_ratio_to_dora"] for floor in floors.values()
+                       if floor["time_ratio_to_dora"] is not None]
+    return {"median_time_over_wgrad": statistics.median(over_floor) if over_floor else None,
+            "median_wgrad_over_dora": statistics.median(floor_over_dora) if floor_over_dora else None}
 
 
 def _median_and_worst(records: Sequence[dict], key: str) -> tuple[float | None, float | None]:
@@ -220,6 +235,12 @@ def _training_lines(records: Sequence[dict]) -> list[str]:
                 missed = summary["slower_than_dora"]
                 versus += (" (target: every cell: " + ("met)" if not missed else f"MISSED in {', '.join(missed)})"))
             parts.append(versus)
+        if summary["median_time_over_wgrad"] is not None:
+            parts.append(f"over the weight-gradient floor median {summary['median_time_over_wgrad']:.3f}")
+        if summary["median_wgrad_over_dora"] is not None:
+            parts.append(f"the weight-gradient floor itself over DoRA median {summary['median_wgrad_over_dora']:.3f}"
+                         + (" (at or above 1: no exact-gradient method is faster than DoRA here)"
+                            if summary["median_wgrad_over_dora"] >= 1 else ""))
         cells = f"{summary['cells']} cell{'s' * (summary['cells'] > 1)}"
         lines.append(f"GFA/LoRA on {summary['shapes']} {summary['scope']} ({cells}): " + "; ".join(parts))
     return lines
@@ -314,7 +335,7 @@ def plot_ratios(records: Sequence[dict], path: Path) -> None:
             panels.append(("cpu_time_ratio_to_lora", "CPU time / LoRA's", time_targets, "LoRA"))
         panels.append(("mem_ratio_to_lora", "peak memory / LoRA's", _target_lines("worst_peak_mem", scopes), "LoRA"))
         styles = {"gfa": ("o", "tab:blue", "GFA"), "dora": ("s", "tab:orange", "DoRA (PEFT)"),
-                  "floor": ("_", "tab:gray", "floor")}
+                  "floor": ("_", "tab:gray", "floor"), "wgrad": ("x", "tab:purple", "weight-gradient floor")}
         title = "gfa bench: paired against PEFT's LoRA at the same anchor (anchor 1/2 against LoRA r=1)"
     _plot_panels(records, panels, styles, title, path)
 

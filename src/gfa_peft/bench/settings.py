@@ -13,12 +13,14 @@ if TYPE_CHECKING:
     from gfa_peft.bench.worker import WorkerSpec
 
 BENCH_METHODS = ("gfa", "lora", "dora", "floor")
-"""The paper's Table 1 methods (named as in `training.methods.METHODS`) and the no-adapter floor."""
+"""The default methods: the paper's Table 1 methods (named as in `training.methods.METHODS`) and the floor."""
+TRAINING_METHODS = (*BENCH_METHODS, "wgrad")
+"""Every method a training bench can measure: the defaults and, on request, the weight-gradient floor."""
 INFERENCE_METHODS = ("base", "lora", "gfa", "gfa-merged")
 """The inference bench's: the bare model, LoRA and GFA unmerged, GFA merged into the base weights."""
 GFA_METHODS = ("gfa", "gfa-merged")
-"""Methods at the anchor's GFA rank; "floor" and "base" have no adapter, the others sit at its LoRA rank."""
-NO_ADAPTER = ("floor", "base")
+"""Methods at the anchor's GFA rank; the floors and "base" have no adapter, the others sit at its LoRA rank."""
+NO_ADAPTER = ("floor", "wgrad", "base")
 DEFAULT_ANCHORS = ("1/2", "1", "4", "16")
 DTYPE_NAMES = ("float32", "bfloat16")
 """The weights' dtypes a run can use (torch's names)."""

@@ -46,7 +46,7 @@ from peft import get_peft_model
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from gfa_peft.bench.settings import DTYPE_NAMES
+from gfa_peft.bench.settings import DTYPE_NAMES, NO_ADAPTER
 from gfa_peft.bench.shapes import SCOPES, BenchShapes
 from gfa_peft.targets import find_targets
 from gfa_peft.training.methods import peft_config
@@ -83,18 +83,25 @@ class WorkerSpec:
 
 
 def attach_method(model: nn.Module, method: str, rank: int | None, targets: str | list[str]) -> nn.Module:
-    """The model with `method`'s adapter at `rank` ("gfa", "lora", "dora"), or the floor ("floor").
+    """The model with `method`'s adapter at `rank` ("gfa", "lora", "dora"), or one of the two floors.
 
-    The floor freezes every weight and makes the outputs of the target modules require grad: backward runs
-    from the loss down to every module an adapter would train, and computes no weight gradient. That is the
+    The floor ("floor") freezes every weight and makes the outputs of the target modules require grad: backward
+    runs from the loss down to every module an adapter would train, and computes no weight gradient. That is the
     least work any adapter on those modules must do. (Gradients flowing further, to the input embeddings,
     would add the input gradients of the first layer's projections, which no adapter needs: such a floor
     measured slower than LoRA at q+v.)
+
+    The weight-gradient floor ("wgrad") freezes every weight but the target modules' own, whose gradients are
+    computed and dropped, with no update: the least work of a method whose exact gradient needs each target
+    module's weight gradient g^T x, as GFA's does (its factor gradients are products with it).
     """
-    if method == "floor":
+    if method in ("floor", "wgrad"):
         model.requires_grad_(False)
         for _, module in find_targets(model, targets):
-            module.register_forward_hook(_output_requires_grad)
+            if method == "wgrad":
+                module.weight.requires_grad_(True)
+            else:
+                module.register_forward_hook(_output_requires_grad)
         return model
     return get_peft_model(model, peft_config(method, {"r": rank}, targets))
 
@@ -131,7 +138,9 @@ class Session:
         torch.manual_seed(spec.seed)  # the same weights for every method
         model = spec.shapes.build(self.device).to(DTYPES[spec.dtype])
         self.model = attach(model, spec.method, spec.rank, SCOPES[spec.scope])
-        self.trainable = sum(parameter.numel() for parameter in self.model.parameters() if parameter.requires_grad)
+        self.trains = spec.method not in NO_ADAPTER  # the weight-gradient floor's gradients are never applied
+        self.trainable = sum(parameter.numel() for parameter in self.model.parameters()
+                             if parameter.requires_grad) if self.trains else 0
         generator = torch.Generator().manual_seed(spec.seed)
         vocabulary = self.model.get_input_embeddings().num_embeddings
         self.tokens = torch.randint(vocabulary, (spec.batch_size, spec.seq_len), generator=generator).to(self.device)
@@ -170,14 +179,14 @@ class Trainer(Session):
         super().__init__(spec, attach_method)
         self.model.train()
         trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE) if trainable else None
+        self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE) if self.trains and trainable else None
 
     def step(self) -> None:
         """Forward, causal-LM loss, backward, optimizer step; gradients are dropped so none is held between steps."""
         self.model(input_ids=self.tokens, labels=self.tokens).loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
 
     def timed_step(self) -> dict[str, float]:
         """Wall-clock and process CPU seconds (all threads) of one step."""

@@ -20,6 +20,7 @@ from gfa_peft.bench.settings import (
     INFERENCE_METHODS,
     QUICK,
     QUICK_INFERENCE,
+    TRAINING_METHODS,
     BenchSettings,
     InferenceSettings,
     Settings,
@@ -82,8 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--methods", metavar="NAMES",
-        help=f"comma-separated methods from {', '.join(BENCH_METHODS)}; with --inference from "
-        f"{', '.join(INFERENCE_METHODS)} (default: all)",
+        help=f"comma-separated methods from {', '.join(TRAINING_METHODS)} (default: {','.join(BENCH_METHODS)}; "
+        "wgrad, the weight-gradient floor, is the floor plus every target module's weight gradient: the least work "
+        f"of an exact GFA gradient); with --inference from {', '.join(INFERENCE_METHODS)} (default: all)",
     )
     parser.add_argument(
         "--steps", type=int, metavar="N",
