@@ -169,7 +169,7 @@ def test_zero_shot_scores_the_untrained_model_and_saves_no_weights(cache, llama_
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     test = load_task("arc_easy", cache)[1]["test"]
-    right = 0
+    right, right_per_char = 0, 0
     for example in test:
         scores = []
         for choice in example["choices"]:
@@ -179,7 +179,33 @@ def test_zero_shot_scores_the_untrained_model_and_saves_no_weights(cache, llama_
                 log_probs = model(input_ids=torch.tensor([query + answer])).logits[0].log_softmax(-1)
             scores.append(sum(log_probs[len(query) + t - 1, token].item() for t, token in enumerate(answer)))
         right += int(np.argmax(scores)) == example["label"]
+        per_char = [score / len(" " + choice) for score, choice in zip(scores, example["choices"])]
+        right_per_char += int(np.argmax(per_char)) == example["label"]
     assert metrics["accuracy"] == right / test.num_rows
+
+    # Scored per character: each choice's sum over its length in characters; a run of its own name and settings.
+    run = prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None,
+                         choice_score="per-char"))
+    assert run.name == "zero-shot-s0-per-char"
+    assert train(run.config, tmp_path / "per-char", progress=False)["accuracy"] == right_per_char / test.num_rows
+    assert train_module.changed_settings(run, folder) == ['choice_score: "sum" -> "per-char"']
+
+
+def test_a_run_recorded_before_choice_score_existed_counts_as_summed(cache, tmp_path):
+    folder = tmp_path / "old"
+    train(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None), folder, progress=False)
+    record = json.loads((folder / "config.json").read_text())
+    del record["config"]["choice_score"]
+    (folder / "config.json").write_text(json.dumps(record))
+    summed = prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None))
+    assert train_module.changed_settings(summed, folder) == []
+
+
+def test_choice_score_is_refused_on_classification_and_unknown_names(cache):
+    with pytest.raises(RunConfigError, match="--choice-score per-char scores the choices of multiple-choice tasks"):
+        prepare(config(cache, task="rt", method="lora", anchor="1", choice_score="per-char"))
+    with pytest.raises(RunConfigError, match="--choice-score must be 'sum' or 'per-char', got 'mean'"):
+        prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None, choice_score="mean"))
 
 
 def test_a_mixture_trains_on_the_union_and_scores_each_task_as_if_alone(cache, llama_dir, tmp_path):

@@ -82,6 +82,10 @@ class RunConfig:
                                           "of each task of a mixture", metavar="N", when_unset="the whole split")
     eval_batch_size: int | None = _knob("evaluation batch size (multiple choice: questions)", metavar="N",
                                         when_unset=recipe_defaults("eval_batch_size"))
+    choice_score: Literal["sum", "per-char"] = _knob(
+        "multiple choice: a choice's score, its summed token log-likelihood (sum) or that sum over the choice's "
+        "length in characters (per-char, OLMES's acc_per_char: long answers are not penalised for their length)",
+        "sum", metavar="SCORE")
     dtype: Literal["float32", "bfloat16"] = _knob(
         "compute precision: bfloat16 runs the matrix products under autocast (weights, adapter and optimiser stay "
         "float32); docs/training.md, 'Decoder speed', says when it pays", "float32", metavar="DTYPE")

@@ -142,6 +142,13 @@ def _packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
 
+def per_character(scores: Sequence[float], choices: Sequence[Sequence[str]]) -> list[float]:
+    """Each choice's score over its length in characters as it is scored (after the space that joins it to the
+    query); `scores` in the order of `choice_sequences`, every choice of question 0, then of question 1, ..."""
+    lengths = [len(" " + choice) for question_choices in choices for choice in question_choices]
+    return [score / length for score, length in zip(scores, lengths, strict=True)]
+
+
 def best_choices(sequences: list[ChoiceSequence], scores: list[float]) -> list[int]:
     """For each question, the index (within its choices) of the highest-scoring choice; ties to the first."""
     per_question: dict[int, list[float]] = {}

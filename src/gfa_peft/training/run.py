@@ -75,6 +75,7 @@ from gfa_peft.training.evaluation import (
     choice_log_likelihoods,
     last_hidden_states,
     majority_label,
+    per_character,
     predict_classes,
     task_metrics,
     token_log_likelihoods,
@@ -140,6 +141,8 @@ class PreparedRun:
             parts.append(self.config.eval_split)
         if self.config.dtype != "float32":
             parts.append(self.config.dtype)
+        if self.config.choice_score != "sum":
+            parts.append(self.config.choice_score)
         return "-".join(parts)
 
     @property
@@ -179,6 +182,11 @@ def _prepare(config: RunConfig) -> PreparedRun:
     module_order = None if config.module_order is None else parse_module_order(config.module_order)
     placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank, module_order)
     trains = config.method != ZERO_SHOT
+    if config.choice_score not in ("sum", "per-char"):
+        raise ValueError(f"--choice-score must be 'sum' or 'per-char', got {config.choice_score!r}")
+    if config.choice_score != "sum" and task.kind != "multiple_choice":
+        raise ValueError(f"--choice-score {config.choice_score} scores the choices of multiple-choice tasks; "
+                         f"{task.name!r} is a classification task")
     if not trains and task.kind != "multiple_choice":
         raise ValueError(f"zero-shot scores multiple-choice tasks with the pretrained language model; {task.name!r} "
                          "is a classification task, whose head would be untrained")
@@ -532,6 +540,8 @@ def _predict(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerB
         return gather_in_rank_order(predictions), labels
     sequences = choice_sequences(tokenizer, share, run.max_length)
     scores = choice_log_likelihoods(model, sequences, tokenizer.pad_token_id, run.eval_batch_size, progress)
+    if run.config.choice_score == "per-char":
+        scores = per_character(scores, share["choices"])
     return gather_in_rank_order(best_choices(sequences, scores)), labels
 
 
@@ -560,6 +570,8 @@ def run_record(run: PreparedRun) -> dict[str, Any]:
 
 NOT_SETTINGS = {"config": ("cache",), "resolved": ("model_dir", "versions")}
 """Record entries that say where the inputs lay and which versions ran, not how the run trains."""
+ADDED_LATER = {("config", "choice_score"): "sum"}
+"""Settings that runs recorded before they existed ran with, by (record part, name): such a run still resumes."""
 
 
 def changed_settings(run: PreparedRun, folder: Path) -> list[str]:
@@ -574,7 +586,7 @@ def changed_settings(run: PreparedRun, folder: Path) -> list[str]:
     changes = []
     for part, ignored in NOT_SETTINGS.items():
         for name in sorted(set(recorded[part]) | set(current[part])):
-            old, new = recorded[part].get(name), current[part].get(name)
+            old, new = recorded[part].get(name, ADDED_LATER.get((part, name))), current[part].get(name)
             change = f"{name}: {json.dumps(old)} -> {json.dumps(new)}"
             if name not in ignored and old != new and change not in changes:  # steps are in both parts
                 changes.append(change)
