@@ -206,6 +206,11 @@ def test_choice_score_is_refused_on_classification_and_unknown_names(cache):
         prepare(config(cache, task="rt", method="lora", anchor="1", choice_score="per-char"))
     with pytest.raises(RunConfigError, match="--choice-score must be 'sum' or 'per-char', got 'mean'"):
         prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None, choice_score="mean"))
+    # every setting of a fixed set of names is checked alike, for callers that build a RunConfig in Python
+    with pytest.raises(RunConfigError, match="--dtype must be 'float32' or 'bfloat16', got 'float16'"):
+        prepare(config(cache, task="rt", method="lora", anchor="1", dtype="float16"))
+    with pytest.raises(RunConfigError, match="--eval-split must be 'test' or 'dev', got 'train'"):
+        prepare(config(cache, task="rt", method="lora", anchor="1", eval_split="train"))
 
 
 def test_a_mixture_trains_on_the_union_and_scores_each_task_as_if_alone(cache, llama_dir, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 
 from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import parse_targets
-from gfa_peft.training.config import RunConfig, RunConfigError
+from gfa_peft.training.config import NAMED_CHOICES, RunConfig, RunConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,8 +73,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str]
         default = item.default
         shown_default = item.metadata["when_unset"] if default is None else default
         help_text = f"{item.metadata['help']} (default: {shown_default})"
-        if typing.get_origin(hint) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(hint), default=default, help=help_text)
+        if item.name in NAMED_CHOICES:
+            parser.add_argument(flag, choices=NAMED_CHOICES[item.name], default=default, help=help_text)
         else:
             parser.add_argument(flag, type=_parser_for(item.name, hint), default=default,
                                 metavar=item.metadata["metavar"], help=help_text)

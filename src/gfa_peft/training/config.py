@@ -7,7 +7,7 @@ field's metadata.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from gfa_peft.training.recipes import recipe_defaults
 
@@ -90,3 +90,17 @@ class RunConfig:
         "compute precision: bfloat16 runs the matrix products under autocast (weights, adapter and optimiser stay "
         "float32); docs/training.md, 'Decoder speed', says when it pays", "float32", metavar="DTYPE")
     cache: str | None = _knob("asset cache folder", metavar="DIR", when_unset="$GFA_CACHE or ~/.cache/gfa-peft")
+
+
+NAMED_CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(hint) for name, hint in get_type_hints(RunConfig).items() if get_origin(hint) is Literal}
+"""The settings that take one of a fixed set of names, with those names (their Literal types')."""
+
+
+def check_named_choices(config: RunConfig) -> None:
+    """Raise ValueError naming the first such setting whose value is none of its names (the flags refuse these
+    already; a RunConfig built in Python does not pass through them)."""
+    for name, allowed in NAMED_CHOICES.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be {' or '.join(map(repr, allowed))}, got {value!r}")

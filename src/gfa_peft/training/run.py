@@ -81,7 +81,7 @@ from gfa_peft.training.evaluation import (
     token_log_likelihoods,
 )
 from gfa_peft.training.methods import UNANCHORED, ZERO_SHOT, Placement, UnreachableAnchor, peft_config, place
-from gfa_peft.training.config import RunConfig, RunConfigError
+from gfa_peft.training.config import RunConfig, RunConfigError, check_named_choices
 from gfa_peft.training.recipes import RECIPES, default_learning_rate, recipe_key
 from gfa_peft.data.splits import carve
 from gfa_peft.data.tasks import Task, check_no_leakage, load_task, load_user_task, member_rows
@@ -172,6 +172,7 @@ def prepare(config: RunConfig) -> PreparedRun:
 
 
 def _prepare(config: RunConfig) -> PreparedRun:
+    check_named_choices(config)
     cache = Path(config.cache) if config.cache else None
     task, data = _load_training_task(config, cache)
     eval_task, eval_data = _evaluation_split(config, task, data, cache)
@@ -182,8 +183,6 @@ def _prepare(config: RunConfig) -> PreparedRun:
     module_order = None if config.module_order is None else parse_module_order(config.module_order)
     placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank, module_order)
     trains = config.method != ZERO_SHOT
-    if config.choice_score not in ("sum", "per-char"):
-        raise ValueError(f"--choice-score must be 'sum' or 'per-char', got {config.choice_score!r}")
     if config.choice_score != "sum" and task.kind != "multiple_choice":
         raise ValueError(f"--choice-score {config.choice_score} scores the choices of multiple-choice tasks; "
                          f"{task.name!r} is a classification task")
@@ -229,8 +228,6 @@ def _load_training_task(config: RunConfig, cache: Path | None) -> tuple[Task, Da
 
 
 def _evaluation_split(config: RunConfig, task: Task, data: DatasetDict, cache: Path | None) -> tuple[Task, Dataset]:
-    if config.eval_split not in ("test", "dev"):
-        raise ValueError(f"eval split must be 'test' or 'dev', got {config.eval_split!r}")
     eval_task, eval_data = task, data
     if config.eval_task is not None:
         eval_task, eval_data = load_task(config.eval_task, cache)
