@@ -138,9 +138,9 @@ class Session:
         torch.manual_seed(spec.seed)  # the same weights for every method
         model = spec.shapes.build(self.device).to(DTYPES[spec.dtype])
         self.model = attach(model, spec.method, spec.rank, SCOPES[spec.scope])
-        self.trains = spec.method not in NO_ADAPTER  # the weight-gradient floor's gradients are never applied
+        trains = spec.method not in NO_ADAPTER  # the weight-gradient floor's gradients are never applied
         self.trainable = sum(parameter.numel() for parameter in self.model.parameters()
-                             if parameter.requires_grad) if self.trains else 0
+                             if parameter.requires_grad) if trains else 0
         generator = torch.Generator().manual_seed(spec.seed)
         vocabulary = self.model.get_input_embeddings().num_embeddings
         self.tokens = torch.randint(vocabulary, (spec.batch_size, spec.seq_len), generator=generator).to(self.device)
@@ -179,7 +179,7 @@ class Trainer(Session):
         super().__init__(spec, attach_method)
         self.model.train()
         trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE) if self.trains and trainable else None
+        self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE) if self.trainable else None
 
     def step(self) -> None:
         """Forward, causal-LM loss, backward, optimizer step; gradients are dropped so none is held between steps."""
