@@ -16,6 +16,7 @@ from gfa_peft import GfaConfig, GfaLayer
 from toy_models import CASES, MLP
 
 LLAMA = CASES[2]
+BERT_CLASSIFIER = next(case for case in CASES if case.name == "bert_seq_cls")
 
 
 def assert_untouched(model: nn.Module, pristine: nn.Module) -> None:
@@ -163,3 +164,34 @@ def test_a_saved_config_with_an_infinite_scale_is_refused(saved_adapter):
     config["scale"] = float("inf")  # json writes Infinity, and reads it back as a float
     json.dump(config, open(config_path, "w"))
     _load_expecting(ValueError, "scale must be positive and finite", saved_adapter)
+
+
+def _bert_classifier(num_labels: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = BERT_CLASSIFIER.build()
+    if num_labels != model.config.num_labels:  # the same encoder under a head for another label count
+        model.config.num_labels = num_labels
+        model.classifier = nn.Linear(model.config.hidden_size, num_labels)
+    return model.eval()
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_a_saved_head_for_another_label_count_is_refused_before_injection(tmp_path, safe_serialization):
+    config = GfaConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    get_peft_model(_bert_classifier(3), config).save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    _load_expecting(ValueError, r"saved classifier\.(weight|bias) has shape \[3(, 32)?\], this model's has "
+                                r"\[5(, 32)?\].*num_labels=3", tmp_path, _bert_classifier(5))
+    loaded = PeftModel.from_pretrained(_bert_classifier(3), tmp_path)  # the right head still loads
+    assert loaded.base_model.model.classifier.modules_to_save["default"].weight.shape == (3, 32)
+
+
+def test_load_adapter_with_another_head_leaves_the_peft_model_unchanged(tmp_path):
+    config = GfaConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    get_peft_model(_bert_classifier(3), config).save_pretrained(tmp_path)
+    model = get_peft_model(_bert_classifier(5), config)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"its saved classifier\.\w+ has shape \[3.*\], this model's has \[5"):
+        model.load_adapter(str(tmp_path), adapter_name="second")
+    assert set(model.peft_config) == {"default"} and set(model.base_model.gfa_B) == {"default"}
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())

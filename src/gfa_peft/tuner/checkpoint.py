@@ -6,7 +6,8 @@ runs `check_adapter_file`, which reads only what describes the tensors: a safete
 PyTorch `.bin` file unpickled safely (`weights_only`) onto the meta device, so no tensor data is read.
 It checks the factors' names, dtypes (floating point) and shapes (against the config's layout when it
 has one); the tuner checks the shapes against the model's layout before it injects anything
-(`check_factor_shapes`), so a config without a layout is checked too.
+(`check_factor_shapes`), so a config without a layout is checked too, and the saved `modules_to_save`
+tensors (e.g. a classifier head for another label count) against the model's (`check_saved_modules`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from dataclasses import dataclass
 
 import torch
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from torch import nn
+
+from gfa_peft.internals import is_modules_to_save_wrapper
 
 FACTOR_KEYS = ("base_model.gfa_B", "base_model.gfa_A")
+SAVED_MODEL_PREFIX = "base_model.model."  # a saved `modules_to_save` tensor's key before its parameter name
 # Bytes per element of the safetensors dtypes, the floating-point ones first.
 FLOAT_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 DTYPE_SIZES = {**FLOAT_DTYPE_SIZES, "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
@@ -109,7 +114,8 @@ def saved_tensors(directory: str) -> tuple[str, dict[str, SavedTensor]]:
 
 def check_adapter_file(directory: str, r: int, layout: dict | None, modules_to_save) -> dict[str, list[int]]:
     """Raise a clear error unless `directory` holds floating-point GFA factors, of the shapes its config's
-    layout promises when it records one, and nothing foreign. Returns the factors' shapes by key."""
+    layout promises when it records one, and nothing foreign. Returns every saved tensor's shape by key
+    (the factors' and those of the `modules_to_save` modules)."""
     path, tensors = saved_tensors(directory)
     missing = [key for key in FACTOR_KEYS if key not in tensors]
     if missing:
@@ -117,7 +123,7 @@ def check_adapter_file(directory: str, r: int, layout: dict | None, modules_to_s
     for key in FACTOR_KEYS:
         if not tensors[key].floating:
             raise ValueError(f"{path}: {key} holds {tensors[key].dtype} values; GFA factors are floating point")
-    shapes = {key: tensors[key].shape for key in FACTOR_KEYS}
+    shapes = {key: tensor.shape for key, tensor in tensors.items()}
     if layout is not None:
         try:
             m, k = int(layout["m"]), int(layout["k"])
@@ -137,3 +143,27 @@ def check_factor_shapes(shapes: dict[str, list[int]], m: int, r: int, k: int, wh
     for key, shape in expected.items():
         if list(shapes[key]) != shape:
             raise ValueError(f"{where}{key} has shape {list(shapes[key])}, {whose} {shape}")
+
+
+def check_saved_modules(model: nn.Module, shapes: dict[str, list[int]], where: str) -> None:
+    """Raise ValueError unless every saved `modules_to_save` tensor (a key of `shapes` other than the factors,
+    saved as `base_model.model.<parameter name>`) has a counterpart of its shape in `model`: PEFT would
+    otherwise find a classifier head for another label count only after injecting the adapter."""
+    for key, shape in shapes.items():
+        if key in FACTOR_KEYS:
+            continue
+        name = key.removeprefix(SAVED_MODEL_PREFIX)
+        module_name, _, tensor_name = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        if is_modules_to_save_wrapper(module):  # a second adapter: the head is already wrapped
+            module = module.original_module
+        current = getattr(module, tensor_name, None)
+        if not isinstance(current, torch.Tensor):
+            raise ValueError(f"{where}its saved {name} has no counterpart in this model")
+        if list(current.shape) != list(shape):
+            raise ValueError(f"{where}its saved {name} has shape {list(shape)}, this model's has "
+                             f"{list(current.shape)} (if it is a classifier head, load the base model with "
+                             f"num_labels={shape[0]})")

@@ -108,13 +108,12 @@ class GfaConfig(PeftConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Load a saved config and, for a local adapter folder, check its weights file before any injection
-        (`tuner.checkpoint.check_adapter_file`). The factors' shapes are kept as `saved_factor_shapes` (not
-        saved), so the tuner checks them against the model's layout before it injects a layer."""
+        (`tuner.checkpoint.check_adapter_file`). The saved tensors' shapes are kept as `saved_shapes` (not
+        saved), so the tuner checks them against the model before it injects a layer."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(directory):
-            config.saved_factor_shapes = check_adapter_file(directory, config.r, config.layout,
-                                                            config.modules_to_save)
+            config.saved_shapes = check_adapter_file(directory, config.r, config.layout, config.modules_to_save)
         return config
 
 

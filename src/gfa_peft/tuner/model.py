@@ -19,7 +19,7 @@ from gfa_peft import targets as target_matching
 from gfa_peft.internals import is_modules_to_save_wrapper
 from gfa_peft.layout import Layout, build_layout, order_modules
 from gfa_peft.scatter import SliceSpec
-from gfa_peft.tuner.checkpoint import check_factor_shapes
+from gfa_peft.tuner.checkpoint import check_factor_shapes, check_saved_modules
 from gfa_peft.tuner.config import GfaConfig
 from gfa_peft.tuner.layer import GfaFactor, GfaLayer
 from gfa_peft.tuner.weighted import concatenated_factors, truncated_factors
@@ -84,11 +84,11 @@ class GfaModel(BaseTuner):
             problem = layout.difference(Layout.from_dict(config.layout))
             if problem:
                 raise ValueError(f"GFA adapter {adapter_name!r} does not fit this model: {problem}")
-        saved = getattr(config, "saved_factor_shapes", None)  # set when the config was loaded with its weights
+        saved = getattr(config, "saved_shapes", None)  # set when the config was loaded with its weights
         if saved is not None:
-            check_factor_shapes(saved, layout.m, config.r, layout.k,
-                                f"GFA adapter {adapter_name!r} does not fit this model: its saved ",
-                                "this model's layout needs")
+            where = f"GFA adapter {adapter_name!r} does not fit this model: "
+            check_factor_shapes(saved, layout.m, config.r, layout.k, f"{where}its saved ", "this model's layout needs")
+            check_saved_modules(model, saved, where)
         return layout, targets
 
     def _create_factors(self, adapter_name, config, layout, targets, low_cpu_mem_usage):
