@@ -95,3 +95,106 @@ def test_checkpoint_written_with_the_original_keys_loads_exactly(tmp_path):
     assert not result.missing_keys and not result.unexpected_keys
     for name in ("default", "second"):
         assert torch.equal(gfa_peft.factors(loaded, name)[0], B) and torch.equal(gfa_peft.factors(loaded, name)[1], A)
+
+
+def _two_adapters() -> tuple[PeftModel, torch.Tensor]:
+    torch.manual_seed(0)
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", GfaConfig(r=3, target_modules=["q_proj"], init_weights=False))
+    return model, LLAMA.inputs()["input_ids"]
+
+
+def _factor_count(model: PeftModel, adapter: str) -> int:
+    return sum(factor[adapter].weight.numel() for factor in (model.base_model.gfa_B, model.base_model.gfa_A))
+
+
+def test_save_pretrained_selected_adapters_writes_and_reloads_only_those(tmp_path):
+    model, ids = _two_adapters()
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == ["b"]  # PEFT: a non-default name is a subfolder
+    model.set_adapter("b")
+    model.eval()
+    loaded = PeftModel.from_pretrained(LLAMA.model(), tmp_path / "b", adapter_name="b").eval()
+    assert set(loaded.peft_config) == {"b"}
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_model_and_layer_status_report_each_adapter():
+    model, _ = _two_adapters()
+    status = model.get_model_status()
+    assert status.available_adapters == ["a", "b"] and status.active_adapters == ["a"]
+    assert status.requires_grad == {"a": True, "b": False}
+    assert status.num_adapter_layers == 4  # q and v of two layers; b adapts two of them again
+    assert status.trainable_params == _factor_count(model, "a")
+    layers = {layer.name: layer for layer in model.get_layer_status()}
+    assert sorted(layers) == sorted(f"model.{name}" for name in gfa_peft.layout_of(model, "a").names)
+    assert all(layer.available_adapters == (["a", "b"] if "q_proj" in name else ["a"]) for name, layer in layers.items())
+
+
+def test_set_requires_grad_reaches_the_global_factors():
+    model, _ = _two_adapters()
+    model.set_requires_grad(["b"], requires_grad=True)
+    model.set_requires_grad(["a"], requires_grad=False)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable == {"base_model.gfa_B.b.weight", "base_model.gfa_A.b.weight"}
+    assert model.get_model_status().requires_grad == {"a": False, "b": True}
+
+
+def test_inference_mode_config_freezes_the_factors():
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=2, target_modules=["q_proj"], inference_mode=True))
+    assert not any(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_inputs_embeds_give_the_same_output_as_input_ids():
+    model, ids = _two_adapters()
+    model.eval()
+    embeds = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(input_ids=ids).logits)
+
+
+def test_torch_compile_forward_and_backward_match_eager():
+    torch.manual_seed(0)
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False))
+    ids = LLAMA.inputs()["input_ids"]
+    eager = model(input_ids=ids, labels=ids).loss
+    eager.backward()
+    expected = [factor["default"].weight.grad.clone() for factor in (model.base_model.gfa_B, model.base_model.gfa_A)]
+    model.zero_grad()
+    compiled = torch.compile(model)(input_ids=ids, labels=ids).loss
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for factor, grad in zip((model.base_model.gfa_B, model.base_model.gfa_A), expected):
+        torch.testing.assert_close(factor["default"].weight.grad, grad)
+
+
+def test_deleting_the_active_adapter_makes_one_other_active_in_every_layer():
+    torch.manual_seed(0)
+    model = get_peft_model(LLAMA.model(), GfaConfig(r=1, target_modules=["v_proj"], init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", GfaConfig(r=1, target_modules=["q_proj"], init_weights=False))
+    model.add_adapter("c", GfaConfig(r=1, target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.set_adapter("c")
+    with pytest.warns(UserWarning, match="Setting active adapter to a"):
+        model.delete_adapter("c")
+    assert model.active_adapters == ["a"]
+    assert all(layer.active_adapters == ["a"] for layer in model.modules() if isinstance(layer, GfaLayer))
+    assert set(model.base_model.gfa_B) == set(model.base_model.gfa_A) == {"a", "b"}
+    model.eval()
+    ids = LLAMA.inputs()["input_ids"]
+    expected = apply_deltas(LLAMA.model(), dense_reference_deltas(model, "a")).eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+
+def test_a_refused_delete_keeps_the_adapter():
+    model, ids = _two_adapters()
+    model.eval()
+    before = model(input_ids=ids).logits
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['a'\] while they are merged"):
+        model.delete_adapter("a")
+    model.unmerge_adapter()
+    assert set(model.base_model.gfa_B) == set(model.base_model.gfa_A) == {"a", "b"}
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+    model.delete_adapter("a")
+    assert set(model.peft_config) == set(model.base_model.gfa_B) == {"b"}

@@ -307,7 +307,8 @@ def test_deepcopy_keeps_layers_bound_to_their_own_factors():
     with torch.no_grad():
         gfa_peft.factors(clone)[0].mul_(2.0)
     layers = [m for m in clone.modules() if isinstance(m, GfaLayer)]
-    assert all(layer.gfa_B is clone.base_model.gfa_B for layer in layers)
+    assert all(layer.gfa_B["default"] is clone.base_model.gfa_B["default"] for layer in layers)
+    assert all(layer.gfa_A["default"] is clone.base_model.gfa_A["default"] for layer in layers)
     assert not torch.equal(case.output(clone, inputs), case.output(model, inputs))
     expected = case.output(apply_deltas(case.model(), dense_reference_deltas(clone)), inputs)
     torch.testing.assert_close(case.output(clone, inputs), expected, rtol=1e-5, atol=1e-5)

@@ -3,9 +3,9 @@
 The factors B and A are not parameters of the layer: they belong to the tuner (`GfaModel`),
 which owns one `ModuleDict` per factor keyed by adapter name (each entry a `GfaFactor` holding
 the tensor as `.weight`, so parameters are named `gfa_B.<adapter>.weight` like LoRA's
-`lora_B.<adapter>.weight`). Every layer keeps a plain, unregistered reference to those dicts, so
-the checkpoint holds exactly one copy of each factor and PEFT's `set_adapter` /
-`delete_adapter` / `requires_grad` handling works through the layer.
+`lora_B.<adapter>.weight`). Every layer keeps plain, unregistered dicts of the factors of the adapters
+that reach it, so the checkpoint holds exactly one copy of each factor, and PEFT's per-layer handling
+(`set_adapter`, `delete_adapter`, `set_requires_grad`, `get_layer_status`) sees exactly those adapters.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ class GfaLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("gfa_B", "gfa_A")
     other_param_names = ("gfa_slice", "gfa_dropout", "gfa_cache_update")
 
-    def __init__(self, base_layer: nn.Module, name: str, gfa_B: nn.ModuleDict, gfa_A: nn.ModuleDict):
+    def __init__(self, base_layer: nn.Module, name: str, every_adapter: nn.ModuleDict):
         super().__init__()
         self.base_layer = base_layer
         self.op: WeightOp = op_for(base_layer, name)
         self.in_features, self.out_features = self.op.features
         # Plain attributes, not submodules: the tuner owns and saves the factors.
-        object.__setattr__(self, "gfa_B", gfa_B)
-        object.__setattr__(self, "gfa_A", gfa_A)
+        object.__setattr__(self, "gfa_B", nn.ModuleDict())
+        object.__setattr__(self, "gfa_A", nn.ModuleDict())
+        object.__setattr__(self, "_every_adapter", every_adapter)
         self.gfa_slice: dict[str, SliceSpec] = {}
         self.gfa_dropout = nn.ModuleDict()
         self.gfa_cache_update: dict[str, bool] = {}
@@ -57,7 +58,9 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
 
-    def update_layer(self, adapter_name: str, spec: SliceSpec, dropout: float, cache_inference_update: bool) -> None:
+    def update_layer(self, adapter_name: str, factors: tuple[GfaFactor, GfaFactor], spec: SliceSpec, dropout: float,
+                     cache_inference_update: bool) -> None:
+        self.gfa_B[adapter_name], self.gfa_A[adapter_name] = factors
         self.gfa_slice[adapter_name] = spec
         self.gfa_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gfa_cache_update[adapter_name] = cache_inference_update
@@ -85,6 +88,11 @@ class GfaLayer(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._inference_cache.clear()
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter of the model, not only those reaching this layer: when the active adapter is deleted,
+        PEFT makes the first of these active, and every layer must choose the same one."""
+        return sorted(self._every_adapter)
 
     def train(self, mode: bool = True) -> GfaLayer:
         if mode:

@@ -133,17 +133,25 @@ class GfaModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layout = self.gfa_layouts[adapter_name]
         spec = SliceSpec(layout[current_key], layout.k, config.scale)
+        factors = (self.gfa_B[adapter_name], self.gfa_A[adapter_name])
         if isinstance(target, GfaLayer):
-            target.update_layer(adapter_name, spec, config.dropout, config.cache_inference_update)
+            target.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
             return
-        new_module = GfaLayer(target, current_key, self.gfa_B, self.gfa_A)
-        new_module.update_layer(adapter_name, spec, config.dropout, config.cache_inference_update)
+        new_module = GfaLayer(target, current_key, self.gfa_B)
+        new_module.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
         self._replace_module(parent, target_name, new_module, target)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        # The layers have already dropped the factors from the shared dicts (they list them in
-        # adapter_layer_names); what is left to forget is the layout.
+        # The factors leave the tuner first: a layer whose active adapter is deleted makes the first of the
+        # tuner's remaining adapters active. If PEFT refuses (an unknown or merged adapter), they are put back.
+        factors = {name: dicts.pop(adapter_name) for name, dicts in (("B", self.gfa_B), ("A", self.gfa_A))
+                   if adapter_name in dicts}
+        try:
+            super().delete_adapter(adapter_name)  # the layers drop their references to the factors
+        except Exception:
+            for name, factor in factors.items():
+                getattr(self, f"gfa_{name}")[adapter_name] = factor
+            raise
         del self.gfa_layouts[adapter_name]
 
     def clear_inference_cache(self) -> None:
@@ -216,9 +224,8 @@ class GfaModel(BaseTuner):
             del self.peft_config[adapter_name]
             raise
         dtype = pairs[0][0].dtype
-        for factors, value in ((self.gfa_B, B), (self.gfa_A, A)):
-            factors[adapter_name] = GfaFactor(value.to(dtype))
-            factors[adapter_name].requires_grad_(False)
+        for factors, value in ((self.gfa_B, B), (self.gfa_A, A)):  # in the factor modules the layers hold
+            factors[adapter_name].weight = nn.Parameter(value.to(dtype), requires_grad=False)
 
     def _check_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, svd_rank: int | None
