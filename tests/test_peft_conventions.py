@@ -198,3 +198,28 @@ def test_a_refused_delete_keeps_the_adapter():
     torch.testing.assert_close(model(input_ids=ids).logits, before)
     model.delete_adapter("a")
     assert set(model.peft_config) == set(model.base_model.gfa_B) == {"b"}
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_adding_and_loading_adapters_keeps_trainability_as_lora_does(tmp_path, is_trainable):
+    """The same calls on GFA and LoRA leave the same adapters trainable."""
+
+    def trainable_adapters(config_class, **kwargs) -> list[set[str]]:
+        folder = tmp_path / config_class.__name__
+        model = get_peft_model(LLAMA.model(), config_class(target_modules=["q_proj"], **kwargs), adapter_name="a")
+        model.add_adapter("b", config_class(target_modules=["q_proj"], **kwargs))
+        states = [_trainable_adapters(model)]
+        model.save_pretrained(folder)
+        loaded = PeftModel.from_pretrained(LLAMA.model(), folder / "a", adapter_name="a")
+        states.append(_trainable_adapters(loaded))
+        loaded.load_adapter(str(folder / "b"), adapter_name="b", is_trainable=is_trainable)
+        states.append(_trainable_adapters(loaded))
+        return states
+
+    gfa = trainable_adapters(GfaConfig, r=2)
+    assert gfa == trainable_adapters(LoraConfig, r=2)
+    assert gfa[-1] == ({"b"} if is_trainable else set())
+
+
+def _trainable_adapters(model: PeftModel) -> set[str]:
+    return {name.split(".")[-2] for name, parameter in model.named_parameters() if parameter.requires_grad}

@@ -58,9 +58,15 @@ class GfaModel(BaseTuner):
         # saved layout that does not fit leaves the model exactly as it was.
         config = self.peft_config[adapter_name]
         layout, targets = self._plan_layout(model, config, adapter_name)
+        # PEFT keeps the trainability of the parameters already in `model`; the other adapters' factors live
+        # in the tuner, outside it, so theirs is kept here (the layers' set_adapter would unfreeze the active one).
+        trainability = [(parameter, parameter.requires_grad) for name, parameter in self.named_parameters()
+                        if name.startswith(self.prefix)]
         self._create_factors(adapter_name, config, layout, targets, low_cpu_mem_usage)
         config.layout = layout.to_dict()
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        for parameter, requires_grad in trainability:
+            parameter.requires_grad_(requires_grad)
         adapted = {name for name, module in model.named_modules() if adapter_name in getattr(module, "gfa_slice", {})}
         if adapted != set(layout.names):
             raise RuntimeError(f"GFA adapted {sorted(adapted)} but laid out {layout.names}; please report this")
