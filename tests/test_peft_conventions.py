@@ -223,3 +223,44 @@ def test_adding_and_loading_adapters_keeps_trainability_as_lora_does(tmp_path, i
 
 def _trainable_adapters(model: PeftModel) -> set[str]:
     return {name.split(".")[-2] for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def test_adapter_management_calls_leave_the_state_lora_leaves():
+    """A sequence of PEFT's adapter-management calls, on GFA and on LoRA: the same adapters are active,
+    trainable, merged and reported, layer by layer, after every call."""
+
+    def states(config_class, **kwargs) -> list[dict]:
+        torch.manual_seed(0)
+        model = get_peft_model(LLAMA.model(), config_class(target_modules=["q_proj", "v_proj"], **kwargs),
+                               adapter_name="a")
+        calls = [
+            lambda: model.add_adapter("b", config_class(target_modules=["q_proj"], **kwargs)),
+            lambda: model.set_adapter("b"),
+            lambda: model.base_model.set_adapter(["a", "b"]),
+            lambda: model.set_requires_grad("a", requires_grad=False),
+            lambda: model.merge_adapter(),
+            lambda: model.unmerge_adapter(),
+            lambda: model.set_adapter("a"),
+            lambda: model.delete_adapter("b"),
+            lambda: model.base_model.disable_adapter_layers(),
+            lambda: model.base_model.enable_adapter_layers(),
+        ]
+        seen = []
+        for call in calls:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                call()
+            status = model.get_model_status()
+            seen.append({
+                "active": model.active_adapters,
+                "trainable": _trainable_adapters(model),
+                "status": (status.active_adapters, status.merged_adapters, status.enabled, status.requires_grad,
+                           status.available_adapters),
+                "layers": sorted((layer.name, tuple(layer.active_adapters), tuple(layer.merged_adapters),
+                                  tuple(layer.available_adapters), tuple(sorted(layer.requires_grad.items())))
+                                 for layer in model.get_layer_status()),
+            })
+        return seen
+
+    for step, (gfa, lora) in enumerate(zip(states(GfaConfig, r=2), states(LoraConfig, r=2))):
+        assert gfa == lora, f"after call {step}"
