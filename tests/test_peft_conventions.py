@@ -264,3 +264,15 @@ def test_adapter_management_calls_leave_the_state_lora_leaves():
 
     for step, (gfa, lora) in enumerate(zip(states(GfaConfig, r=2), states(LoraConfig, r=2))):
         assert gfa == lora, f"after call {step}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_adapter_name_makes_no_difference(case):
+    """PEFT's check: the same seed gives the same adapter, and the same outputs, under any adapter name."""
+    outputs = []
+    for name in ("default", "other", "zzz"):
+        base = case.model()
+        torch.manual_seed(1)
+        model = get_peft_model(base, GfaConfig(r=2, init_weights=False, **case.config), adapter_name=name).eval()
+        outputs.append(case.output(model, case.inputs()))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
