@@ -291,6 +291,56 @@ def test_two_sweeps_on_one_folder_share_the_runs_and_train_each_once(cache, tmp_
     assert [cell["n"] for cell in summary["cells"]] == [2, 2, 2]
 
 
+def test_a_grid_run_in_pieces_is_summarised_whole(cache, tmp_path):
+    root = tmp_path / "sweep"
+    quiet = {"progress": False, "log": lambda message: None}
+    three_seeds = spec(cache, methods=("gfa",), anchors=("1/2",), seeds=(0, 1, 2))
+    run_sweep(three_seeds, root, **quiet)
+    one_seed = spec(cache, methods=("gfa", "lora"), anchors=("1",), seeds=(0,))
+    summary = run_sweep(one_seed, root, **quiet)
+    assert [(cell["method"], cell["anchor"], cell["n"]) for cell in summary["cells"]] == [
+        ("gfa", "1/2", 3), ("gfa", "1", 1), ("lora", "1", 1)]
+    assert json.loads((root / "results.json").read_text())["cells"] == summary["cells"]
+    (tmp_path / "elsewhere").symlink_to(cache)
+    moved = spec(tmp_path / "elsewhere", methods=("gfa",), anchors=("1/2",), seeds=(0, 1, 2))  # only the cache differs
+    assert run_sweep(moved, root, **quiet)["cells"] == summary["cells"]
+    recorded = json.loads((root / "sweep.json").read_text())["grids"]
+    assert [(grid["methods"], grid["seeds"]) for grid in recorded] == [(["gfa"], [0, 1, 2]), (["gfa", "lora"], [0])]
+    assert all("cache" not in grid["settings"] for grid in recorded)
+
+
+def test_a_grid_with_other_settings_is_refused_or_replaces_the_folders_grids(cache, tmp_path, capsys):
+    root = tmp_path / "sweep"
+    run_sweep(spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,)), root, progress=False, log=lambda message: None)
+    before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    command = ["sweep", "--methods", "lora", "--anchors", "1", "--seeds", "0", "--lrs", "0.01", "--steps", "3",
+               "--cache", str(cache), "--out", str(root), "--no-progress"]
+    assert main(command) == 2
+    assert "holds a sweep with other settings (steps: 2 -> 3)" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
+    assert main(command + ["--rerun-changed"]) == 0
+    (grid,) = json.loads((root / "sweep.json").read_text())["grids"]
+    assert grid["methods"] == ["lora"] and grid["settings"]["steps"] == 3
+    cells = json.loads((root / "results.json").read_text())["cells"]
+    assert [(cell["method"], cell["anchor"]) for cell in cells] == [("lora", "1")]  # the gfa run is kept, not summarised
+    assert is_finished(root / "rt" / "gfa-1-s0-lr0.01")
+
+
+def test_a_sweep_folder_of_one_grid_written_before_grids_were_kept_resumes(cache, tmp_path, monkeypatch):
+    root = tmp_path / "sweep"
+    grid = spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,))
+    run_sweep(grid, root, progress=False, log=lambda message: None)
+    old = {**json.loads((root / "sweep.json").read_text())["grids"][0]}
+    (root / "sweep.json").write_text(json.dumps(old))
+    trained = []
+    monkeypatch.setattr(sweep_module, "execute", lambda run, folder, progress, overwrite: trained.append(folder.name))
+    assert run_sweep(grid, root, progress=False, log=lambda message: None)["cells"][0]["n"] == 1
+    assert trained == [] and json.loads((root / "sweep.json").read_text()) == {"grids": [old]}
+    (root / "sweep.json").write_text("[1, 2]")
+    with pytest.raises(sweep_module.OutputRefused, match="sweep.json is not a sweep record"):
+        run_sweep(grid, root, progress=False, log=lambda message: None)
+
+
 def test_tune_leaves_the_choice_to_the_process_that_ends_last(cache, tmp_path, capsys, monkeypatch):
     from gfa_peft.cli import tune
 

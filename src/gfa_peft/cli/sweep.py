@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "trains. Cells a method cannot reach (LoRA and DoRA at 1/2, VeRA where `gfa count` shows '-') are left "
             "out. Writes OUT/results.json and OUT/results.csv (mean and std over seeds per cell, in percentage "
             "points), GFA-vs-DoRA verdicts within the tie band (2 x the pooled seed std; the paper's 1.4pp with one "
-            "seed), the retention table (accuracy at 1/2 as a fraction of 16) and OUT/accuracy_vs_params.png."
+            "seed), the retention table (accuracy at 1/2 as a fraction of 16) and OUT/accuracy_vs_params.png. "
+            "A grid may be run in pieces: sweeps with the same settings into one OUT (say, more seeds at some "
+            "anchors) are summarised together."
         ),
     )
     add_grid_arguments(parser)
@@ -58,8 +60,9 @@ def add_grid_arguments(parser: argparse.ArgumentParser, anchors: str = "1/2,1,4,
     parser.add_argument("--seeds", type=int_list, default=[0], metavar="S,S,...", help="comma-separated seeds (default: 0)")
     add_config_arguments(parser, exclude=GRID_FIELDS + exclude)
     parser.add_argument("--rerun-changed", action="store_true",
-                        help="train again the finished runs in the folder that were trained with other settings "
-                        "(without it the sweep names them and stops)")
+                        help="train again the finished runs in the folder that were trained with other settings, "
+                        "and forget the folder's grids with other settings (without it the sweep names them and "
+                        "stops)")
     parser.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
 
 

@@ -13,6 +13,11 @@ or, with `rerun_changed`, trains them again (each replaced once its new run is c
 share a sweep folder: each run folder is written by one process at a time (io/files.py's lock), and a run another
 process is training is left to it.
 
+A grid may be run in pieces: several sweeps with the same settings into one folder (say, three seeds at some anchors
+and two at others) each add their grid to the folder's sweep.json, and the summary covers the runs of all of them.
+A sweep with other settings (or another model) than the folder's grids is refused, so a summary never mixes two
+recipes; with `rerun_changed` it replaces them.
+
 Tie band: twice the pooled seed standard deviation, pooled over every cell with at least two seeds
 (variance weighted by its n - 1); with no such cell, the paper's +/-1.4pp (from its pooled 0.7pp).
 A gap within the band is a tie; the band's edge itself counts as a tie, as the paper counts it.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -67,10 +73,12 @@ RETENTION_TO = "16"
 SPEC_FILE = "sweep.json"
 SWEEP = ResultKind("sweep", is_own=lambda folder: (folder / SPEC_FILE).is_file(), is_finished=lambda folder: False)
 """A sweep folder is one with its sweep.json; a sweep adds runs to it and never replaces it."""
+WHERE_NOT_HOW = ("cache",)
+"""Sweep settings that say where the inputs lie, not how the runs train: a grid is recorded without them."""
 
 
 class ChangedRunsError(OutputRefused):
-    """Finished runs of the sweep's folder were trained with other settings than the sweep's."""
+    """The sweep's folder holds finished runs, or grids, trained with other settings than the sweep's."""
 
 
 @dataclass(frozen=True)
@@ -153,13 +161,18 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
     Several processes may run the same sweep on one folder at once (e.g. two with OMP_NUM_THREADS=1 on a 2-core
     machine): each trains the runs no other is training (a run's folder lock says which) and finishes none twice;
     the summary covers the runs finished when it is written, and the last process to end writes the complete one.
+    It covers the runs of every grid swept into `root` with these settings, not only this one's.
 
-    Raises ChangedRunsError, before anything is written, when finished runs in `root` were trained with other
-    settings, unless `rerun_changed` (then they are trained again)."""
+    Raises ChangedRunsError, before anything is written, when finished runs in `root`, or its grids, were trained
+    with other settings, unless `rerun_changed` (then those runs are trained again and those grids forgotten)."""
     sweep = plan(spec, root)
     check_output_folder(root, SWEEP)
     make_folder(root)
     with folder_lock(root, wait=True):  # the checks and the record, not the training: other sweeps may join
+        grids = joined_grids(root, spec, rerun_changed)
+        current = grid_record(spec)
+        summarized = list(dict.fromkeys(folder for grid in grids for _, folder in
+                                        (sweep if grid_record(grid) == current else plan(grid, root)).runs))
         changed = {folder: changes for run, folder in sweep.runs
                    if is_finished(folder) and (changes := changed_settings(run, folder))}
         if changed and not rerun_changed:
@@ -170,7 +183,7 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
         todo = [(run, folder) for run, folder in sweep.runs if not is_finished(folder) or folder in changed]
         for run, folder in todo:  # a folder of other files anywhere in the grid stops the sweep before it trains
             check_run_folder(run, folder, overwrite=folder in changed)
-        write_json_atomic(root / SPEC_FILE, asdict(spec))
+        write_json_atomic(root / SPEC_FILE, {"grids": [grid_record(grid) for grid in grids]})
     log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, "
         f"{len(todo)} to run" + (f" ({len(changed)} with changed settings)" if changed else "")
         + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else ""))
@@ -189,7 +202,7 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
         log(f"[{number}/{len(todo)}] {run.task.name} {run.name}: accuracy {100 * metrics['accuracy']:.1f}%"
             f"{' (mean)' + each if each else ''}, {metrics['wall_seconds']:.0f} s")
     with folder_lock(root, wait=True):
-        summary = write_summary(root, [folder for _, folder in sweep.runs])
+        summary = write_summary(root, summarized)
     if summary["unfinished"]:
         log(f"{len(summary['unfinished'])} run(s) still training in another process; the summary lacks them until "
             f"it ends: {', '.join(summary['unfinished'])}")
@@ -198,6 +211,46 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
 
 def _finished_as_asked(run: PreparedRun, folder: Path) -> bool:
     return is_finished(folder) and not changed_settings(run, folder)
+
+
+def grid_record(spec: SweepSpec) -> dict[str, Any]:
+    """A grid as sweep.json records it: as JSON reads it back (tuples are lists), without where its inputs lay."""
+    record = json.loads(json.dumps(asdict(spec)))
+    record["settings"] = {name: value for name, value in record["settings"].items() if name not in WHERE_NOT_HOW}
+    return record
+
+
+def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[SweepSpec]:
+    """The grids of `root` with `spec` added (once): every one with the settings and model of `spec`, whose cache
+    it takes. Raises ChangedRunsError when `root` holds a grid with other settings, unless `rerun_changed` (then
+    that grid is forgotten: its runs stay on disk, out of the summary)."""
+    path = root / SPEC_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"grids": []}
+        recorded = record.get("grids", [record])  # a sweep.json of one grid, as written before grids were kept
+        if not all(isinstance(grid, dict) and isinstance(grid.get("settings"), dict) for grid in recorded):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+        raise OutputRefused(f"{path} is not a sweep record this version can read; choose another folder") from None
+    current = grid_record(spec)
+    shared = ("model", "settings")
+    others = [grid for grid in recorded if any(grid.get(key) != current[key] for key in shared)]
+    if others and not rerun_changed:
+        theirs = {"model": others[0].get("model"), **others[0]["settings"]}
+        ours = {"model": current["model"], **current["settings"]}
+        changes = [f"{name}: {json.dumps(theirs.get(name))} -> {json.dumps(ours.get(name))}"
+                   for name in sorted(set(theirs) | set(ours)) if theirs.get(name) != ours.get(name)]
+        raise ChangedRunsError(f"{root} holds a sweep with other settings ({', '.join(changes)}); its summary would "
+                               "mix them: pass --rerun-changed to replace it, or choose another folder")
+    kept = [grid for grid in recorded if grid not in others]
+    if current not in kept:
+        kept.append(current)
+    where = {name: value for name, value in spec.settings.items() if name in WHERE_NOT_HOW}
+    try:
+        return [SweepSpec(**{**grid, **{name: tuple(value) for name, value in grid.items() if isinstance(value, list)},
+                             "settings": {**grid["settings"], **where}}) for grid in kept]
+    except TypeError as error:
+        raise OutputRefused(f"{path} records a grid this version cannot read ({error}); choose another folder") from None
 
 
 # ---------------------------------------------------------------- summary
