@@ -169,10 +169,6 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
     check_output_folder(root, SWEEP)
     make_folder(root)
     with folder_lock(root, wait=True):  # the checks and the record, not the training: other sweeps may join
-        grids = joined_grids(root, spec, rerun_changed)
-        current = grid_record(spec)
-        summarized = list(dict.fromkeys(folder for grid in grids for _, folder in
-                                        (sweep if grid_record(grid) == current else plan(grid, root)).runs))
         changed = {folder: changes for run, folder in sweep.runs
                    if is_finished(folder) and (changes := changed_settings(run, folder))}
         if changed and not rerun_changed:
@@ -180,6 +176,10 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
                                    + "; ".join(f"{folder.relative_to(root)} ({', '.join(changes)})"
                                                for folder, changes in changed.items())
                                    + "; pass --rerun-changed to train them again, or choose another folder")
+        grids = joined_grids(root, spec, rerun_changed)
+        current = grid_record(spec)
+        summarized = list(dict.fromkeys(folder for grid in grids for _, folder in
+                                        (sweep if grid_record(grid) == current else plan(grid, root)).runs))
         todo = [(run, folder) for run, folder in sweep.runs if not is_finished(folder) or folder in changed]
         for run, folder in todo:  # a folder of other files anywhere in the grid stops the sweep before it trains
             check_run_folder(run, folder, overwrite=folder in changed)
@@ -220,6 +220,11 @@ def grid_record(spec: SweepSpec) -> dict[str, Any]:
     return record
 
 
+def _shown(setting: Any) -> str:
+    """A grid setting as the refusal names it; one not given (None) is the recipe's default."""
+    return "default" if setting is None else json.dumps(setting)
+
+
 def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[SweepSpec]:
     """The grids of `root` with `spec` added (once): every one with the settings and model of `spec`, whose cache
     it takes. Raises ChangedRunsError when `root` holds a grid with other settings, unless `rerun_changed` (then
@@ -238,7 +243,7 @@ def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[Sweep
     if others and not rerun_changed:
         theirs = {"model": others[0].get("model"), **others[0]["settings"]}
         ours = {"model": current["model"], **current["settings"]}
-        changes = [f"{name}: {json.dumps(theirs.get(name))} -> {json.dumps(ours.get(name))}"
+        changes = [f"{name}: {_shown(theirs.get(name))} -> {_shown(ours.get(name))}"
                    for name in sorted(set(theirs) | set(ours)) if theirs.get(name) != ours.get(name)]
         raise ChangedRunsError(f"{root} holds a sweep with other settings ({', '.join(changes)}); its summary would "
                                "mix them: pass --rerun-changed to replace it, or choose another folder")
