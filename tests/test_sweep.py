@@ -331,7 +331,7 @@ def test_a_sweep_folder_of_one_grid_written_before_grids_were_kept_resumes(cache
     grid = spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,))
     run_sweep(grid, root, progress=False, log=lambda message: None)
     old = {**json.loads((root / "sweep.json").read_text())["grids"][0]}
-    (root / "sweep.json").write_text(json.dumps(old))
+    (root / "sweep.json").write_text(json.dumps({**old, "settings": {**old["settings"], "cache": "/moved"}}))
     trained = []
     monkeypatch.setattr(sweep_module, "execute", lambda run, folder, progress, overwrite: trained.append(folder.name))
     assert run_sweep(grid, root, progress=False, log=lambda message: None)["cells"][0]["n"] == 1

@@ -215,9 +215,13 @@ def _finished_as_asked(run: PreparedRun, folder: Path) -> bool:
 
 def grid_record(spec: SweepSpec) -> dict[str, Any]:
     """A grid as sweep.json records it: as JSON reads it back (tuples are lists), without where its inputs lay."""
-    record = json.loads(json.dumps(asdict(spec)))
-    record["settings"] = {name: value for name, value in record["settings"].items() if name not in WHERE_NOT_HOW}
-    return record
+    return _how(json.loads(json.dumps(asdict(spec))))
+
+
+def _how(record: dict[str, Any]) -> dict[str, Any]:
+    """A recorded grid without the settings that say where its inputs lay (older sweep.json files kept them)."""
+    return {**record, "settings": {name: value for name, value in record["settings"].items()
+                                   if name not in WHERE_NOT_HOW}}
 
 
 def _shown(setting: Any) -> str:
@@ -232,17 +236,14 @@ def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[Sweep
     path = root / SPEC_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"grids": []}
-        recorded = record.get("grids", [record])  # a sweep.json of one grid, as written before grids were kept
-        if not all(isinstance(grid, dict) and isinstance(grid.get("settings"), dict) for grid in recorded):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+        recorded = [_how(grid) for grid in record.get("grids", [record])]  # or the one grid of an older sweep.json
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
         raise OutputRefused(f"{path} is not a sweep record this version can read; choose another folder") from None
     current = grid_record(spec)
-    shared = ("model", "settings")
-    others = [grid for grid in recorded if any(grid.get(key) != current[key] for key in shared)]
+    ours = {"model": current["model"], **current["settings"]}
+    others = [grid for grid in recorded if {"model": grid.get("model"), **grid["settings"]} != ours]
     if others and not rerun_changed:
         theirs = {"model": others[0].get("model"), **others[0]["settings"]}
-        ours = {"model": current["model"], **current["settings"]}
         changes = [f"{name}: {_shown(theirs.get(name))} -> {_shown(ours.get(name))}"
                    for name in sorted(set(theirs) | set(ours)) if theirs.get(name) != ours.get(name)]
         raise ChangedRunsError(f"{root} holds a sweep with other settings ({', '.join(changes)}); its summary would "
