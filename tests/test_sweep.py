@@ -99,7 +99,15 @@ def test_tune_picks_each_methods_best_dev_rate(cache, tmp_path, capsys):
         accuracy = {result["lr"]: result["accuracy"] for result in results if result["method"] == method}
         best = max(sorted(accuracy), key=lambda lr: accuracy[lr])  # ties to the smaller rate
         assert record["choices"][method]["lr"] == best
-    assert "chosen" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "chosen" in printed
+    for method in ("gfa", "lora"):  # of two rates, the chosen one is always at an edge
+        assert re.search(rf"{method}: 0\.0?01 is the (largest|smallest) rate tried", printed)
+    # Extending the grid with another rate into the same folder: the choice is made from every rate tried there.
+    assert main(["tune", "--methods", "gfa,lora", "--anchors", "1", "--lrs", "0.03", "--steps", "2",
+                 "--cache", str(cache), "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "lr_choice.json").read_text())
+    assert all(list(record["choices"][method]["mean_by_lr"]) == ["0.001", "0.01", "0.03"] for method in ("gfa", "lora"))
 
 
 def test_demo_prints_the_table_and_the_figure(cache, tmp_path, capsys, monkeypatch):

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Train every method at one anchor for each learning rate of --lrs on each task, evaluate on the dev "
             "split (never the test split), and pick, per method, the rate with the best dev accuracy averaged over "
             "the tasks (ties to the smaller rate). Writes OUT/lr_choice.json; --save-defaults also records the "
-            "choices as your defaults for the recipe (default_lrs.json in the cache folder). Resumes like `gfa sweep`."
+            "choices as your defaults for the recipe (default_lrs.json in the cache folder). Resumes like `gfa sweep`; "
+            "more rates (or methods) tuned into the same OUT are pooled with its trials, and a chosen rate at the "
+            "edge of those tried is pointed out."
         ),
     )
     add_grid_arguments(parser, anchors="4", exclude=("eval_split",))  # tuning always evaluates on the dev split
@@ -59,10 +61,26 @@ def run(args: argparse.Namespace) -> int:
               "choices": choices}
     write_json_atomic(out / "lr_choice.json", record)
     print(format_trials(summary["cells"], choices))
+    for note in edge_notes(choices):
+        print(note)
     if args.save_defaults:
         path = save_learning_rates(key, {method: choice["lr"] for method, choice in choices.items()})
         print(f"saved as the {key} recipe's defaults in {path}")
     return 0
+
+
+def edge_notes(choices: dict[str, dict]) -> list[str]:
+    """A line for each method whose chosen rate is the largest or smallest tried: its best rate may lie beyond."""
+    notes = []
+    for method, choice in choices.items():
+        rates = sorted(choice["mean_by_lr"])
+        if len(rates) > 1 and choice["lr"] in (rates[0], rates[-1]):
+            largest = choice["lr"] == rates[-1]
+            beyond = choice["lr"] * (3 if largest else 1 / 3)
+            notes.append(f"{method}: {choice['lr']:g} is the {'largest' if largest else 'smallest'} rate tried, so "
+                         f"its best may lie beyond; to try {beyond:.1g}, run the same command with --methods "
+                         f"{method} --lrs {beyond:.1g} (the trials of one folder are pooled)")
+    return notes
 
 
 def format_trials(cells: list[dict], choices: dict[str, dict]) -> str:
