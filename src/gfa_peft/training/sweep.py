@@ -179,11 +179,11 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
         grids = joined_grids(root, spec, rerun_changed)
         current = grid_record(spec)
         summarized = list(dict.fromkeys(folder for grid in grids for _, folder in
-                                        (sweep if grid_record(grid) == current else plan(grid, root)).runs))
+                                        (sweep if grid == current else plan(grid_spec(grid, spec), root)).runs))
         todo = [(run, folder) for run, folder in sweep.runs if not is_finished(folder) or folder in changed]
         for run, folder in todo:  # a folder of other files anywhere in the grid stops the sweep before it trains
             check_run_folder(run, folder, overwrite=folder in changed)
-        write_json_atomic(root / SPEC_FILE, {"grids": [grid_record(grid) for grid in grids]})
+        write_json_atomic(root / SPEC_FILE, {"grids": grids})
     log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, "
         f"{len(todo)} to run" + (f" ({len(changed)} with changed settings)" if changed else "")
         + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else ""))
@@ -215,13 +215,25 @@ def _finished_as_asked(run: PreparedRun, folder: Path) -> bool:
 
 def grid_record(spec: SweepSpec) -> dict[str, Any]:
     """A grid as sweep.json records it: as JSON reads it back (tuples are lists), without where its inputs lay."""
-    return _how(json.loads(json.dumps(asdict(spec))))
+    return _without_where(json.loads(json.dumps(asdict(spec))))
 
 
-def _how(record: dict[str, Any]) -> dict[str, Any]:
+def _without_where(record: dict[str, Any]) -> dict[str, Any]:
     """A recorded grid without the settings that say where its inputs lay (older sweep.json files kept them)."""
     return {**record, "settings": {name: value for name, value in record["settings"].items()
                                    if name not in WHERE_NOT_HOW}}
+
+
+def grid_spec(record: dict[str, Any], spec: SweepSpec) -> SweepSpec:
+    """The grid `record` describes, with its inputs where `spec` finds them. Raises OutputRefused for a record
+    this version cannot read."""
+    where = {name: value for name, value in spec.settings.items() if name in WHERE_NOT_HOW}
+    tuples = {name: tuple(value) for name, value in record.items() if isinstance(value, list)}
+    try:
+        return SweepSpec(**{**record, **tuples, "settings": {**record["settings"], **where}})
+    except TypeError as error:
+        raise OutputRefused(f"{SPEC_FILE} records a grid this version cannot read ({error}); "
+                            "choose another folder") from None
 
 
 def _shown(setting: Any) -> str:
@@ -229,14 +241,14 @@ def _shown(setting: Any) -> str:
     return "default" if setting is None else json.dumps(setting)
 
 
-def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[SweepSpec]:
-    """The grids of `root` with `spec` added (once): every one with the settings and model of `spec`, whose cache
-    it takes. Raises ChangedRunsError when `root` holds a grid with other settings, unless `rerun_changed` (then
+def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[dict[str, Any]]:
+    """The records of the grids of `root` with `spec`'s added (once), every one with the settings and model of
+    `spec`. Raises ChangedRunsError when `root` holds a grid with other settings, unless `rerun_changed` (then
     that grid is forgotten: its runs stay on disk, out of the summary)."""
     path = root / SPEC_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"grids": []}
-        recorded = [_how(grid) for grid in record.get("grids", [record])]  # or the one grid of an older sweep.json
+        recorded = [_without_where(grid) for grid in record.get("grids", [record])]  # or an older file's one grid
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
         raise OutputRefused(f"{path} is not a sweep record this version can read; choose another folder") from None
     current = grid_record(spec)
@@ -249,14 +261,7 @@ def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[Sweep
         raise ChangedRunsError(f"{root} holds a sweep with other settings ({', '.join(changes)}); its summary would "
                                "mix them: pass --rerun-changed to replace it, or choose another folder")
     kept = [grid for grid in recorded if grid not in others]
-    if current not in kept:
-        kept.append(current)
-    where = {name: value for name, value in spec.settings.items() if name in WHERE_NOT_HOW}
-    try:
-        return [SweepSpec(**{**grid, **{name: tuple(value) for name, value in grid.items() if isinstance(value, list)},
-                             "settings": {**grid["settings"], **where}}) for grid in kept]
-    except TypeError as error:
-        raise OutputRefused(f"{path} records a grid this version cannot read ({error}); choose another folder") from None
+    return kept if current in kept else [*kept, current]
 
 
 # ---------------------------------------------------------------- summary

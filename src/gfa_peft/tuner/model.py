@@ -150,13 +150,13 @@ class GfaModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         # The factors leave the tuner first: a layer whose active adapter is deleted makes the first of the
         # tuner's remaining adapters active. If PEFT refuses (an unknown or merged adapter), they are put back.
-        factors = {name: dicts.pop(adapter_name) for name, dicts in (("B", self.gfa_B), ("A", self.gfa_A))
-                   if adapter_name in dicts}
+        popped = [(factors, factors.pop(adapter_name)) for factors in (self.gfa_B, self.gfa_A)
+                  if adapter_name in factors]
         try:
             super().delete_adapter(adapter_name)  # the layers drop their references to the factors
         except Exception:
-            for name, factor in factors.items():
-                getattr(self, f"gfa_{name}")[adapter_name] = factor
+            for factors, factor in popped:
+                factors[adapter_name] = factor
             raise
         del self.gfa_layouts[adapter_name]
 
