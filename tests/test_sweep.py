@@ -271,7 +271,8 @@ def test_a_run_another_process_is_training_is_left_to_it(cache, tmp_path, monkey
     assert sorted(path.name for path in (root / "rt").iterdir()) == ["gfa-1_2-s0-lr0.01", "lora-1-s0-lr0.01"]
     assert [(cell["method"], cell["anchor"]) for cell in summary["cells"]] == [("gfa", "1/2"), ("lora", "1")]
     assert any("gfa-1-s0-lr0.01: being trained by another process" in message for message in messages)
-    assert "still training in another process" in messages[-1] and "rt/gfa-1-s0-lr0.01" in messages[-1]
+    assert messages[-1] == ("the summary lacks 1 unfinished run(s): 1 being trained by another process "
+                            "(rt/gfa-1-s0-lr0.01)")
 
     trained = []
     original = sweep_module.execute
@@ -349,6 +350,24 @@ def test_a_sweep_folder_of_one_grid_written_before_grids_were_kept_resumes(cache
         run_sweep(grid, root, progress=False, log=lambda message: None)
 
 
+def test_the_summary_names_the_runs_of_an_interrupted_piece_as_not_started(cache, tmp_path, monkeypatch):
+    root = tmp_path / "sweep"
+    grid = spec(cache, seeds=(0,))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep_module, "execute", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(grid, root, progress=False, log=lambda message: None)
+    messages = []
+    summary = run_sweep(replace(grid, methods=("lora",)), root, progress=False, log=messages.append)
+    assert sorted(summary["unfinished"]) == ["rt/gfa-1-s0-lr0.01", "rt/gfa-1_2-s0-lr0.01"]
+    assert messages[-1].startswith("the summary lacks 2 unfinished run(s): 2 not started (")
+    assert "being trained" not in messages[-1] and "sweep their grid again" in messages[-1]
+
+
 def test_tune_leaves_the_choice_to_the_process_that_ends_last(cache, tmp_path, capsys, monkeypatch):
     from gfa_peft.cli import tune
 
@@ -356,5 +375,5 @@ def test_tune_leaves_the_choice_to_the_process_that_ends_last(cache, tmp_path, c
     out = tmp_path / "tune"
     assert main(["tune", "--methods", "gfa", "--lrs", "0.01", "--cache", str(cache), "--out", str(out),
                  "--save-defaults"]) == 0
-    assert "that process will choose" in capsys.readouterr().out
+    assert "1 trial(s) unfinished: the `gfa tune` that finishes the last of them chooses" in capsys.readouterr().out
     assert not out.exists()

@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("tune on tasks of one kind (all classification or all multiple choice): they share a recipe")
     out = Path(args.out)
     summary = run_spec(spec, out, progress=not args.no_progress, rerun_changed=args.rerun_changed)
-    if summary["unfinished"]:  # another `gfa tune` on this folder ends later and chooses from every trial
-        print("trials still run in another process; that process will choose the rates")
+    if summary["unfinished"]:  # the choice is made once, from every trial
+        print(f"{len(summary['unfinished'])} trial(s) unfinished: the `gfa tune` that finishes the last of them "
+              "chooses the rates (run this command again if none is under way)")
         return 0
     choices = choose_learning_rates(summary["cells"])
     key = recipe_key(spec.model, kinds.pop())

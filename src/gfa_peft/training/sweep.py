@@ -156,7 +156,7 @@ def _check_tasks_appear_once(tasks: Sequence[str]) -> None:
 def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
               log: Callable[[str], object] = tqdm.write, rerun_changed: bool = False) -> dict[str, Any]:
     """Train every unfinished run of the grid into `root`, then write and return the summary (with `unfinished`:
-    the runs still training in another process, whose results it lacks).
+    the runs of its grids that another process trains, or that no process has started, whose results it lacks).
 
     Several processes may run the same sweep on one folder at once (e.g. two with OMP_NUM_THREADS=1 on a 2-core
     machine): each trains the runs no other is training (a run's folder lock says which) and finishes none twice;
@@ -204,9 +204,20 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
     with folder_lock(root, wait=True):
         summary = write_summary(root, summarized)
     if summary["unfinished"]:
-        log(f"{len(summary['unfinished'])} run(s) still training in another process; the summary lacks them until "
-            f"it ends: {', '.join(summary['unfinished'])}")
+        log(unfinished_note(root, summary["unfinished"]))
     return summary
+
+
+def unfinished_note(root: Path, unfinished: list[str]) -> str:
+    """Which runs the summary lacks, and why: another process is training them now, or none has started them (a
+    sweep still under way will, or their grid must be swept again: an earlier piece may have been interrupted)."""
+    busy = [name for name in unfinished if (root / name).parent.is_dir() and folder_is_busy(root / name)]
+    waiting = [name for name in unfinished if name not in busy]
+    parts = [f"{len(busy)} being trained by another process ({', '.join(busy)})"] if busy else []
+    if waiting:
+        parts.append(f"{len(waiting)} not started ({', '.join(waiting)}), which a sweep of their grid still under way "
+                     "will train; if none is, sweep their grid again")
+    return f"the summary lacks {len(unfinished)} unfinished run(s): " + "; ".join(parts)
 
 
 def _finished_as_asked(run: PreparedRun, folder: Path) -> bool:
