@@ -25,7 +25,7 @@ from gfa_peft import GfaConfig, GfaLayer
 from gfa_peft.cli import main
 from gfa_peft.data.cache import build_folder
 from gfa_peft.io import files
-from gfa_peft.io.files import FolderBusy, OutputRefused, ResultKind, folder_lock, output_folder
+from gfa_peft.io.files import FolderBusy, OutputRefused, ResultKind, folder_is_busy, folder_lock, output_folder
 from gfa_peft.training import run as run_module
 from gfa_peft.training import sweep as sweep_module
 from gfa_peft.training.run import is_finished
@@ -111,7 +111,9 @@ def test_the_lock_is_exclusive_released_on_exit_and_leaves_no_file(tmp_path):
             with folder_lock(folder):
                 pass
     with folder_lock(folder):  # released: taken again
-        pass
+        assert folder_is_busy(folder)
+    assert not folder_is_busy(folder)
+    assert not folder_is_busy(tmp_path / "absent" / "out")  # no folder to hold its lock: nobody holds it
     assert os.listdir(tmp_path) == []
 
 

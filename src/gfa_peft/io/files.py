@@ -190,7 +190,9 @@ def folder_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]
 
 
 def folder_is_busy(folder: str | os.PathLike) -> bool:
-    """Whether another process holds `folder`'s lock now."""
+    """Whether another process holds `folder`'s lock now (none can where the lock's folder does not exist)."""
+    if not Path(os.path.abspath(folder)).parent.is_dir():
+        return False
     try:
         with folder_lock(folder):
             return False

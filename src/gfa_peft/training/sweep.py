@@ -204,14 +204,14 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
     with folder_lock(root, wait=True):
         summary = write_summary(root, summarized)
     if summary["unfinished"]:
-        log(unfinished_note(root, summary["unfinished"]))
+        log(_unfinished_note(root, summary["unfinished"]))
     return summary
 
 
-def unfinished_note(root: Path, unfinished: list[str]) -> str:
+def _unfinished_note(root: Path, unfinished: list[str]) -> str:
     """Which runs the summary lacks, and why: another process is training them now, or none has started them (a
     sweep still under way will, or their grid must be swept again: an earlier piece may have been interrupted)."""
-    busy = [name for name in unfinished if (root / name).parent.is_dir() and folder_is_busy(root / name)]
+    busy = [name for name in unfinished if folder_is_busy(root / name)]
     waiting = [name for name in unfinished if name not in busy]
     parts = [f"{len(busy)} being trained by another process ({', '.join(busy)})"] if busy else []
     if waiting:
