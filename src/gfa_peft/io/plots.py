@@ -8,6 +8,8 @@ model, untrained) dotted. Full fine-tuning, when present, is a single point at i
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,19 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
         axis.set_xlabel("trainable adapter parameters (head excluded)")
         axis.set_ylabel("accuracy (%)")
         axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    _legend_beside(figure, axes[0])
     save_figure(figure, path)
+
+
+def _legend_beside(figure: plt.Figure, axes: Sequence[plt.Axes]) -> None:
+    """One legend for every panel, right of the last one: inside a panel a tuning sweep's line per rate covered
+    the points and the title. A label drawn in several panels is listed once."""
+    entries: dict[str, Any] = {}
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    figure.legend(list(entries.values()), list(entries), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                  ncol=math.ceil(len(entries) / 16), frameon=False)
 
 
 def _label_gfa_points(axis: plt.Axes, cells: list[dict[str, Any]], others: list[dict[str, Any]], color: str) -> None:
