@@ -486,13 +486,15 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def format_legend(summary: dict[str, Any]) -> str:
     """What the summary's terms mean, for a reader who has not read the paper."""
+    at_half = dict.fromkeys(method_label(cell) for cell in summary["cells"] if cell["anchor"] == RETENTION_FROM)
     lines = [
         "How to read this:",
         "- anchor: a trainable-parameter budget, named by the LoRA rank whose count it equals (1 = LoRA r=1's count, "
         "4 = LoRA r=4's, ...); every method is placed at the same budget, GFA at its rank with the nearest count.",
-        "- 1/2: a budget of about 0.3 x LoRA r=1, below the smallest LoRA or DoRA; only GFA reaches it.",
-        "- adapter params: trainable parameters of the adapter alone (the classification head, trained by every "
-        "method, is left out).",
+        f"- {RETENTION_FROM}: a budget of about 0.3 x LoRA r=1, below the smallest LoRA or DoRA; reached here by "
+        + (", ".join(at_half) or "no method") + ".",
+        "- adapter params: trainable parameters of the adapter alone (a classification head, where the model has "
+        "one, is trained by every method and left out).",
         "- tie band: GFA and DoRA tie at an anchor when their accuracies differ by no more than it (its source is "
         "given with it above); win or loss otherwise.",
     ]
