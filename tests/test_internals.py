@@ -12,12 +12,12 @@ import pickle
 import peft
 import pytest
 import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils.peft_types import PeftType
 from torch import nn
 
-from gfa_peft import internals
+from gfa_peft import GfaConfig, internals
 
 VERSIONS = f"(peft {peft.__version__}, torch {torch.__version__})"
 
@@ -42,6 +42,10 @@ def test_all_linear_expansion_names_every_linear_but_the_output_layer():
 
     expanded = internals.expand_all_linear(LoraConfig(target_modules="all-linear"), Net())
     assert set(expanded.target_modules) == {"body.0", "body.2"}, explain("PEFT's all-linear expansion")
+    # a layer an adapter wraps counts by a "Linear" in its wrapper's class name (GfaLinear)
+    adapted = get_peft_model(Net(), GfaConfig(r=1, target_modules=["body.0"])).base_model.model
+    expanded = internals.expand_all_linear(LoraConfig(target_modules="all-linear"), adapted)
+    assert set(expanded.target_modules) == {"body.0", "body.2"}, explain("PEFT's all-linear expansion of adapted layers")
 
 
 def test_excluded_modules_are_told_apart_from_matches():

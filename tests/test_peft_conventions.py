@@ -276,3 +276,26 @@ def test_adapter_name_makes_no_difference(case):
         model = get_peft_model(base, GfaConfig(r=2, init_weights=False, **case.config), adapter_name=name).eval()
         outputs.append(case.output(model, case.inputs()))
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize("first_targets", [["q_proj", "v_proj"], "all-linear"], ids=["after_q_v", "after_all_linear"])
+def test_a_second_all_linear_adapter_reaches_the_modules_lora_reaches(first_targets):
+    """"all-linear" for a second adapter counts the linear layers the first one already wraps, as in LoRA:
+    all 14 of the tiny Llama (7 per layer, its output layer aside), and alone it gives the dense reference."""
+
+    def reached(config_class, **kwargs) -> tuple[PeftModel, set[str]]:
+        model = get_peft_model(LLAMA.model(), config_class(r=2, target_modules=first_targets, **kwargs))
+        model.add_adapter("second", config_class(r=2, target_modules="all-linear", **kwargs))
+        return model, {name for name, module in model.base_model.model.named_modules()
+                       if "second" in getattr(module, "gfa_slice", getattr(module, "lora_A", {}))}
+
+    torch.manual_seed(0)
+    gfa, ours = reached(GfaConfig, init_weights=False)
+    _, theirs = reached(LoraConfig)
+    assert len(ours) == 14 and ours == theirs == set(gfa_peft.layout_of(gfa, "second").names)
+    gfa.set_adapter("second")
+    gfa.eval()
+    ids = LLAMA.inputs()["input_ids"]
+    expected = apply_deltas(LLAMA.model(), dense_reference_deltas(gfa, "second")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gfa(input_ids=ids).logits, expected(input_ids=ids).logits)

@@ -41,7 +41,9 @@ def expand_all_linear(config, model: nn.Module):
     """`config` with target_modules="all-linear" replaced by the module names PEFT's LoRA would pick.
 
     PEFT keeps this in a private helper; calling it makes "all-linear" select exactly the modules it
-    selects for LoRA, DoRA, VeRA and VB-LoRA, so budgets are counted over the same set.
+    selects for LoRA, DoRA, VeRA and VB-LoRA, so budgets are counted over the same set. A linear layer an
+    adapter already wraps counts when the wrapper's class name contains "Linear" (PEFT's convention, hence
+    GFA's `GfaLinear`), so a second adapter reaches it as LoRA's second adapter does.
     """
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 

@@ -15,6 +15,7 @@ import warnings
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from gfa_peft.scatter import SliceSpec, effective_weight, scattered_op, slice_of_product
 from gfa_peft.tuner.inference_cache import InferenceCache, enabled_by_environment
@@ -224,3 +225,17 @@ class GfaLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "gfa." + super().__repr__()
+
+
+class GfaLinear(GfaLayer):
+    """A `GfaLayer` around a linear layer (`nn.Linear`, transformers' `Conv1D`, bitsandbytes' linears).
+
+    Only the class name differs: PEFT recognises a linear layer that an adapter already wraps by a "Linear" in
+    its wrapper's class name (LoRA's `lora.Linear`), so a later adapter's `target_modules="all-linear"` reaches
+    these layers too, as it does LoRA's (see `gfa_peft.internals.expand_all_linear`)."""
+
+
+def wrap_layer(base_layer: nn.Module, name: str, every_adapter: nn.ModuleDict) -> GfaLayer:
+    """The GFA layer for `base_layer`: a `GfaLinear` for the layer types PEFT's "all-linear" selects."""
+    layer_class = GfaLinear if isinstance(base_layer, (nn.Linear, Conv1D)) else GfaLayer
+    return layer_class(base_layer, name, every_adapter)

@@ -21,7 +21,7 @@ from gfa_peft.layout import Layout, build_layout, order_modules
 from gfa_peft.scatter import SliceSpec
 from gfa_peft.tuner.checkpoint import check_factor_shapes, check_saved_modules
 from gfa_peft.tuner.config import GfaConfig
-from gfa_peft.tuner.layer import GfaFactor, GfaLayer
+from gfa_peft.tuner.layer import GfaFactor, GfaLayer, wrap_layer
 from gfa_peft.tuner.weighted import concatenated_factors, truncated_factors
 from gfa_peft.weight_ops import update_shape
 
@@ -143,7 +143,7 @@ class GfaModel(BaseTuner):
         if isinstance(target, GfaLayer):
             target.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
             return
-        new_module = GfaLayer(target, current_key, self.gfa_B)
+        new_module = wrap_layer(target, current_key, self.gfa_B)
         new_module.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
         self._replace_module(parent, target_name, new_module, target)
 
