@@ -105,6 +105,37 @@ def test_load_with_other_module_order_names_the_module(saved_adapter):
     _load_expecting(ValueError, r"module #1 is 'model.layers.0.self_attn.v_proj' in the saved layout but 'model.layers.1.self_attn.q_proj'", saved_adapter)
 
 
+def _llama_registering_v_before_q() -> nn.Module:
+    """The tiny Llama (same weights, same outputs) with each attention's v_proj registered before its q_proj."""
+    model = LLAMA.model()
+    for layer in model.model.layers:
+        modules = layer.self_attn._modules
+        layer.self_attn._modules = {"v_proj": modules["v_proj"], **{n: m for n, m in modules.items() if n != "v_proj"}}
+    return model
+
+
+def test_a_saved_config_without_a_layout_is_refused_before_anything_is_injected(saved_adapter):
+    config_path = os.path.join(saved_adapter, "adapter_config.json")
+    fields = json.load(open(config_path))
+    del fields["layout"]  # a hand-written config; its slices would land on v_proj, q_proj, ... in this model
+    json.dump(fields, open(config_path, "w"))
+    message = r"records no layout, so which slice of B A belongs to which module is unknown; load it with config="
+    _load_expecting(ValueError, message, saved_adapter, _llama_registering_v_before_q())
+
+    model = get_peft_model(_llama_registering_v_before_q(), GfaConfig(r=2, target_modules=["q_proj"]))
+    state, configs = copy.deepcopy(model.state_dict()), copy.deepcopy(model.peft_config)
+    with pytest.raises(ValueError, match=message):
+        model.load_adapter(str(saved_adapter), adapter_name="second")
+    assert model.peft_config == configs and model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+
+    # the remedy the message names: an explicit config, on the model the adapter was trained on, saved again
+    del fields["peft_type"], fields["peft_version"]
+    PeftModel.from_pretrained(LLAMA.model(), saved_adapter, config=GfaConfig(**fields)).save_pretrained(saved_adapter)
+    _load_expecting(ValueError, r"module #0 is 'model.layers.0.self_attn.q_proj' in the saved layout but "
+                                r"'model.layers.0.self_attn.v_proj'", saved_adapter, _llama_registering_v_before_q())
+
+
 def test_load_onto_model_with_fewer_layers(saved_adapter):
     base = LLAMA.model()
     del base.model.layers[1]

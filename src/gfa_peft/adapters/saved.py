@@ -49,10 +49,7 @@ def read_gfa_config(adapter_dir: str | os.PathLike) -> GfaConfig:
         raise ValueError(f"{path} is not a JSON object ({error})") from None
     if peft_type != "GFA":
         raise ValueError(f"{adapter_dir} holds a {peft_type} adapter, not a GFA one")
-    config = GfaConfig.from_pretrained(str(adapter_dir))  # also checks the weights file against the config
-    if config.layout is None:
-        raise ValueError(f"{path} records no layout; save the adapter with this package's GfaConfig")
-    return config
+    return GfaConfig.from_pretrained(str(adapter_dir))  # also checks the layout and the weights file
 
 
 def load_saved_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:

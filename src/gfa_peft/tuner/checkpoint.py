@@ -4,9 +4,9 @@ PEFT injects an adapter first and reads its weights afterwards, so a missing, tr
 mis-shaped weights file would otherwise leave a half-loaded model behind. `GfaConfig.from_pretrained`
 runs `check_adapter_file`, which reads only what describes the tensors: a safetensors file's header, or a
 PyTorch `.bin` file unpickled safely (`weights_only`) onto the meta device, so no tensor data is read.
-It checks the factors' names, dtypes (floating point) and shapes (against the config's layout when it
-has one); the tuner checks the shapes against the model's layout before it injects anything
-(`check_factor_shapes`), so a config without a layout is checked too, and the saved `modules_to_save`
+It checks the factors' names, dtypes (floating point) and shapes against the config's layout (a config
+without one is refused before, by `GfaConfig.from_pretrained`); the tuner checks the shapes against the
+model's layout before it injects anything (`check_factor_shapes`), and the saved `modules_to_save`
 tensors (e.g. a classifier head for another label count) against the model's (`check_saved_modules`).
 """
 
@@ -112,10 +112,10 @@ def saved_tensors(directory: str) -> tuple[str, dict[str, SavedTensor]]:
                   for key, value in tensors.items()}
 
 
-def check_adapter_file(directory: str, r: int, layout: dict | None, modules_to_save) -> dict[str, list[int]]:
+def check_adapter_file(directory: str, r: int, layout: dict, modules_to_save) -> dict[str, list[int]]:
     """Raise a clear error unless `directory` holds floating-point GFA factors, of the shapes its config's
-    layout promises when it records one, and nothing foreign. Returns every saved tensor's shape by key
-    (the factors' and those of the `modules_to_save` modules)."""
+    layout promises, and nothing foreign. Returns every saved tensor's shape by key (the factors' and those
+    of the `modules_to_save` modules)."""
     path, tensors = saved_tensors(directory)
     missing = [key for key in FACTOR_KEYS if key not in tensors]
     if missing:
@@ -124,12 +124,11 @@ def check_adapter_file(directory: str, r: int, layout: dict | None, modules_to_s
         if not tensors[key].floating:
             raise ValueError(f"{path}: {key} holds {tensors[key].dtype} values; GFA factors are floating point")
     shapes = {key: tensor.shape for key, tensor in tensors.items()}
-    if layout is not None:
-        try:
-            m, k = int(layout["m"]), int(layout["k"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"the config in {directory} records a malformed layout (no integer m and k)") from None
-        check_factor_shapes(shapes, m, r, k, f"{path}: ", "its config promises")
+    try:
+        m, k = int(layout["m"]), int(layout["k"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"the config in {directory} records a malformed layout (no integer m and k)") from None
+    check_factor_shapes(shapes, m, r, k, f"{path}: ", "its config promises")
     allowed = tuple(modules_to_save or ())
     foreign = [key for key in tensors if key not in FACTOR_KEYS and not any(f".{name}." in key for name in allowed)]
     if foreign:

@@ -109,9 +109,19 @@ class GfaConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Load a saved config and, for a local adapter folder, check its weights file before any injection
         (`tuner.checkpoint.check_adapter_file`). The saved tensors' shapes are kept as `saved_shapes` (not
-        saved), so the tuner checks them against the model before it injects a layer."""
+        saved), so the tuner checks them against the model before it injects a layer.
+
+        A config that records no layout (hand-written, or with the field removed) is refused: without it the
+        slices of B A would go to the modules in the loading model's order, scrambled in a model that registers
+        its modules in another order than the one the adapter was trained on, and nothing could tell."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if config.layout is None:
+            raise ValueError(
+                f"the adapter config in {directory} records no layout, so which slice of B A belongs to which "
+                "module is unknown; load it with config=GfaConfig(...) into the model it was trained on, and "
+                "save it again to record one"
+            )
         if os.path.isdir(directory):
             config.saved_shapes = check_adapter_file(directory, config.r, config.layout, config.modules_to_save)
         return config
