@@ -7,11 +7,13 @@ import os
 
 import pytest
 import torch
-from peft import get_peft_model
-from transformers import AutoModelForCausalLM
+from peft import PeftModel, get_peft_model
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from gfa_peft import GfaConfig
 from gfa_peft.cli import main
+from gfa_peft.data.tasks import load_task
+from gfa_peft.training.run import RunConfig, train
 from toy_models import tiny_gpt2, tiny_llama, token_batch
 
 CASES = {
@@ -107,3 +109,43 @@ def test_existing_output_is_kept_unless_overwrite(saved, tmp_path, capsys):
     assert main([*arguments, "--overwrite"]) == 0
     assert "config.json" in os.listdir(out)
     assert capsys.readouterr().out.startswith("merged ")  # without --json: a readable summary, not JSON
+
+
+@pytest.fixture(scope="module")
+def classifier_run(cache, tmp_path_factory):
+    """A `gfa train` run of GFA on the tiny MiniLM (a bare `BertModel` checkpoint) and rt, and its metrics."""
+    folder = tmp_path_factory.mktemp("classifier") / "run"
+    metrics = train(RunConfig(task="rt", steps=3, lr=1e-2, cache=str(cache), method="gfa", anchor="1/2"), folder,
+                    progress=False)
+    return folder, metrics
+
+
+@pytest.mark.parametrize("shards", ["one", "several"])
+def test_a_classifier_run_merges_into_its_bare_encoder_and_scores_as_the_run_did(cache, classifier_run, shards,
+                                                                                  tmp_path, capsys):
+    run, metrics = classifier_run
+    base = cache / "models" / "minilm"
+    if shards == "several":  # the same encoder, sharded: the index gains the head and the classifier's names
+        AutoModel.from_pretrained(base).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+        base = tmp_path / "sharded"
+        assert len(list(base.glob("*.safetensors"))) > 1
+    out = tmp_path / "merged"
+    assert main(["merge", str(run / "adapter"), "--base", str(base), "--out", str(out), "--no-progress",
+                 "--json", "-"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["architecture"] == "BertForSequenceClassification"
+    assert summary["added_tensors"] == ["classifier.bias", "classifier.weight"]
+
+    merged, loading = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]  # every tensor under its own name
+    on_base = AutoModelForSequenceClassification.from_pretrained(cache / "models" / "minilm", num_labels=2)
+    adapted = PeftModel.from_pretrained(on_base, run / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(cache / "models" / "minilm")
+    _, data = load_task("rt", cache)
+    batch = tokenizer(list(data["test"]["text"]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = merged.eval()(**batch).logits
+        torch.testing.assert_close(logits, adapted.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
+    labels = data["test"]["label"]
+    correct = sum(int(prediction == label) for prediction, label in zip(logits.argmax(-1).tolist(), labels))
+    assert correct / len(labels) == metrics["accuracy"]

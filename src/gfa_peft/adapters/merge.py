@@ -8,6 +8,12 @@ updates out as (out, in, ...), and transformers' GPT-2 `Conv1D` stores (in, out)
 test cannot tell apart for square weights. `modules_to_save` tensors saved with the adapter
 (e.g. a classifier head) replace the base's.
 
+The architecture is the one the adapter was trained on (`adapters.task_model`): a classifier adapter
+trained on a bare encoder checkpoint (`gfa train` wraps MiniLM's `BertModel` in
+`AutoModelForSequenceClassification`) is merged into that classifier: its saved head is added to the last
+shard, every tensor is written under the classifier's own name (`bert.encoder...`), and the config names
+the classifier's class and label count, so plain transformers loads the output as the trained model.
+
 Everything is checked from file headers before anything is written: shard names must be plain file
 names inside the base folder, and two adapted modules may not share one weight. The output folder is
 written by io/files.py's rule: built under a temporary name and renamed into place when complete, never
@@ -27,15 +33,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PretrainedConfig
 
-from gfa_peft.adapters.saved import load_saved_adapter
-from gfa_peft.data.presets import load_architecture
+from gfa_peft.adapters.saved import SavedAdapter, load_saved_adapter
+from gfa_peft.adapters.task_model import TASK_MODEL_CLASSES, head_label_count
+from gfa_peft.data.presets import architecture_config, load_architecture
 from gfa_peft.io.files import ResultKind, output_folder
 from gfa_peft.scatter import SliceSpec, slice_of_product
 from gfa_peft.targets import check_untied
 from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import WeightOp, op_for, update_shape
 
+CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Weights in other formats are never copied: they would hold the unmerged base next to the merged one.
@@ -47,7 +56,7 @@ def is_checkpoint(folder: Path) -> bool:
     """Whether `folder` is a model checkpoint (config and safetensors weights, no subfolders), as merge writes."""
     entries = list(folder.iterdir())
     names = {entry.name for entry in entries}
-    return ("config.json" in names and bool(names & {SINGLE_FILE, INDEX_FILE})
+    return (CONFIG_FILE in names and bool(names & {SINGLE_FILE, INDEX_FILE})
             and not any(entry.is_dir() for entry in entries))
 
 
@@ -74,6 +83,10 @@ class MergePlan:
     A: torch.Tensor
     additions: dict[str, Addition]  # checkpoint key -> its update
     replacements: dict[str, torch.Tensor]  # checkpoint key -> tensor saved with the adapter
+    added: dict[str, torch.Tensor]  # output key -> tensor saved with the adapter that the checkpoint lacks
+    renamed: dict[str, str]  # checkpoint key -> its output key, where they differ
+    architecture: str
+    config: PretrainedConfig | None  # written as config.json when the architecture is not the base's own
     copied: tuple[str, ...]
     skipped: tuple[str, ...]
     n_tensors: int
@@ -86,7 +99,9 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
     layout = adapter.layout
     shards, index = checkpoint_shards(base)
     headers = {key: entry for shard in shards for key, entry in read_safetensors_header(base / shard).items()}
-    model = load_architecture(base)
+    task_model = task_architecture(base, adapter)
+    own_architecture = task_model is None
+    model = load_architecture(base) if own_architecture else task_model
     modules = dict(model.named_modules())
     check_untied([(piece.name, modules[piece.name]) for piece in layout.modules if piece.name in modules])
 
@@ -107,26 +122,83 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
         _check_shape(key, headers[key]["shape"], module.weight.shape)
         additions[key] = Addition(SliceSpec(piece, layout.k, adapter.config.scale), op_for(module, piece.name))
 
-    replacements = {}
-    for saved_key, tensor in adapter.others.items():
-        key = checkpoint_key(saved_key.removeprefix(SAVED_MODULE_PREFIX), headers, model)
-        _check_shape(key, headers[key]["shape"], tensor.shape)
-        replacements[key] = tensor
+    replacements, added = _place_saved_tensors(adapter.others, headers, model, may_add=not own_architecture)
+    renamed = {} if own_architecture else _output_names(model, headers, added)
 
     copied, skipped = [], []
     for entry in sorted(os.listdir(base)):
         if (base / entry).is_file() and entry not in shards and entry != index:
+            if entry == CONFIG_FILE and not own_architecture:
+                continue  # written from the model's own config instead
             (skipped if entry.endswith(WEIGHT_SUFFIXES) else copied).append(entry)
     return MergePlan(
         adapter=Path(adapter_dir), base=base, shards=shards, index=index, B=adapter.B, A=adapter.A, additions=additions,
-        replacements=replacements, copied=tuple(copied), skipped=tuple(skipped), n_tensors=len(headers),
+        replacements=replacements, added=added, renamed=renamed, architecture=type(model).__name__,
+        config=None if own_architecture else model.config, copied=tuple(copied), skipped=tuple(skipped),
+        n_tensors=len(headers) + len(added),
     )
+
+
+def task_architecture(base: Path, adapter: SavedAdapter) -> nn.Module | None:
+    """The model the adapter was trained on, on the meta device, where it is not the base's own architecture:
+    its task type's class built from the base's config (a classifier's with its saved head's label count).
+    None for an adapter without a task type, or when that class is the base's own."""
+    task_class = TASK_MODEL_CLASSES.get(adapter.config.task_type)
+    if task_class is None:
+        return None
+    config = architecture_config(base)
+    own_classes = config.architectures or []
+    labels = head_label_count(adapter.config, adapter.others)
+    if labels is not None:
+        config.num_labels = labels
+    with torch.device("meta"):
+        model = task_class.from_config(config)
+    if type(model).__name__ in own_classes:
+        return None
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def _place_saved_tensors(saved: dict[str, torch.Tensor], headers: dict, model: nn.Module,
+                         may_add: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Where the adapter's saved tensors (a classifier head) go: {checkpoint key: tensor} for those replacing a
+    tensor of the checkpoint and, when `may_add`, {parameter name: tensor} for those the checkpoint lacks."""
+    parameters = dict(model.named_parameters())
+    replacements, added = {}, {}
+    for saved_key, tensor in saved.items():
+        name = saved_key.removeprefix(SAVED_MODULE_PREFIX)
+        if may_add and not any(key in headers for key in _candidate_keys(name, model)):
+            if name not in parameters or parameters[name].shape != tensor.shape:
+                raise ValueError(f"the adapter's saved {name!r} ({list(tensor.shape)}) is neither in the base "
+                                 f"checkpoint nor a parameter of that shape of {type(model).__name__}")
+            added[name] = tensor
+        else:
+            key = checkpoint_key(name, headers, model)
+            _check_shape(key, headers[key]["shape"], tensor.shape)
+            replacements[key] = tensor
+    return replacements, added
+
+
+def _output_names(model: nn.Module, headers: dict, added: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The checkpoint keys that lack the model's base prefix (a bare encoder's `encoder...` for a classifier's
+    `bert.encoder...`), each with the name the model gives that tensor. Raises ValueError when a parameter of
+    the model would be in neither the output nor the adapter: it was initialised at random when the adapter was
+    trained, so no checkpoint reproduces that model."""
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    names = set(model.state_dict())
+    renamed = {key: prefix + key for key in headers if key not in names and prefix + key in names}
+    written = {renamed.get(key, key) for key in headers} | set(added)
+    unsaved = [name for name, _ in model.named_parameters() if name not in written]
+    if unsaved:
+        raise ValueError(f"{type(model).__name__} has parameters that neither the base checkpoint nor the adapter "
+                         f"holds: {unsaved[:5]}")
+    return renamed
 
 
 def checkpoint_shards(base: Path) -> tuple[tuple[str, ...], str | None]:
     """The safetensors files of a checkpoint folder, in order, and its index file (None for a single file)."""
-    if not (base / "config.json").is_file():
-        raise ValueError(f"base model folder {base} has no config.json")
+    if not (base / CONFIG_FILE).is_file():
+        raise ValueError(f"base model folder {base} has no {CONFIG_FILE}")
     if (base / INDEX_FILE).is_file():
         shards = tuple(sorted(set(_weight_map(base / INDEX_FILE).values())))
         outside = [shard for shard in shards if not _plain_file_name(shard)]
@@ -162,11 +234,16 @@ def _plain_file_name(name: str) -> bool:
 def checkpoint_key(name: str, headers: dict, model: nn.Module) -> str:
     """The checkpoint's key for a parameter of `model`, which may lack the model's base prefix
     (a checkpoint of the bare `GPT2Model` says `h.0...` where `GPT2LMHeadModel` says `transformer.h.0...`)."""
-    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
-    for key in (name, name.removeprefix(prefix)):
+    for key in _candidate_keys(name, model):
         if key in headers:
             return key
     raise ValueError(f"the base checkpoint holds no tensor {name!r} (is it a checkpoint of this architecture?)")
+
+
+def _candidate_keys(name: str, model: nn.Module) -> tuple[str, str]:
+    """A parameter's name, and the same without the model's base prefix."""
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    return name, name.removeprefix(prefix)
 
 
 def _check_shape(key: str, stored: list[int], expected) -> None:
@@ -184,24 +261,31 @@ def write_merged(plan: MergePlan, out_dir: str | os.PathLike, overwrite: bool = 
     with output_folder(out, MERGED, overwrite, inputs=(plan.adapter, plan.base)) as building:
         with tqdm(total=plan.n_tensors, unit="tensor", desc="merging", disable=not progress) as bar:
             for shard in plan.shards:
-                merge_shard(plan, shard, building / shard, bar)
-        for name in (plan.index, *plan.copied):
-            if name is not None:
-                shutil.copy2(plan.base / name, building / name)
+                added = plan.added if shard == plan.shards[-1] else {}
+                merge_shard(plan, shard, building / shard, added, bar)
+        if plan.index is not None:
+            write_index(plan, building / plan.index)
+        if plan.config is not None:
+            plan.config.to_json_file(building / CONFIG_FILE)
+        for name in plan.copied:
+            shutil.copy2(plan.base / name, building / name)
     return {
         "base": str(plan.base),
         "out": str(out),
+        "architecture": plan.architecture,
         "shards": len(plan.shards),
         "tensors": plan.n_tensors,
         "merged_modules": len(plan.additions),
         "replaced_tensors": sorted(plan.replacements),
+        "added_tensors": sorted(plan.added),
         "copied_files": list(plan.copied),
         "skipped_weight_files": list(plan.skipped),
     }
 
 
-def merge_shard(plan: MergePlan, shard: str, destination: Path, bar: tqdm) -> None:
-    """Copy one shard with the adapter's updates added and its saved tensors substituted."""
+def merge_shard(plan: MergePlan, shard: str, destination: Path, added: dict[str, torch.Tensor], bar: tqdm) -> None:
+    """Copy one shard with the adapter's updates added, its saved tensors substituted, the keys renamed as the
+    plan says, and the `added` tensors appended."""
     tensors = {}
     with safe_open(plan.base / shard, framework="pt") as source:
         metadata = source.metadata() or {"format": "pt"}
@@ -213,6 +297,21 @@ def merge_shard(plan: MergePlan, shard: str, destination: Path, bar: tqdm) -> No
                 tensor = (tensor.float() + update).to(tensor.dtype)
             elif key in plan.replacements:
                 tensor = plan.replacements[key].to(tensor.dtype).contiguous()
-            tensors[key] = tensor
+            tensors[plan.renamed.get(key, key)] = tensor
             bar.update()
+    for key, tensor in added.items():
+        tensors[key] = tensor.contiguous()
+        bar.update()
     save_file(tensors, destination, metadata=metadata)
+
+
+def write_index(plan: MergePlan, destination: Path) -> None:
+    """The base's checkpoint index with the plan's renamed keys, and its added tensors in the last shard."""
+    index = json.loads((plan.base / plan.index).read_text(encoding="utf-8"))
+    weight_map = {plan.renamed.get(key, key): shard for key, shard in index["weight_map"].items()}
+    weight_map.update({key: plan.shards[-1] for key in plan.added})
+    index["weight_map"] = weight_map
+    metadata = index.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("total_size"), int):
+        metadata["total_size"] += sum(tensor.numel() * tensor.element_size() for tensor in plan.added.values())
+    destination.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

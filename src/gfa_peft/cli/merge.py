@@ -17,9 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write the base checkpoint with every adapted weight replaced by W + scale * its slice of B A, "
             "reading and writing one shard at a time (memory: one shard plus one module's update; the model "
-            "is never loaded). The output loads with plain transformers (AutoModelForCausalLM.from_pretrained) "
-            "and gives the adapted model's outputs. Config, tokenizer and other non-weight files are copied; "
-            "weights in other formats (.bin, ...) are left out and listed in the summary. Everything is checked "
+            "is never loaded). The output loads with plain transformers (AutoModelForCausalLM.from_pretrained, or "
+            "AutoModelForSequenceClassification for a classifier adapter: a bare encoder's checkpoint gets its "
+            "trained head and a config naming the classifier) and gives the adapted model's outputs. Config, "
+            "tokenizer and other non-weight files are copied; weights in other formats (.bin, ...) are left out and listed in the summary. Everything is checked "
             "before anything is written; OUT is built under a temporary name and renamed into place."
         ),
     )
@@ -65,6 +66,8 @@ def format_summary(summary: dict) -> str:
         f"wrote {summary['out']}: {summary['tensors']:,} tensors in {summary['shards']} shard(s), "
         f"{len(summary['copied_files'])} other file(s) copied",
     ]
+    if summary["added_tensors"]:
+        lines.append(f"as {summary['architecture']}, adding the adapter's " + ", ".join(summary["added_tensors"]))
     if summary["skipped_weight_files"]:
         lines.append("left out (weights in other formats): " + ", ".join(summary["skipped_weight_files"]))
     return "\n".join(lines)

@@ -19,17 +19,9 @@ from peft.utils import load_peft_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PretrainedConfig,
-)
+from transformers import AutoConfig, PretrainedConfig
 
+from gfa_peft.adapters.task_model import TASK_MODEL_CLASSES, head_label_count
 from gfa_peft.io.files import write_atomic
 from gfa_peft.data.presets import load_architecture
 from gfa_peft.targets import ALL_LINEAR, default_targets, find_targets, target_shapes
@@ -37,17 +29,6 @@ from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import op_for
 
 Targets = str | Sequence[str]
-
-TASK_MODEL_CLASSES = {
-    "CAUSAL_LM": AutoModelForCausalLM,
-    "SEQ_CLS": AutoModelForSequenceClassification,
-    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
-    "TOKEN_CLS": AutoModelForTokenClassification,
-    "QUESTION_ANS": AutoModelForQuestionAnswering,
-    "FEATURE_EXTRACTION": AutoModel,
-}
-"""The transformers class a PEFT task type wraps (as peft's AutoPeftModelFor* classes do), so the base model's
-module names are those the adapter was trained with."""
 
 MODULE_ORDER_KEY = "gfa_lens_modules"
 """Safetensors metadata entry holding the module order (a JSON list), since safetensors sorts its keys."""
@@ -95,7 +76,7 @@ def deltas_from_adapter(
     config = PeftConfig.from_pretrained(adapter_dir)
     _config(base_dir, "base")
     model_class = TASK_MODEL_CLASSES.get(config.task_type) or type(load_architecture(base_dir))
-    labels = _head_labels(adapter_dir, config)
+    labels = head_label_count(config, load_peft_weights(str(adapter_dir)))
     model = model_class.from_pretrained(base_dir, dtype=torch.float32, **({"num_labels": labels} if labels else {}))
     if targets is None:
         targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
@@ -195,18 +176,6 @@ def _target_weights(model_class: type, folder: str | os.PathLike, targets: Targe
 def _weights(modules: Sequence[tuple[str, nn.Module]]) -> dict[str, Tensor]:
     """Each module's weight in GFA's orientation, as a float32 copy."""
     return {name: op_for(module, name).weight().detach().to(torch.float32, copy=True) for name, module in modules}
-
-
-def _head_labels(adapter_dir: Path, config: PeftConfig) -> int | None:
-    """The label count of a classification adapter's saved head (rows of its `modules_to_save` weight)."""
-    if config.task_type not in ("SEQ_CLS", "TOKEN_CLS") or not config.modules_to_save:
-        return None
-    saved = load_peft_weights(str(adapter_dir))
-    heads = [
-        tensor for key, tensor in saved.items()
-        if key.endswith(".weight") and key.rsplit(".", 2)[-2] in set(config.modules_to_save)
-    ]
-    return heads[0].shape[0] if heads else None
 
 
 def _natural_key(name: str) -> list[tuple[int, str]]:
