@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gfa_peft.adapters.saved import load_saved_adapter
+from gfa_peft.data.cache import DONE
 from gfa_peft.data.presets import load_architecture
 from gfa_peft.io.files import ResultKind, output_folder
 from gfa_peft.scatter import SliceSpec, slice_of_product
@@ -51,7 +52,8 @@ def is_checkpoint(folder: Path) -> bool:
             and not any(entry.is_dir() for entry in entries))
 
 
-MERGED = ResultKind("merged model", is_own=is_checkpoint, is_finished=is_checkpoint)
+MERGED = ResultKind("merged model", is_own=is_checkpoint, is_finished=is_checkpoint, manifest="gfa_merge.json")
+"""A merged model lists its files in gfa_merge.json: `--overwrite` replaces a folder holding nothing else."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
 
     copied, skipped = [], []
     for entry in sorted(os.listdir(base)):
-        if (base / entry).is_file() and entry not in shards and entry != index:
+        if (base / entry).is_file() and entry not in shards and entry not in (index, DONE, MERGED.manifest):
             (skipped if entry.endswith(WEIGHT_SUFFIXES) else copied).append(entry)
     return MergePlan(
         adapter=Path(adapter_dir), base=base, shards=shards, index=index, B=adapter.B, A=adapter.A, additions=additions,
