@@ -93,3 +93,17 @@ def _subcommand_parser(command: str) -> argparse.ArgumentParser:
     (subcommands,) = [action for action in build_parser(command)._actions
                       if isinstance(action, argparse._SubParsersAction)]
     return subcommands.choices[command]
+
+
+def test_a_misspelled_required_flag_gets_a_suggestion_not_a_missing_flag(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["count", "--modle", "minilm"])
+    assert stopped.value.code == 2
+    assert "unrecognized arguments: --modle (did you mean --model?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments", [["train", "--task", "nope"], ["train", "--task", "arc_easy+nope"],
+                                       ["sweep", "--tasks", "rt,nope"]], ids=" ".join)
+def test_an_unknown_task_is_refused_before_torch_loads(arguments):
+    heavy, error = heavy_imports(*arguments)
+    assert heavy == [] and "unknown task 'nope'; known tasks: rt," in error

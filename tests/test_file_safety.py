@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -415,3 +417,178 @@ def test_lens_gives_one_line_for_a_malformed_deltas_file(tmp_path, capsys):
     assert main(["lens", "--deltas", str(tmp_path / "deltas.safetensors"), "--json", "-"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "has data offsets None" in error
+
+
+# ---------------------------------------------------------------- issue 23: what passed for a command's own result
+
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_train_refuses_a_model_folder_that_only_looks_like_an_unfinished_run(cache, tmp_path, capsys, with_weights):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    if with_weights:
+        (folder / "model").mkdir()
+        (folder / "model" / "model.safetensors").write_bytes(b"weights")
+    before = tree(folder)
+    assert main(train_arguments(cache, folder)) == 2
+    error = capsys.readouterr().err
+    assert "is not a run folder" in error and str(folder) in error and len(error.strip().splitlines()) == 1
+    assert tree(folder) == before and sorted(os.listdir(tmp_path)) == ["mine"]
+
+
+def test_merge_overwrite_replaces_its_own_merged_model_but_not_one_holding_other_files(merge_inputs, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(merge_arguments(merge_inputs, merge_inputs / "base", out)) == 0
+    assert main(merge_arguments(merge_inputs, merge_inputs / "base", out, "--overwrite")) == 0  # its own: replaced
+    (out / "thesis.txt").write_text("four years of work")
+    before = tree(out)
+    assert main(merge_arguments(merge_inputs, merge_inputs / "base", out, "--overwrite")) == 2
+    error = capsys.readouterr().err
+    assert "is not a merged model folder" in error and len(error.strip().splitlines()) == 1
+    assert tree(out) == before
+
+    foreign = tmp_path / "checkpoint"  # a checkpoint that merge did not write: config and weights, and a thesis
+    foreign.mkdir()
+    for name in ("config.json", "model.safetensors", "thesis.txt"):
+        (foreign / name).write_text(name)
+    before = tree(foreign)
+    assert main(merge_arguments(merge_inputs, merge_inputs / "base", foreign, "--overwrite")) == 2
+    assert tree(foreign) == before
+
+
+@pytest.mark.parametrize("inside", ["base", "adapter"])
+def test_merge_refuses_an_out_folder_inside_an_input(merge_inputs, tmp_path, capsys, inside):
+    shutil.copytree(merge_inputs, tmp_path / "inputs")
+    before = tree(tmp_path / "inputs")
+    assert main(merge_arguments(tmp_path / "inputs", tmp_path / "inputs" / "base",
+                                tmp_path / "inputs" / inside / "merged")) == 2
+    error = capsys.readouterr().err
+    assert "lies inside" in error and "an input of this command" in error and len(error.strip().splitlines()) == 1
+    assert tree(tmp_path / "inputs") == before and not (tmp_path / "inputs" / inside / "merged").exists()
+
+
+def test_a_full_disk_during_a_merge_is_one_line_and_leaves_nothing(merge_inputs, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    from gfa_peft.adapters import merge as merge_module
+
+    def disk_full(tensors, path, metadata=None):  # what safetensors raises when the disk fills
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
+                              f'"{path}"')
+
+    monkeypatch.setattr(merge_module, "save_file", disk_full)
+    assert main(merge_arguments(merge_inputs, merge_inputs / "base", tmp_path / "merged")) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "No space left on device" in error
+    assert f"cannot write in {tmp_path / 'merged'}" in error and os.listdir(tmp_path) == []
+
+
+def test_merged_files_get_the_umasks_mode_and_no_cache_marker(merge_inputs, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(merge_inputs / "base", base)
+    (base / "DONE.json").write_text("{}")  # as in the asset cache
+    umask = os.umask(0o022)
+    try:
+        assert main(merge_arguments(merge_inputs, base, tmp_path / "merged")) == 0
+    finally:
+        os.umask(umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "merged").iterdir()}
+    assert "DONE.json" not in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_a_publish_killed_between_its_renames_leaves_the_old_result_for_the_next_run(tmp_path):
+    """A process killed (os._exit, no clean-up) after moving the old result aside and before renaming the new one
+    into place: the next run puts the old result back instead of deleting it."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "result.txt").write_text("old")
+    killed = f"""
+import os
+from pathlib import Path
+from gfa_peft.io import files
+kind = files.ResultKind("result", is_own=lambda f: (f / "result.txt").is_file(),
+                        is_finished=lambda f: (f / "result.txt").is_file())
+renames = []
+real_rename = os.rename
+def rename(source, target):
+    renames.append(target)
+    if len(renames) == 2:
+        os._exit(9)
+    real_rename(source, target)
+files.os.rename = rename
+with files.output_folder(Path({str(folder)!r}), kind, overwrite=True) as building:
+    (building / "result.txt").write_text("new")
+"""
+    environment = {**os.environ, "PYTHONPATH": str(Path(files.__file__).parents[2])}
+    done = subprocess.run([sys.executable, "-c", killed], env=environment, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 9, done.stderr
+    assert not folder.exists() and any(name.endswith(".old") for name in os.listdir(tmp_path))
+
+    with pytest.raises(OutputRefused, match="already holds a finished result"):  # the old one is back, and finished
+        with output_folder(folder, SOME_RESULT):
+            pass
+    assert (folder / "result.txt").read_text() == "old" and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("command", [["count", "--model", "minilm"], ["merge"]])
+def test_json_replaces_only_a_report_of_its_own(merge_inputs, tmp_path, capsys, command):
+    arguments = (merge_arguments(merge_inputs, merge_inputs / "base", tmp_path / "merged") if command == ["merge"]
+                 else command)
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "bert"}')
+    assert main([*arguments, "--json", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "is not a gfa JSON report" in error and len(error.strip().splitlines()) == 1
+    assert config.read_text() == '{"model_type": "bert"}' and not (tmp_path / "merged").exists()
+
+    report = tmp_path / "report.json"
+    assert main([*arguments, "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["gfa_report"].startswith("gfa-peft ")
+    if command == ["merge"]:  # its --overwrite also replaces the file
+        assert main([*arguments, "--overwrite", "--json", str(config)]) == 0
+        assert "gfa_report" in json.loads(config.read_text())
+    else:
+        assert main([*arguments, "--json", str(report)]) == 0  # a report of its own is replaced
+
+
+def test_records_hold_no_absolute_path_and_older_records_with_one_still_resume(cache, finished_sweep, tmp_path,
+                                                                               monkeypatch):
+    run = finished_sweep / "rt" / "gfa-1-s0-lr0.01"
+    assert json.loads((run / "config.json").read_text())["resolved"]["model_dir"] == "models/minilm"
+    assert json.loads((finished_sweep / "results.json").read_text())["figure"] == "accuracy_vs_params.png"
+    assert str(tmp_path.parent) not in (finished_sweep / "results.json").read_text()
+
+    root = tmp_path / "sweep"
+    shutil.copytree(finished_sweep, root)
+    record = json.loads((root / run.relative_to(finished_sweep) / "config.json").read_text())
+    record["resolved"]["model_dir"] = str(cache / "models" / "minilm")  # as records were written before
+    (root / run.relative_to(finished_sweep) / "config.json").write_text(json.dumps(record))
+    monkeypatch.setattr(sweep_module, "execute", lambda *args: pytest.fail("a finished run was trained again"))
+    summary = run_sweep(sweep_spec(cache), root, progress=False, log=lambda message: None)
+    assert summary["cells"][0]["n"] == 1 and summary["figure"] == str(root / "accuracy_vs_params.png")
+
+
+# ---------------------------------------------------------------- issue 23: what a newcomer saw
+
+def test_train_prints_a_table_and_json_on_request_and_no_loading_bar(cache, tmp_path, capsys):
+    assert main(train_arguments(cache, tmp_path / "run")) == 0
+    shown = capsys.readouterr()
+    assert "Loading weights" not in shown.err  # --no-progress hides transformers' bars too
+    lines = shown.out.splitlines()
+    assert lines[0].startswith("gfa at anchor 1 (r=") and lines[1].split() == ["task", "accuracy", "%", "majority",
+                                                                                "baseline", "%"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert lines[2].split() == ["rt", f"{100 * metrics['accuracy']:.1f}", f"{100 * metrics['majority_baseline']:.1f}"]
+    assert not shown.out.lstrip().startswith("{")
+
+    assert main(train_arguments(cache, tmp_path / "again", "--json", "-")) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "gfa"
+
+
+def test_demo_writes_its_summary_as_json(tmp_path, capsys, monkeypatch):
+    from gfa_peft.cli import demo
+
+    summary = {"cells": [], "figure": "runs/demo/accuracy_vs_params.png"}
+    monkeypatch.setattr(demo, "run_spec", lambda spec, out, progress: summary)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"gfa_report": f"gfa-peft {gfa_peft.__version__}", **summary}

@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from gfa_peft import GfaConfig
+from gfa_peft.adapters.merge import MERGED
 from gfa_peft.cli import main
 from gfa_peft.data.tasks import load_task
 from gfa_peft.training.run import RunConfig, train
@@ -60,7 +61,7 @@ def test_merged_shards_load_with_plain_transformers_and_give_the_adapted_outputs
                  "--json", "-"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["shards"] == len(shards) and summary["merged_modules"] > 0
-    assert sorted(os.listdir(out)) == sorted(os.listdir(base))
+    assert sorted(os.listdir(out)) == sorted([*os.listdir(base), MERGED.manifest])  # and the list of its files
 
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     plain = AutoModelForCausalLM.from_pretrained(base).eval()

@@ -37,6 +37,7 @@ from transformers import PretrainedConfig
 
 from gfa_peft.adapters.saved import SavedAdapter, load_saved_adapter
 from gfa_peft.adapters.task_model import TASK_MODEL_CLASSES, head_label_count
+from gfa_peft.data.cache import DONE
 from gfa_peft.data.presets import architecture_config, load_architecture
 from gfa_peft.io.files import ResultKind, output_folder
 from gfa_peft.scatter import SliceSpec, slice_of_product
@@ -60,7 +61,8 @@ def is_checkpoint(folder: Path) -> bool:
             and not any(entry.is_dir() for entry in entries))
 
 
-MERGED = ResultKind("merged model", is_own=is_checkpoint, is_finished=is_checkpoint)
+MERGED = ResultKind("merged model", is_own=is_checkpoint, is_finished=is_checkpoint, manifest="gfa_merge.json")
+"""A merged model lists its files in gfa_merge.json: `--overwrite` replaces a folder holding nothing else."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
 
     copied, skipped = [], []
     for entry in sorted(os.listdir(base)):
-        if (base / entry).is_file() and entry not in shards and entry != index:
+        if (base / entry).is_file() and entry not in shards and entry not in (index, DONE, MERGED.manifest):
             if entry == CONFIG_FILE and not own_architecture:
                 continue  # written from the model's own config instead
             (skipped if entry.endswith(WEIGHT_SUFFIXES) else copied).append(entry)

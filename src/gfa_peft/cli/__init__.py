@@ -61,6 +61,24 @@ class Parser(argparse.ArgumentParser):
             "(hidden by default)",
         )
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._arguments = list(sys.argv[1:] if args is None else args)  # for `error`: what it was given
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's error, except that a missing required flag that the user misspelled (`--modle`) names the
+        misspelling and the flag it meant, as an unknown flag does."""
+        if message.startswith("the following arguments are required"):
+            unknown = [argument for argument in getattr(self, "_arguments", ())
+                       if argument.startswith("--") and not self._knows(argument.split("=", 1)[0])]
+            if unknown:
+                self.reject_unknown(unknown)
+        super().error(message)
+
+    def _knows(self, flag: str) -> bool:
+        """Whether `flag` is one of this parser's options or an abbreviation argparse accepts for one."""
+        return any(option.startswith(flag) for action in self._actions for option in action.option_strings)
+
     def reject_unknown(self, unknown: Sequence[str]) -> NoReturn:
         """Exit with this parser's usage, naming each unknown argument and the flag it most likely meant."""
         options = [option for action in self._actions for option in action.option_strings]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from gfa_peft import __version__
 from gfa_peft.cli import UsageError
 from gfa_peft.io.files import write_json_atomic
 from gfa_peft.defaults import ALL_LINEAR
@@ -36,6 +37,11 @@ def parse_targets(text: str) -> str | list[str]:
     return ALL_LINEAR if text.strip().lower() == ALL_LINEAR else parse_list(text, "--targets")
 
 
+REPORT_MARK = "gfa_report"
+"""The top-level key of every JSON report `--json` writes (the version that wrote it): a file holding one is ours
+to replace."""
+
+
 def output_path(argument: str | None) -> Path | None:
     """Where an optional output file goes (None: standard output), checked before anything runs."""
     if argument is None or argument == "-":
@@ -48,6 +54,29 @@ def output_path(argument: str | None) -> Path | None:
     return path
 
 
+def json_report_path(argument: str | None, overwrite: bool | None = None) -> Path | None:
+    """`output_path` for `--json`: an existing file is replaced only when it is a report of ours (or with the
+    command's `--overwrite`; None: it has none), so a mistyped `--json` never replaces a user's file (a model's
+    config.json, say)."""
+    path = output_path(argument)
+    if path is not None and path.exists() and not overwrite and not is_report(path):
+        raise UsageError(f"cannot write {argument!r}: it exists and is not a gfa JSON report, so it is left alone; "
+                         "choose another file" + (" or pass --overwrite" if overwrite is not None else ""))
+    return path
+
+
+def is_report(path: Path) -> bool:
+    """Whether `path` holds a report `emit_json` wrote: an object with `REPORT_MARK`, or `gfa bench`'s list of
+    records (each with its method and anchor)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if isinstance(data, list):
+        return bool(data) and all(isinstance(item, dict) and {"method", "anchor"} <= set(item) for item in data)
+    return isinstance(data, dict) and REPORT_MARK in data
+
+
 def add_json_argument(parser: argparse.ArgumentParser, what: str, replaces: str = "the readable report") -> None:
     """`--json FILE`, the same in every subcommand: `what` as JSON to FILE, or to standard output with '-'
     (which then holds only the JSON, instead of `replaces`)."""
@@ -57,7 +86,10 @@ def add_json_argument(parser: argparse.ArgumentParser, what: str, replaces: str 
 
 def emit_json(report: Mapping[str, Any], json_argument: str | None, path: Path | None) -> bool:
     """Write `report` where `--json` asks: to standard output ('-') or to the file `path` (atomically).
-    Returns whether the readable report should be printed too (not when the JSON took standard output)."""
+    Returns whether the readable report should be printed too (not when the JSON took standard output).
+    A report that is a JSON object gets `REPORT_MARK` first."""
+    if isinstance(report, Mapping):
+        report = {REPORT_MARK: f"gfa-peft {__version__}", **report}
     if json_argument == "-":
         json.dump(report, sys.stdout, indent=2)
         print()

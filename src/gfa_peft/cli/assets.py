@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path
+from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path
 from gfa_peft.io.tables import text_table
 
 
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_install(args: argparse.Namespace) -> int:
     from gfa_peft.data import assets  # datasets loads once the command runs
 
-    json_path = output_path(args.json)
+    json_path = json_report_path(args.json)
     if args.only:
         unknown = [name for name in args.only if name not in assets.ASSETS]
         if unknown:
@@ -60,7 +60,7 @@ def run_install(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     from gfa_peft.data import assets
 
-    json_path = output_path(args.json)
+    json_path = json_report_path(args.json)
     cache = args.cache or assets.cache_dir()
     packages = [
         {"package": package.pin,

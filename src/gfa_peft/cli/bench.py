@@ -27,7 +27,7 @@ from gfa_peft.bench.settings import (
 )
 from gfa_peft.bench.shapes import SCOPES, SHAPES
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path, parse_list
+from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path, parse_list
 from gfa_peft.io.files import check_output_folder
 
 FULL = BenchSettings()
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         groups = len(plan(settings))
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
-    json_path = output_path(args.json)
+    json_path = json_report_path(args.json)
     out = args.out or (None if args.quick else DEFAULT_INFERENCE_OUT if args.inference else DEFAULT_OUT)
     out_folder = _folder_path(out) if out else None
     if out_folder is not None:  # a folder of other files is refused now, not after the first group

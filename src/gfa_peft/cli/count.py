@@ -6,7 +6,7 @@ import argparse
 
 from gfa_peft.analysis.budget import DEFAULT_ANCHORS, budget_report
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path, parse_list, parse_targets
+from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path, parse_list, parse_targets
 from gfa_peft.data.presets import load_architecture, preset_names
 from gfa_peft.io.tables import text_table
 from gfa_peft.layout import parse_module_order
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    output = output_path(args.json)
+    output = json_report_path(args.json)
     anchors = parse_list(args.anchors, "--anchors")
     module_order = parse_module_order(args.module_order)
     try:

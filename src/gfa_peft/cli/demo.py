@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS
+from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path
 from gfa_peft.cli.sweep import run_spec
 
 DEMO = {"model": "minilm", "tasks": ("rt",), "methods": ("gfa", "lora", "dora"), "anchors": ("1/2", "1", "4", "16"),
@@ -30,13 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="the demo's folder (default: %(default)s)")
     parser.add_argument("--cache", metavar="DIR", help="asset cache folder (default: $GFA_CACHE or ~/.cache/gfa-peft)")
     parser.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    add_json_argument(parser, "the summary (as the folder's results.json)", replaces="the tables and legend")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    json_path = json_report_path(args.json)
     from gfa_peft.training.sweep import SweepSpec, format_legend, format_summary  # torch loads once the demo runs
 
     settings = DEMO["settings"] if args.cache is None else {**DEMO["settings"], "cache": args.cache}
     summary = run_spec(SweepSpec(**{**DEMO, "settings": settings}), Path(args.out), progress=not args.no_progress)
-    print(format_summary(summary), format_legend(summary), sep="\n\n")
+    if emit_json(summary, args.json, json_path):
+        print(format_summary(summary), format_legend(summary), sep="\n\n")
     return 0

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from gfa_peft.analysis.budget import DEFAULT_ANCHORS
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path, parse_list, parse_targets
+from gfa_peft.cli.arguments import (add_json_argument, emit_json, json_report_path, output_path, parse_list,
+                                   parse_targets)
 from gfa_peft.defaults import ALL_LINEAR, DEFAULT_GRID_POINTS, DEFAULT_RTOL, DEFAULT_TIE_TOLERANCE
 from gfa_peft.layout import parse_module_order
 
@@ -74,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    json_path, plot_path, deltas_path = (output_path(path) for path in (args.json, args.plot, args.save_deltas))
+    json_path = json_report_path(args.json)
+    plot_path, deltas_path = (output_path(path) for path in (args.plot, args.save_deltas))
     if args.deltas and args.save_deltas and Path(args.deltas).resolve() == deltas_path.resolve():
         raise UsageError("--save-deltas would overwrite the --deltas input")
     orders = [parse_module_order(order) for order in parse_list(args.module_order, "--module-order")]

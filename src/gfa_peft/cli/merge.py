@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path
+from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path
 from gfa_peft.io.files import check_output_folder
 
 
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     adapter, base, out = Path(args.adapter), Path(args.base), Path(args.out)
-    summary_path = output_path(args.json)
+    summary_path = json_report_path(args.json, args.overwrite)
     for flag, folder in (("ADAPTER", adapter), ("--base", base)):
         if not folder.is_dir():
             raise UsageError(f"{flag} {str(folder)!r} is not a folder")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import comma_list, parse_list
-from gfa_peft.cli.train import add_config_arguments, config_from_args
+from gfa_peft.cli.train import add_config_arguments, check_task_names, config_from_args
 from gfa_peft.training.config import RunConfig, RunConfigError
 
 if TYPE_CHECKING:
@@ -82,7 +82,8 @@ def spec_from_args(args: argparse.Namespace, **settings) -> SweepSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gfa_peft.training.sweep import format_legend, format_summary
+    check_task_names(*args.tasks)
+    from gfa_peft.training.sweep import format_legend, format_summary  # torch loads once the sweep runs
 
     summary = run_spec(spec_from_args(args), Path(args.out), progress=not args.no_progress,
                        rerun_changed=args.rerun_changed)

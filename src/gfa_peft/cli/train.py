@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import parse_targets
+from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path, parse_targets
+from gfa_peft.data.task_registry import check_task_name
+from gfa_peft.io.tables import text_table
 from gfa_peft.training.config import NAMED_CHOICES, RunConfig, RunConfigError
 
 
@@ -36,10 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo a run whose folder holds a finished run (replaced once the new one is complete)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_json_argument(parser, "the metrics")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_task_names(args.task, args.eval_task)
+    json_path = json_report_path(args.json)
     from gfa_peft.adapters.distributed import RankMismatchError, rank_and_world  # torch loads once a run starts
     from gfa_peft.training.run import check_run_folder, execute, prepare
 
@@ -54,10 +58,38 @@ def run(args: argparse.Namespace) -> int:
         metrics = execute(prepared, folder, progress=not args.no_progress, overwrite=args.overwrite)
     except RankMismatchError as error:  # under torchrun: raised on every rank, before anything is written
         raise UsageError(str(error)) from None
-    if rank_and_world()[0] == 0:  # under torchrun every process has the metrics; one prints them
-        print(json.dumps(metrics, indent=2))
+    if rank_and_world()[0] == 0 and emit_json(metrics, args.json, json_path):  # under torchrun: one prints
+        print(format_metrics(metrics))
         print(f"run folder: {folder}")
     return 0
+
+
+def check_task_names(*names: str | None) -> None:
+    """Refuse an unknown task name (or mixture member) before torch loads: a typo costs no wait."""
+    for name in names:
+        if name is not None:
+            try:
+                check_task_name(name)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A run's result as a short table: its scores (per task for a mixture), then its size and time."""
+    scores = [name for name in ("accuracy", "f1", "matthews", "majority_baseline") if name in metrics]
+    by_task = {metrics["eval_task"]: metrics, **metrics.get("by_task", {})}  # a mixture: its mean, then each task
+    rows = [[task, *(f"{100 * values[name]:.1f}" for name in scores)] for task, values in by_task.items()]
+    header = ["task", *(f"{name.replace('_', ' ')} %" for name in scores)]
+    knobs = ", ".join(f"{name}={value}" for name, value in metrics["knobs"].items())
+    return "\n".join([
+        f"{metrics['method']}" + (f" at anchor {metrics['anchor']}" if metrics["anchor"] else "")
+        + (f" ({knobs})" if knobs else "") + f", seed {metrics['seed']}, lr {metrics['lr']:g}, on "
+        f"{metrics['eval_split']} ({metrics['eval_examples']:,} examples)",
+        text_table(header, rows),
+        f"adapter params {metrics['adapter_params']:,} (trainable {metrics['trainable_params']:,}); "
+        f"{metrics['steps']:,} steps, train {metrics['train_seconds']:.0f} s, evaluation "
+        f"{metrics['eval_seconds']:.0f} s, wall {metrics['wall_seconds']:.0f} s",
+    ])
 
 
 # ---------------------------------------------------------------- RunConfig <-> flags (shared with sweep, tune)

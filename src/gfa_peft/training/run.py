@@ -53,7 +53,7 @@ from transformers.utils import logging as transformers_logging
 import gfa_peft
 from gfa_peft.data.assets import model_path
 from gfa_peft.data.cache import MissingAssetError, cache_dir
-from gfa_peft.io.files import ResultKind, check_output_folder, output_folder, write_json_atomic
+from gfa_peft.io.files import ResultKind, check_output_folder, output_folder, read_json_object, write_json_atomic
 from gfa_peft.adapters.distributed import (
     GlobalBatchTrainer,
     accelerator_available,
@@ -99,6 +99,8 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 RUN_FILES = {CONFIG_FILE, "adapter", "model", "train_log.json", METRICS_FILE}
 """Everything a run folder may hold: a folder with anything else is not a run's, and is never replaced."""
+RUN_RECORD_PARTS = ("config", "resolved")
+"""The entries of a run's config.json (`run_record`), which a model's config.json lacks."""
 
 
 @dataclass
@@ -149,13 +151,25 @@ class PreparedRun:
     def inputs(self) -> list[Path]:
         """What the run reads: its output folder may not hold any of them."""
         files = [Path(path) for path in (self.config.train_file, self.config.eval_file) if path is not None]
-        return [self.model_dir, Path(self.config.cache) if self.config.cache else cache_dir(), *files]
+        return [self.model_dir, self.cache, *files]
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.config.cache) if self.config.cache else cache_dir()
+
+    def recorded_model_dir(self) -> str:
+        """The model folder as config.json records it: a bundled model's relative to the asset cache
+        ("models/minilm", the same on every machine), a user's folder as given."""
+        try:
+            return str(self.model_dir.resolve().relative_to(self.cache.resolve()))
+        except ValueError:
+            return str(self.model_dir)
 
     def resolved(self) -> dict[str, Any]:
         """What config.json records beside the RunConfig."""
         return {
             "task": self.task.name, "task_kind": self.kind, "eval_task": self.eval_task.name,
-            "eval_examples": self.eval_data.num_rows, "model_dir": str(self.model_dir), "recipe": self.recipe,
+            "eval_examples": self.eval_data.num_rows, "model_dir": self.recorded_model_dir(), "recipe": self.recipe,
             "targets": self.targets, "placement": asdict(self.placement), "steps": self.steps,
             "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "max_length": self.max_length,
             "warmup_ratio": self.warmup_ratio, "eval_batch_size": self.eval_batch_size,
@@ -462,16 +476,15 @@ def _scores(run: PreparedRun, predictions: list[int], labels: list[int]) -> dict
 
 def is_finished(folder: Path) -> bool:
     """Whether `folder` holds a finished run: its metrics file (written last) parses as a JSON object."""
-    try:
-        return isinstance(json.loads((folder / METRICS_FILE).read_text(encoding="utf-8")), dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+    return read_json_object(folder / METRICS_FILE) is not None
 
 
 def is_run_folder(folder: Path) -> bool:
-    """Whether `folder` holds a run, finished or not: its config and nothing a run does not write."""
-    names = {path.name for path in folder.iterdir()}
-    return CONFIG_FILE in names and names <= RUN_FILES
+    """Whether `folder` holds a run, finished or not: the run record a run writes first (its config.json, told
+    from a model's config.json by its content) and nothing a run does not write."""
+    record = read_json_object(folder / CONFIG_FILE)
+    return (record is not None and set(RUN_RECORD_PARTS) <= set(record)
+            and {path.name for path in folder.iterdir()} <= RUN_FILES)
 
 
 RUN = ResultKind("run", is_own=is_run_folder, is_finished=is_finished)

@@ -48,7 +48,7 @@ from gfa_peft.io.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from gfa_peft.data.tasks import MIXTURE_JOIN, task_title
+from gfa_peft.data.task_registry import MIXTURE_JOIN, task_title
 
 from gfa_peft.io.tables import text_table
 from gfa_peft.training.methods import METHODS, UNANCHORED, ZERO_SHOT
@@ -71,6 +71,7 @@ README_TIE_BAND = 3.2
 RETENTION_FROM = "1/2"
 RETENTION_TO = "16"
 SPEC_FILE = "sweep.json"
+FIGURE_FILE = "accuracy_vs_params.png"
 SWEEP = ResultKind("sweep", is_own=lambda folder: (folder / SPEC_FILE).is_file(), is_finished=lambda folder: False)
 """A sweep folder is one with its sweep.json; a sweep adds runs to it and never replaces it."""
 WHERE_NOT_HOW = ("cache",)
@@ -279,18 +280,19 @@ def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[dict[
 
 def write_summary(root: Path, folders: Sequence[Path]) -> dict[str, Any]:
     """Summarise the finished runs among `folders` into results.json, results.csv and the figure; the summary
-    returned also lists, under `unfinished`, the folders (relative to `root`) it lacks."""
+    returned also lists, under `unfinished`, the folders (relative to `root`) it lacks, and gives the figure's
+    path with `root` (results.json gives it relative to `root`)."""
     from gfa_peft.io.plots import plot_sweep
 
     finished = [folder for folder in folders if is_finished(folder)]
     results = [result for folder in finished for result in per_task(load_run(folder)[1])]
     summary = summarize(results)
     summary["unfinished"] = [str(folder.relative_to(root)) for folder in folders if folder not in finished]
-    summary["figure"] = str(root / "accuracy_vs_params.png")
+    summary["figure"] = FIGURE_FILE  # relative to the sweep folder, so the record holds on any machine
     write_json_atomic(root / "results.json", summary)
     write_text_atomic(root / "results.csv", cells_csv(summary["cells"]))
-    plot_sweep(summary, Path(summary["figure"]))
-    return summary
+    plot_sweep(summary, root / FIGURE_FILE)
+    return {**summary, "figure": str(root / FIGURE_FILE)}
 
 
 def per_task(result: dict[str, Any]) -> list[dict[str, Any]]:
