@@ -14,11 +14,7 @@ package's `__init__`, standard library only) at interpreter start-up unless the 
 `GFA_PEFT_AUTOREGISTER` is `0`, so any process that imports PEFT knows GFA without importing this package.
 """
 
-from __future__ import annotations
-
-import importlib
-import sys
-import warnings
+import sys  # the only module imported at start-up: `importlib` and `warnings` load when needed
 
 AUTOREGISTER_VARIABLE = "GFA_PEFT_AUTOREGISTER"
 """`GFA_PEFT_AUTOREGISTER=0` keeps the installed `.pth` file from installing the hook at start-up; an explicit
@@ -27,6 +23,8 @@ AUTOREGISTER_VARIABLE = "GFA_PEFT_AUTOREGISTER"
 
 def register_gfa() -> None:
     """Add GFA to PEFT's method tables (importing `gfa_peft.tuner` does it)."""
+    import importlib
+
     importlib.import_module("gfa_peft.tuner")
 
 
@@ -59,6 +57,8 @@ class _RegisterAfterPeft:
             try:
                 register_gfa()
             except Exception as error:  # a broken GFA must not break `import peft` in every process
+                import warnings
+
                 warnings.warn(f"gfa-peft could not register GFA with PEFT ({type(error).__name__}: {error}); "
                               f"set {AUTOREGISTER_VARIABLE}=0 to stop trying at start-up", stacklevel=2)
 
