@@ -4,6 +4,7 @@
 # the experiments extra must say so in one line (exit 2). Run by .ci/run after the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+checkout=$PWD
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python -m pip wheel --quiet --no-deps --no-build-isolation -w "$work/dist" .
@@ -39,3 +40,20 @@ if [ "$status" -ne 2 ] || ! grep -q "needs the experiments extra" <<<"$message";
     exit 1
 fi
 echo "core install: gfa --help, count, inspect/merge/lens/bench --help OK; train says it needs the extra"
+# The start-up hook (gfa-peft-autoregister.pth): a process that imports only PEFT knows GFA, and
+# GFA_PEFT_AUTOREGISTER=0 turns the hook off.
+known=$("$venv_python" -c "import peft; print('GFA' in peft.PeftType.__members__)" 2>/dev/null)
+off=$(GFA_PEFT_AUTOREGISTER=0 "$venv_python" -c "import peft; print('GFA' in peft.PeftType.__members__)" 2>/dev/null)
+if [ "$known" != "True" ] || [ "$off" != "False" ]; then
+    echo "start-up hook: expected PEFT alone to know GFA (got $known) and GFA_PEFT_AUTOREGISTER=0 to stop it (got $off)" >&2
+    exit 1
+fi
+# `pip install -e .` carries the hook too: the same venv, the checkout installed editable over the wheel.
+(cd "$checkout" && "$venv_python" -m pip install --quiet --disable-pip-version-check --no-deps -e .)
+"$venv_python" - "$checkout/src" <<'PY'
+import sys
+assert sys.modules["gfa_peft"].__file__.startswith(sys.argv[1]), "the editable install's hook did not import gfa_peft"
+import peft
+assert "GFA" in peft.PeftType.__members__, "the editable install's hook did not register GFA"
+PY
+echo "core install: PEFT alone knows GFA, GFA_PEFT_AUTOREGISTER=0 turns that off; the editable install has the hook"

@@ -18,10 +18,8 @@ How the package is laid out, each layer importing only from the layers above it 
 - `cli/`: the `gfa` command, one thin module per subcommand.
 """
 
-from __future__ import annotations
-
-import importlib
-
+# Only the standard library's `sys` is imported here (through `registration`): the installed start-up hook
+# imports this package in every Python process, so anything more would slow every interpreter's start.
 from gfa_peft.registration import register_when_peft_is_imported
 
 # Logging is the application's to configure: the `gfa` command quiets third-party libraries for its own runs
@@ -49,6 +47,8 @@ __all__ = [*_PUBLIC, "__version__"]
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'gfa_peft' has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(_PUBLIC[name]), name)
     globals()[name] = value
     return value

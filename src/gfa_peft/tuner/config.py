@@ -10,6 +10,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from gfa_peft.layout import order_modules
+from gfa_peft.tuner.card import write_card
 from gfa_peft.tuner.checkpoint import check_adapter_file
 from gfa_peft.internals import add_peft_type
 
@@ -125,6 +126,14 @@ class GfaConfig(PeftConfig):
         if os.path.isdir(directory):
             config.saved_shapes = check_adapter_file(directory, config.r, config.layout, config.modules_to_save)
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save `adapter_config.json` (PEFT's save) and the GFA section of the folder's README.md model card:
+        the method, its layout (N, d, m, k, r), trainable count and how to install and load it
+        (`tuner.card`). PEFT's `PeftModel.save_pretrained` saves the config last, after its own card."""
+        auto_mapping = kwargs.get("auto_mapping_dict")
+        super().save_pretrained(save_directory, **kwargs)
+        write_card(save_directory, self, auto_mapping)
 
 
 def _finite(value) -> bool:
