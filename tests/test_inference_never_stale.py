@@ -5,6 +5,7 @@ steps. Each output is compared with the same model's output with the reuse turne
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -192,6 +193,19 @@ def test_factors_are_compared_once_per_model_pass_and_per_call_outside_one(count
         for calls in (1, 2):
             layer(torch.randn(1, 3, layer.in_features))
             assert len(count_comparisons) == 6 + 2 * calls
+
+
+def test_saved_whole_model_leaves_its_cached_weights_behind_and_marks_its_own_passes(count_comparisons):
+    model, _ = make(LLAMA)
+    inputs = LLAMA.inputs()
+    expected = no_grad_output(LLAMA, model, inputs)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert cached_entries(loaded) == 0
+    assert torch.equal(no_grad_output(LLAMA, loaded, inputs), expected)
+    assert len(count_comparisons) == 2 and cached_entries(loaded) == LLAMA.n_targets
 
 
 def test_unload_removes_the_model_pass_hooks():

@@ -14,17 +14,20 @@ formed from may have changed. The rule differs for the two kinds of source:
   (also with `assign=True` / `low_cpu_mem_usage=True`, whose fresh tensors can land at a freed
   address with a fresh version counter), writes through `.data`, a numpy view or `set_`. The
   comparison runs once per forward pass of the whole model (the tuner marks each pass with hooks on
-  the model) for each adapter used, or once per call for a layer called on its own. On a GPU it
-  waits for the comparison's result, one synchronisation per pass and adapter.
+  the model) for each adapter used, or once per call for a layer called on its own; a factor written
+  in the middle of a pass (by a forward hook, say) is seen from the next pass on. Cost: the copy,
+  and a comparison of r (m + k) numbers per pass and adapter (under 1% of a SmolLM2 decode forward
+  at batch 1 and r = 126 on one CPU thread, docs/bench.md; on a GPU the host waits for its result).
 - The base weight W (weight-sized, too large to copy) is identified instead: the tensor object itself
   (held by a weak reference, so a new tensor at a freed address is not taken for it), its version
-  counter (bumped by every in-place write through it: `copy_`, `add_`, `load_state_dict`), storage
-  address, dtype, device and shape. Every step of a `torch.optim.Optimizer` (through PyTorch's global
-  step hook, which fused optimisers go through too) and every `load_state_dict` through the layer
-  (which also covers loaders that swap or write a weight through `.data`) invalidates all entries.
-  A write to a base weight through `.data`, a numpy view or `set_` that keeps the tensor's version,
-  done outside those, is not seen: no cheap rule can see it. After one, call
-  `GfaModel.clear_inference_cache()`.
+  counter (bumped by every in-place write through it: `copy_`, `add_`, torch's `load_state_dict`),
+  storage address, dtype, device and shape. Every step of a `torch.optim.Optimizer` (PyTorch's global
+  step hook, which fused optimisers, whose writes keep the version, go through too) invalidates every
+  entry of the process (an optimiser that is no `torch.optim.Optimizer` is seen only through the
+  versions), and a `load_state_dict` reaching the layer (from the model or any module
+  above it) those of the layer, which covers a base layer whose own loader writes through `.data`.
+  Any other write to a base weight through `.data` or a numpy view is not seen: no cheap rule
+  can see it. After one, call `GfaModel.clear_inference_cache()`.
 
 The layer also drops every entry on merge, unmerge, `set_adapter`, `delete_adapter`, adding an
 adapter and `model.train()`.
@@ -110,13 +113,15 @@ class ModelForward:
 class FactorContents:
     """A copy of one factor's contents, and an id that changes whenever the factor is found to differ from it."""
 
-    def __init__(self):
+    def __init__(self, model_forward: ModelForward):
         self.id = 0
+        self._model_forward = model_forward
         self._copy: torch.Tensor | None = None
         self._checked_in: object | None = None  # the model pass it was last compared in (held, so never reused)
 
-    def current_id(self, factor: torch.Tensor, model_pass: object | None) -> int:
-        """The id of `factor`'s contents, compared once per model pass (every call outside a pass)."""
+    def current_id(self, factor: torch.Tensor) -> int:
+        """The id of `factor`'s contents, compared once per pass of the model (at every call outside one)."""
+        model_pass = self._model_forward.current
         if model_pass is not None and model_pass is self._checked_in:
             return self.id
         if self._copy is None or not same_bits(factor, self._copy):
@@ -171,6 +176,9 @@ class InferenceCache:
 
     def clear(self) -> None:
         self.entries.clear()
+
+    def __getstate__(self) -> dict:
+        return {"entries": {}}  # a saved or copied model rebuilds its entries (they hold weak references)
 
     def __len__(self) -> int:
         return len(self.entries)

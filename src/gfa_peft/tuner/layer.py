@@ -22,13 +22,13 @@ from gfa_peft.weight_ops import WeightOp, op_for
 
 
 class GfaFactor(nn.Module):
-    """One global factor (B or A) of one adapter, held as `.weight`, with the copy of its contents that the
-    layers' inference reuse compares it with (see `gfa_peft.tuner.inference_cache`)."""
+    """One global factor (B or A) of one adapter, held as `.weight`, with the record of its contents that the
+    layers' inference reuse checks (see `gfa_peft.tuner.inference_cache`), once per pass of `model_forward`."""
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, model_forward: ModelForward):
         super().__init__()
         self.weight = nn.Parameter(tensor)
-        self.contents = FactorContents()
+        self.contents = FactorContents(model_forward)
 
 
 class GfaLayer(nn.Module, BaseTunerLayer):
@@ -44,7 +44,7 @@ class GfaLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("gfa_B", "gfa_A")
     other_param_names = ("gfa_slice", "gfa_dropout", "gfa_cache_update")
 
-    def __init__(self, base_layer: nn.Module, name: str, every_adapter: nn.ModuleDict, model_forward: ModelForward):
+    def __init__(self, base_layer: nn.Module, name: str, every_adapter: nn.ModuleDict):
         super().__init__()
         self.base_layer = base_layer
         self.op: WeightOp = op_for(base_layer, name)
@@ -53,7 +53,6 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         object.__setattr__(self, "gfa_B", nn.ModuleDict())
         object.__setattr__(self, "gfa_A", nn.ModuleDict())
         object.__setattr__(self, "_every_adapter", every_adapter)
-        self._model_forward = model_forward  # the tuner's: the factors are compared once per model pass
         self.gfa_slice: dict[str, SliceSpec] = {}
         self.gfa_dropout = nn.ModuleDict()
         self.gfa_cache_update: dict[str, bool] = {}
@@ -217,12 +216,8 @@ class GfaLayer(nn.Module, BaseTunerLayer):
             weight = self.op.weight()
             return (effective_weight(weight, specs, factors, weight),)
 
-        model_pass = self._model_forward.current
-        factor_ids = tuple(
-            factor.contents.current_id(factor.weight, model_pass)
-            for name in active
-            for factor in (self.gfa_B[name], self.gfa_A[name])
-        )
+        factor_ids = tuple(factor.contents.current_id(factor.weight)
+                           for name in active for factor in (self.gfa_B[name], self.gfa_A[name]))
         like = self.op.weight() if self.op.fusable else x
         weights = self._inference_cache.get(tuple(active), self.get_base_layer().weight, factor_ids, like, build)
         if self.op.fusable:

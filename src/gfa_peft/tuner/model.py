@@ -116,8 +116,8 @@ class GfaModel(BaseTuner):
         B = torch.zeros(layout.m, config.r, device=device)
         if not config.init_weights:
             B.normal_(0.0, sigma)
-        self.gfa_B[adapter_name] = GfaFactor(B.to(dtype))
-        self.gfa_A[adapter_name] = GfaFactor(A.to(dtype))
+        self.gfa_B[adapter_name] = GfaFactor(B.to(dtype), self._model_forward)
+        self.gfa_A[adapter_name] = GfaFactor(A.to(dtype), self._model_forward)
         self.gfa_layouts[adapter_name] = layout
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -146,7 +146,7 @@ class GfaModel(BaseTuner):
         if isinstance(target, GfaLayer):
             target.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
             return
-        new_module = GfaLayer(target, current_key, self.gfa_B, self._model_forward)
+        new_module = GfaLayer(target, current_key, self.gfa_B)
         new_module.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
         self._replace_module(parent, target_name, new_module, target)
 
@@ -170,8 +170,8 @@ class GfaModel(BaseTuner):
 
     def clear_inference_cache(self) -> None:
         """Drop every adapted weight kept for inference (see `gfa_peft.tuner.inference_cache`); needed only
-        after writing to a base weight through `.data`, a numpy view or `set_` (which PyTorch does not
-        version) outside an optimiser step and `load_state_dict`. Writes to the factors are always seen."""
+        after writing to a base weight through `.data` or a numpy view (which PyTorch does not version)
+        outside an optimiser step and `load_state_dict`. Writes to the factors are always seen."""
         for module in self.model.modules():
             if isinstance(module, GfaLayer):
                 module._inference_cache.clear()
