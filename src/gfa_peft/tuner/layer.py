@@ -18,16 +18,18 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from gfa_peft.scatter import SliceSpec, effective_weight, scattered_op, slice_of_product
-from gfa_peft.tuner.inference_cache import InferenceCache, enabled_by_environment
+from gfa_peft.tuner.inference_cache import FactorContents, InferenceCache, ModelForward, enabled_by_environment
 from gfa_peft.weight_ops import WeightOp, op_for
 
 
 class GfaFactor(nn.Module):
-    """One global factor (B or A) of one adapter, held as `.weight`."""
+    """One global factor (B or A) of one adapter, held as `.weight`, with the record of its contents that the
+    layers' inference reuse checks (see `gfa_peft.tuner.inference_cache`), once per pass of `model_forward`."""
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, model_forward: ModelForward):
         super().__init__()
         self.weight = nn.Parameter(tensor)
+        self.contents = FactorContents(model_forward)
 
 
 class GfaLayer(nn.Module, BaseTunerLayer):
@@ -99,6 +101,12 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         if mode:
             self._inference_cache.clear()  # training re-forms the update every step; do not hold memory for it
         return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # torch's own loader leaves a sign the cache sees (a bumped version or a new tensor), but a base
+        # layer's own loader may write its weight through `.data` (as some quantization libraries do).
+        self._inference_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = self._adapters_here(check_adapters_to_merge(self, adapter_names))
@@ -175,9 +183,8 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         """The layer's output with the updates of the `active` adapters added."""
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        sources = self._reusable_sources(active)
-        if sources is not None:
-            return self._forward_reusing_update(x, active, sources, *args, **kwargs)
+        if self._may_reuse(active):
+            return self._forward_reusing_update(x, active, *args, **kwargs)
         adapters = [(self.gfa_slice[name], *self.factors(name)) for name in active]
         dropouts = [self.gfa_dropout[name] for name in active]
         if not self.op.fusable or (self.training and any(isinstance(dropout, nn.Dropout) for dropout in dropouts)):
@@ -189,19 +196,15 @@ class GfaLayer(nn.Module, BaseTunerLayer):
             return out
         return self.op.add_bias(scattered_op(x, self.op, self.op.weight(), adapters))
 
-    def _reusable_sources(self, active: list[str]) -> list[torch.Tensor] | None:
-        """The tensors the adapted weight is formed from, when it may be reused: in eval mode, with reuse
-        switched on, and no gradient needed for them. None when it is to be formed afresh."""
+    def _may_reuse(self, active: list[str]) -> bool:
+        """Whether the adapted weight may be reused: in eval mode, with reuse switched on, and no gradient
+        needed for the tensors it is formed from. False when it is to be formed afresh."""
         if self.training or not enabled_by_environment() or not all(self.gfa_cache_update[name] for name in active):
-            return None
+            return False
         sources = [self.get_base_layer().weight, *(tensor for name in active for tensor in self.factors(name))]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return None
-        return sources
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
 
-    def _forward_reusing_update(
-        self, x: torch.Tensor, active: list[str], sources: list[torch.Tensor], *args, **kwargs
-    ) -> torch.Tensor:
+    def _forward_reusing_update(self, x: torch.Tensor, active: list[str], *args, **kwargs) -> torch.Tensor:
         """The same tensors and products as the forward above (so the same result), with the
         weight-sized tensors taken from the cache: the effective weight W + sum of the updates where
         the update fuses into the weight, otherwise each adapter's update (the input's dtype)."""
@@ -214,8 +217,10 @@ class GfaLayer(nn.Module, BaseTunerLayer):
             weight = self.op.weight()
             return (effective_weight(weight, specs, factors, weight),)
 
+        factor_ids = tuple(factor.contents.current_id(factor.weight)
+                           for name in active for factor in (self.gfa_B[name], self.gfa_A[name]))
         like = self.op.weight() if self.op.fusable else x
-        weights = self._inference_cache.get(tuple(active), sources, like, build)
+        weights = self._inference_cache.get(tuple(active), self.get_base_layer().weight, factor_ids, like, build)
         if self.op.fusable:
             return self.op.add_bias(self.op.forward(x, weights[0]))
         out = self.base_layer(x, *args, **kwargs)

@@ -21,6 +21,7 @@ from gfa_peft.layout import Layout, build_layout, order_modules
 from gfa_peft.scatter import SliceSpec
 from gfa_peft.tuner.checkpoint import check_factor_shapes, check_saved_modules
 from gfa_peft.tuner.config import GfaConfig
+from gfa_peft.tuner.inference_cache import ModelForward
 from gfa_peft.tuner.layer import GfaFactor, GfaLayer, wrap_layer
 from gfa_peft.tuner.weighted import concatenated_factors, truncated_factors
 from gfa_peft.weight_ops import update_shape
@@ -102,6 +103,8 @@ class GfaModel(BaseTuner):
             self.gfa_B = nn.ModuleDict()
             self.gfa_A = nn.ModuleDict()
             self.gfa_layouts: dict[str, Layout] = {}
+            self._model_forward = ModelForward()
+            self._model_forward.watch(self.model)
         reference = next(iter(targets.values())).weight
         # The base weights' dtype; PeftModel then calls `_cast_adapter_dtype`, which upcasts fp16/bf16 factors
         # to float32 unless `autocast_adapter_dtype=False`. Quantized (int8, packed 4-bit) weights get float32.
@@ -113,8 +116,8 @@ class GfaModel(BaseTuner):
         B = torch.zeros(layout.m, config.r, device=device)
         if not config.init_weights:
             B.normal_(0.0, sigma)
-        self.gfa_B[adapter_name] = GfaFactor(B.to(dtype))
-        self.gfa_A[adapter_name] = GfaFactor(A.to(dtype))
+        self.gfa_B[adapter_name] = GfaFactor(B.to(dtype), self._model_forward)
+        self.gfa_A[adapter_name] = GfaFactor(A.to(dtype), self._model_forward)
         self.gfa_layouts[adapter_name] = layout
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -160,9 +163,15 @@ class GfaModel(BaseTuner):
             raise
         del self.gfa_layouts[adapter_name]
 
+    def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        self._model_forward.unwatch()  # the model handed back has no GFA layers left
+        return model
+
     def clear_inference_cache(self) -> None:
-        """Drop every adapted weight kept for inference (see `GfaConfig.cache_inference_update`); needed
-        only after writing to a factor or base weight through `.data`, which PyTorch does not version."""
+        """Drop every adapted weight kept for inference (see `gfa_peft.tuner.inference_cache`); needed only
+        after writing to a base weight through `.data` or a numpy view (which PyTorch does not version)
+        outside an optimiser step and `load_state_dict`. Writes to the factors are always seen."""
         for module in self.model.modules():
             if isinstance(module, GfaLayer):
                 module._inference_cache.clear()
