@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from gfa_peft import GfaConfig
+from gfa_peft import GfaConfig, GfaLayer
 from toy_models import tiny_llama, token_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,3 +110,17 @@ def test_merge_unmerge_merge_in_float64_is_plain_float64_arithmetic(method):
             model.unmerge_adapter()
             for layer, weight, delta in zip(layers, weights, deltas):
                 assert torch.equal(layer.base_layer.weight, (weight + delta) - delta)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inference_reuse_on_a_16_bit_base_is_exact(dtype, monkeypatch):
+    model = adapted("gfa", tiny_llama().to(dtype).eval(), ["q_proj", "v_proj", "down_proj"], 1e-3).eval()
+    ids = token_batch(0)["input_ids"]
+    with torch.no_grad():
+        with monkeypatch.context() as patch:
+            patch.setenv("GFA_INFERENCE_CACHE", "0")
+            expected = model(input_ids=ids).logits
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    layers = [m for m in model.modules() if isinstance(m, GfaLayer)]
+    assert all(len(layer._inference_cache) == 1 for layer in layers)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
