@@ -91,15 +91,25 @@ def slice_of_product(B: torch.Tensor, A: torch.Tensor, spec: SliceSpec) -> torch
     return add_slice(B.new_empty(spec.piece.shape), None, B, A, spec)
 
 
+def weight_plus_update(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """W + update in W's dtype, as a merge writes it: added in float32 when W is fp16/bf16 (one rounding; a 16-bit
+    sum would round the update first), in W's own dtype otherwise, so a float64 weight stays float64 throughout
+    as in PEFT's LoRA merge."""
+    dtype = torch.float32 if weight.dtype.itemsize < 4 else weight.dtype
+    return (weight.to(dtype) + update.to(dtype)).to(weight.dtype)
+
+
 def add_factor_grads(
     grad_B: torch.Tensor, grad_A: torch.Tensor, grad_delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, spec: SliceSpec
 ) -> None:
     """Accumulate the gradients of <grad_delta, s * slice(B A)> into grad_B (rows touched) and grad_A.
 
-    Grid entries outside the slice (other modules, padding) contribute nothing.
+    Grid entries outside the slice (other modules, padding) contribute nothing. The products run in the more
+    precise of the gradient's and the factors' dtypes (the dtype of grad_B and grad_A): a bf16/fp16 weight
+    gradient is projected onto float32 factors in float32, so small factors are not rounded to 16 bits.
     """
-    flat = grad_delta.reshape(-1)
-    B, A = B.to(flat.dtype), A.to(flat.dtype)
+    flat = grad_delta.reshape(-1).to(grad_B.dtype)
+    B, A = B.to(grad_B.dtype), A.to(grad_B.dtype)
     for seg in segments(spec):
         rows, cols = slice(seg.row, seg.row + seg.n_rows), slice(seg.col, seg.col + seg.n_cols)
         grad = seg.of(flat)
@@ -137,6 +147,11 @@ class BackwardWorkspace(threading.local):
 WORKSPACE = BackwardWorkspace()
 
 
+def formed_in(base_weight: torch.Tensor | None, factors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype `effective_weight` adds in: W's, or without W the factors' (the update keeps its own precision)."""
+    return factors[0].dtype if base_weight is None else base_weight.dtype
+
+
 def effective_weight(
     base_weight: torch.Tensor | None,
     specs: Sequence[SliceSpec],
@@ -144,14 +159,17 @@ def effective_weight(
     like: torch.Tensor,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W + sum_a s_a * slice_a, or only the sum of the scaled slices when there is no W; in the dtype of
-    `like` (the base weight, or the input when there is none); written into `weight` when given."""
+    """W + sum_a s_a * slice_a in W's dtype; without W, the sum of the scaled slices alone, formed in the
+    factors' dtype and then given the dtype of `like` (the input or its gradient) where that is floating.
+    Formed into `weight` when given (of dtype `formed_in(base_weight, factors)`)."""
     if weight is None:
-        weight = torch.empty(specs[0].piece.shape, dtype=like.dtype, device=like.device)
+        weight = torch.empty(specs[0].piece.shape, dtype=formed_in(base_weight, factors), device=factors[0].device)
     base = base_weight
     for spec, B, A in zip(specs, factors[0::2], factors[1::2]):
         add_slice(weight, base, B, A, spec)
         base = weight
+    if base_weight is None and like.is_floating_point():
+        return weight.to(like.dtype)
     return weight
 
 
@@ -159,24 +177,23 @@ class ScatteredOp(torch.autograd.Function):
     """op(x, W + sum_a s_a * slice_a(B_a A_a)) with gradients for x and every B_a, A_a.
 
     `base_weight` may be None, in which case the op runs with the scattered update alone (used
-    when adapter dropout feeds the update a different input than the frozen weight).
+    when adapter dropout feeds the update a different input than the frozen weight, and where the
+    op multiplies in 16 bits, which would round a small update away inside W + update).
     """
 
     @staticmethod
     def forward(ctx, x, op: WeightOp, base_weight, specs: Sequence[SliceSpec], *factors):
-        like = x if base_weight is None else base_weight
         ctx.op, ctx.specs = op, specs
         ctx.save_for_backward(x, base_weight, *factors)
-        return op.forward(x, effective_weight(base_weight, specs, factors, like))
+        return op.forward(x, effective_weight(base_weight, specs, factors, x))
 
     @staticmethod
     def backward(ctx, grad_out):
         x, base_weight, *factors = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            like = grad_out if base_weight is None else base_weight
-            buffer = WORKSPACE.buffer(ctx.specs[0].piece.shape, like.dtype, like.device)
-            weight = effective_weight(base_weight, ctx.specs, factors, like, buffer)
+            buffer = WORKSPACE.buffer(ctx.specs[0].piece.shape, formed_in(base_weight, factors), grad_out.device)
+            weight = effective_weight(base_weight, ctx.specs, factors, grad_out, buffer)
             grad_x = ctx.op.grad_input(grad_out, x, weight.to(grad_out.dtype)).to(x.dtype)
         factor_grads: list[torch.Tensor | None] = [None] * len(factors)
         if any(ctx.needs_input_grad[4:]):
@@ -184,8 +201,8 @@ class ScatteredOp(torch.autograd.Function):
             ctx.op.grad_weight(grad_out, x.to(grad_out.dtype) if x.is_floating_point() else x, out=grad_weight)
             for index, spec in enumerate(ctx.specs):
                 B, A = factors[2 * index], factors[2 * index + 1]
-                grad_B = torch.zeros_like(B, dtype=grad_weight.dtype)
-                grad_A = torch.zeros_like(A, dtype=grad_weight.dtype)
+                precise = torch.promote_types(grad_weight.dtype, B.dtype)
+                grad_B, grad_A = torch.zeros_like(B, dtype=precise), torch.zeros_like(A, dtype=precise)
                 add_factor_grads(grad_B, grad_A, grad_weight, B, A, spec)
                 factor_grads[2 * index], factor_grads[2 * index + 1] = grad_B.to(B.dtype), grad_A.to(A.dtype)
         return (grad_x, None, None, None, *factor_grads)

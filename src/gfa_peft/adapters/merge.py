@@ -1,8 +1,9 @@
 """Merge a GFA adapter into a safetensors checkpoint one shard at a time, never loading the model.
 
 Each adapted module's weight becomes W + s * slice(B A), its slice formed by itself from the
-factors (`slice_of_product`) and added in float32; every other tensor is copied unchanged, shard
-by shard, so memory holds one shard plus one module's update. Which way a weight is stored is
+factors (`slice_of_product`) and added in float32, or in float64 to a float64 weight
+(`weight_plus_update`); every other tensor is copied unchanged, shard by shard, so memory holds
+one shard plus one module's update. Which way a weight is stored is
 read from the base model's own classes, built on the meta device from its config.json: GFA lays
 updates out as (out, in, ...), and transformers' GPT-2 `Conv1D` stores (in, out), which a shape
 test cannot tell apart for square weights. `modules_to_save` tensors saved with the adapter
@@ -40,7 +41,7 @@ from gfa_peft.adapters.task_model import TASK_MODEL_CLASSES, head_label_count
 from gfa_peft.data.cache import DONE
 from gfa_peft.data.presets import architecture_config, load_architecture
 from gfa_peft.io.files import ResultKind, output_folder
-from gfa_peft.scatter import SliceSpec, slice_of_product
+from gfa_peft.scatter import SliceSpec, slice_of_product, weight_plus_update
 from gfa_peft.targets import check_untied
 from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import WeightOp, op_for, update_shape
@@ -296,7 +297,7 @@ def merge_shard(plan: MergePlan, shard: str, destination: Path, added: dict[str,
             if key in plan.additions:
                 addition = plan.additions[key]
                 update = addition.op.stored(slice_of_product(plan.B, plan.A, addition.spec))
-                tensor = (tensor.float() + update).to(tensor.dtype)
+                tensor = weight_plus_update(tensor, update)
             elif key in plan.replacements:
                 tensor = plan.replacements[key].to(tensor.dtype).contiguous()
             tensors[plan.renamed.get(key, key)] = tensor

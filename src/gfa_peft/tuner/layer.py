@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from gfa_peft.scatter import SliceSpec, effective_weight, scattered_op, slice_of_product
+from gfa_peft.scatter import SliceSpec, effective_weight, scattered_op, slice_of_product, weight_plus_update
 from gfa_peft.tuner.inference_cache import FactorContents, InferenceCache, ModelForward, enabled_by_environment
 from gfa_peft.weight_ops import WeightOp, op_for
 
@@ -119,11 +119,10 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         weight = self.op.weight()
         with torch.no_grad():
             for adapter_name in adapter_names:
-                # Accumulate in float32: adding a small update to fp16/bf16 weights on CPU loses it otherwise.
-                merged = weight.float() + self.get_delta_weight(adapter_name).float()
+                merged = weight_plus_update(weight, self.get_delta_weight(adapter_name))
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-                weight.copy_(merged.to(weight.dtype))
+                weight.copy_(merged)
                 self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
@@ -135,7 +134,7 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             while self.merged_adapters:
                 adapter_name = self.merged_adapters.pop()
-                weight.copy_((weight.float() - self.get_delta_weight(adapter_name).float()).to(weight.dtype))
+                weight.copy_(weight_plus_update(weight, -self.get_delta_weight(adapter_name)))
 
     def _check_forward_args(self, x: torch.Tensor, *args, **kwargs) -> None:
         """PEFT's checks of a mixed-adapter batch (`adapter_names=`), with PEFT's wording."""
@@ -187,14 +186,24 @@ class GfaLayer(nn.Module, BaseTunerLayer):
             return self._forward_reusing_update(x, active, *args, **kwargs)
         adapters = [(self.gfa_slice[name], *self.factors(name)) for name in active]
         dropouts = [self.gfa_dropout[name] for name in active]
-        if not self.op.fusable or (self.training and any(isinstance(dropout, nn.Dropout) for dropout in dropouts)):
-            # A quantized weight, or dropout feeding the update a different input than the frozen weight:
-            # the base layer runs as it is and each update's product is added.
+        if not self._fuses_update() or (self.training and any(isinstance(dropout, nn.Dropout) for dropout in dropouts)):
+            # A quantized weight, a product in 16 bits, or dropout feeding the update a different input than the
+            # frozen weight: the base layer runs as it is and each update's product is added.
             out = self.base_layer(x, *args, **kwargs)
             for adapter, dropout in zip(adapters, dropouts):
                 out = out + scattered_op(dropout(x), self.op, None, [adapter]).to(out.dtype)
             return out
         return self.op.add_bias(scattered_op(x, self.op, self.op.weight(), adapters))
+
+    def _fuses_update(self) -> bool:
+        """Whether the update is added to the weight inside the layer's op, one product for both.
+
+        Not for a quantized weight, and not for an fp16/bf16 weight: W + s * slice rounded to 16 bits keeps
+        nothing of an update below half of W's rounding step, as early in training. There the update is its
+        own product, formed from the factors in their dtype, and its output is added to the base layer's with
+        one rounding, as PEFT's LoRA does. (A float32 weight under 16-bit autocast stays fused: autocast rounds
+        W itself to 16 bits in the product, and that rounding, shared by LoRA, is the larger error.)"""
+        return self.op.fusable and self.op.weight().dtype.itemsize >= 4
 
     def _may_reuse(self, active: list[str]) -> bool:
         """Whether the adapted weight may be reused: in eval mode, with reuse switched on, and no gradient
@@ -209,19 +218,20 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         weight-sized tensors taken from the cache: the effective weight W + sum of the updates where
         the update fuses into the weight, otherwise each adapter's update (the input's dtype)."""
 
+        fused = self._fuses_update()
+
         def build() -> tuple[torch.Tensor, ...]:
-            if not self.op.fusable:
+            if not fused:
                 return tuple(effective_weight(None, [self.gfa_slice[name]], self.factors(name), x) for name in active)
             specs = [self.gfa_slice[name] for name in active]
             factors = [tensor for name in active for tensor in self.factors(name)]
-            weight = self.op.weight()
-            return (effective_weight(weight, specs, factors, weight),)
+            return (effective_weight(self.op.weight(), specs, factors, x),)
 
         factor_ids = tuple(factor.contents.current_id(factor.weight)
                            for name in active for factor in (self.gfa_B[name], self.gfa_A[name]))
-        like = self.op.weight() if self.op.fusable else x
+        like = self.op.weight() if fused else x
         weights = self._inference_cache.get(tuple(active), self.get_base_layer().weight, factor_ids, like, build)
-        if self.op.fusable:
+        if fused:
             return self.op.add_bias(self.op.forward(x, weights[0]))
         out = self.base_layer(x, *args, **kwargs)
         for update in weights:
