@@ -26,6 +26,7 @@ from gfa_peft.data.encoding import IGNORE_INDEX, choice_sequences, encode_choice
 from gfa_peft.training.evaluation import (
     best_choices,
     choice_log_likelihoods,
+    choice_scores,
     f1_positive,
     majority_label,
     matthews,
@@ -158,14 +159,15 @@ def test_multiple_choice_run_trains_on_the_gold_answer_and_scores_every_question
 
 def test_zero_shot_scores_the_untrained_model_and_saves_no_weights(cache, llama_dir, tmp_path):
     folder = tmp_path / "zero"
-    run = prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None))
+    # --max-length 3 cuts every training question (9 query tokens), never a scored one
+    run = prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None, max_length=3))
     assert run.name == "zero-shot-s0" and (run.steps, run.lr) == (0, 0.0)
     metrics = train(run.config, folder, progress=False)
     assert (metrics["steps"], metrics["train_loss"], metrics["adapter_params"], metrics["trainable_params"]) == (
         0, None, 0, 0)
     assert sorted(path.name for path in folder.iterdir()) == ["config.json", "metrics.json", "train_log.json"]
     assert json.loads((folder / "train_log.json").read_text()) == []
-    # the accuracy of the pretrained model's own answers, scored one choice at a time
+    # the accuracy of the pretrained model's own answers, scored one choice at a time after the whole query
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     test = load_task("arc_easy", cache)[1]["test"]
@@ -179,16 +181,25 @@ def test_zero_shot_scores_the_untrained_model_and_saves_no_weights(cache, llama_
                 log_probs = model(input_ids=torch.tensor([query + answer])).logits[0].log_softmax(-1)
             scores.append(sum(log_probs[len(query) + t - 1, token].item() for t, token in enumerate(answer)))
         right += int(np.argmax(scores)) == example["label"]
-        per_char = [score / len(" " + choice) for score, choice in zip(scores, example["choices"])]
+        # lm-evaluation-harness's acc_norm: over the choice's characters, without the space before it
+        per_char = [score / len(choice) for score, choice in zip(scores, example["choices"])]
         right_per_char += int(np.argmax(per_char)) == example["label"]
     assert metrics["accuracy"] == right / test.num_rows
 
     # Scored per character: each choice's sum over its length in characters; a run of its own name and settings.
-    run = prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None,
+    run = prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None, max_length=3,
                          choice_score="per-char"))
     assert run.name == "zero-shot-s0-per-char"
     assert train(run.config, tmp_path / "per-char", progress=False)["accuracy"] == right_per_char / test.num_rows
     assert train_module.changed_settings(run, folder) == ['choice_score: "sum" -> "per-char"']
+
+
+def test_normalised_choice_scores_divide_by_the_choice_without_its_space():
+    sums = [-6.0, -6.0, -10.0]
+    choices = [["café", "cafe"], ["sky"]]
+    assert choice_scores(sums, choices, "sum") == sums
+    assert choice_scores(sums, choices, "per-char") == [-6 / 4, -6 / 4, -10 / 3]
+    assert choice_scores(sums, choices, "per-byte") == [-6 / 5, -6 / 4, -10 / 3]  # é is two bytes
 
 
 def test_a_run_recorded_before_choice_score_existed_counts_as_summed(cache, tmp_path):
@@ -199,12 +210,25 @@ def test_a_run_recorded_before_choice_score_existed_counts_as_summed(cache, tmp_
     (folder / "config.json").write_text(json.dumps(record))
     summed = prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None))
     assert train_module.changed_settings(summed, folder) == []
+    # A run recorded before scoring versions existed was scored by version 1: a multiple-choice run differs
+    # (its query was cut at --max-length, per-char counted the space); a classification run does not.
+    del record["resolved"]["scoring"]
+    (folder / "config.json").write_text(json.dumps(record))
+    assert train_module.changed_settings(summed, folder) == ["scoring: 1 -> 2"]
+    classifier = prepare(config(cache, method="lora", anchor="1"))
+    classifier_folder = tmp_path / "classifier"
+    classifier_folder.mkdir()
+    (classifier_folder / "config.json").write_text(json.dumps(train_module.run_record(classifier)))
+    record = json.loads((classifier_folder / "config.json").read_text())
+    del record["resolved"]["scoring"]
+    (classifier_folder / "config.json").write_text(json.dumps(record))
+    assert train_module.changed_settings(classifier, classifier_folder) == []
 
 
 def test_choice_score_is_refused_on_classification_and_unknown_names(cache):
     with pytest.raises(RunConfigError, match="--choice-score per-char scores the choices of multiple-choice tasks"):
         prepare(config(cache, task="rt", method="lora", anchor="1", choice_score="per-char"))
-    with pytest.raises(RunConfigError, match="--choice-score must be 'sum' or 'per-char', got 'mean'"):
+    with pytest.raises(RunConfigError, match="--choice-score must be 'sum' or 'per-char' or 'per-byte', got 'mean'"):
         prepare(config(cache, model="smollm2", task="arc_easy", method="zero-shot", lr=None, choice_score="mean"))
     # every setting of a fixed set of names is checked alike, for callers that build a RunConfig in Python
     with pytest.raises(RunConfigError, match="--dtype must be 'float32' or 'bfloat16', got 'float16'"):

@@ -4,7 +4,8 @@ Multiple choice follows docs/data.md: choice i of a question is the token sequen
 tokens of " " + choices[i], the two tokenised separately so every choice starts at the same token boundary.
 Training uses the gold sequence with the causal-LM loss on the choice tokens only (the query's labels are
 -100); scoring sums the choice tokens' log-likelihoods. A sequence longer than `max_length` loses tokens from
-the start of its query, so the question just before the answer, and the answer itself, are always kept.
+the start of its query, so the question just before the answer, and the answer itself, are always kept (training
+cuts at the run's --max-length, scoring only at the model's context: training/evaluation.py).
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ class RunConfig:
                                    "run share (N must divide it)", metavar="N",
                                    when_unset=recipe_defaults("batch_size"))
     max_length: int | None = _knob("tokens per example; longer ones lose the end of the text (classification) "
-                                   "or the start of the query (multiple choice)", metavar="TOKENS",
+                                   "or, in training only, the start of the query (multiple choice is scored on "
+                                   "whole questions)", metavar="TOKENS",
                                    when_unset=recipe_defaults("max_length"))
     targets: str | list[str] | None = _knob("target module names (PEFT target_modules semantics) or 'all-linear'",
                                             metavar="NAMES", when_unset="PEFT's LoRA default for the model type "
@@ -82,10 +83,10 @@ class RunConfig:
                                           "of each task of a mixture", metavar="N", when_unset="the whole split")
     eval_batch_size: int | None = _knob("evaluation batch size (multiple choice: questions)", metavar="N",
                                         when_unset=recipe_defaults("eval_batch_size"))
-    choice_score: Literal["sum", "per-char"] = _knob(
-        "multiple choice: a choice's score, its summed token log-likelihood (sum) or that sum over the choice's "
-        "length in characters (per-char, OLMES's acc_per_char: long answers are not penalised for their length)",
-        "sum", metavar="SCORE")
+    choice_score: Literal["sum", "per-char", "per-byte"] = _knob(
+        "multiple choice: a choice's score, its summed token log-likelihood (sum, lm-eval's acc) or that sum over "
+        "the choice's length in characters (per-char, lm-eval's acc_norm: long answers are not penalised for their "
+        "length) or UTF-8 bytes (per-byte, acc_bytes)", "sum", metavar="SCORE")
     dtype: Literal["float32", "bfloat16"] = _knob(
         "compute precision: bfloat16 runs the matrix products under autocast (weights, adapter and optimiser stay "
         "float32); docs/training.md, 'Decoder speed', says when it pays", "float32", metavar="DTYPE")

@@ -2,7 +2,8 @@
 
 Examples are batched longest-first (least padding) and the predictions put back in the split's order.
 A classifier predicts its largest logit. A causal LM answers a multiple-choice question with the choice whose
-tokens have the largest summed log-likelihood after the query (no length normalisation).
+tokens have the largest summed log-likelihood after the whole query (lm-evaluation-harness's `acc`), or that sum over
+the choice's length (`per-char`, `per-byte`: its `acc_norm` and `acc_bytes`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
-from gfa_peft.data.encoding import ChoiceSequence
+from gfa_peft.data.encoding import ChoiceSequence, choice_sequences
 
 Collator = Callable[[list[dict]], dict]
 
@@ -142,11 +145,34 @@ def _packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
 
-def per_character(scores: Sequence[float], choices: Sequence[Sequence[str]]) -> list[float]:
-    """Each choice's score over its length in characters as it is scored (after the space that joins it to the
-    query); `scores` in the order of `choice_sequences`, every choice of question 0, then of question 1, ..."""
-    lengths = [len(" " + choice) for question_choices in choices for choice in question_choices]
-    return [score / length for score, length in zip(scores, lengths, strict=True)]
+CHOICE_LENGTHS: dict[str, Callable[[str], int]] = {
+    "per-char": len, "per-byte": lambda choice: len(choice.encode("utf-8"))}
+"""The length each normalised --choice-score divides by, of the choice without the space that joins it to the
+query: lm-evaluation-harness's acc_norm (characters) and acc_bytes (UTF-8 bytes)."""
+
+SCORING_VERSIONS = {"classification": 1, "multiple_choice": 2}
+"""The version of each task kind's evaluation rule, recorded with every run (a run recorded before versions existed
+was scored by version 1), so a sweep never takes a run scored by an older rule for one scored as asked.
+Multiple choice, version 2: the query is never cut to --max-length (that limit is training's), and per-char divides
+by len(choice); version 1 cut the query's start to --max-length and divided per-char by len(" " + choice)."""
+
+
+def choice_scores(sums: Sequence[float], choices: Sequence[Sequence[str]], choice_score: str) -> list[float]:
+    """Each choice's score as `choice_score` ranks it: its summed log-likelihood (sum), or that over its length
+    (CHOICE_LENGTHS); `sums` in the order of `choice_sequences`, every choice of question 0, then of question 1, ..."""
+    if choice_score == "sum":
+        return list(sums)
+    lengths = [CHOICE_LENGTHS[choice_score](choice) for question_choices in choices for choice in question_choices]
+    return [score / length for score, length in zip(sums, lengths, strict=True)]
+
+
+def predict_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, data: Dataset, choice_score: str,
+                    batch_size: int, progress: bool = True) -> list[int]:
+    """Each question's predicted choice (its index), scored on the whole query: a query is cut (from its start)
+    only where a question is longer than the model's context, as lm-evaluation-harness cuts it."""
+    sequences = choice_sequences(tokenizer, data, max_length=model.config.max_position_embeddings)
+    sums = choice_log_likelihoods(model, sequences, tokenizer.pad_token_id, batch_size, progress)
+    return best_choices(sequences, choice_scores(sums, data["choices"], choice_score))
 
 
 def best_choices(sequences: list[ChoiceSequence], scores: list[float]) -> list[int]:

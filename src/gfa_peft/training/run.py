@@ -64,18 +64,12 @@ from gfa_peft.adapters.distributed import (
     per_rank_batch,
     shard_for_rank,
 )
-from gfa_peft.data.encoding import (
-    IGNORE_INDEX,
-    choice_sequences,
-    encode_choice_training,
-    encode_classification,
-)
+from gfa_peft.data.encoding import IGNORE_INDEX, encode_choice_training, encode_classification
 from gfa_peft.training.evaluation import (
-    best_choices,
-    choice_log_likelihoods,
+    SCORING_VERSIONS,
     last_hidden_states,
     majority_label,
-    per_character,
+    predict_choices,
     predict_classes,
     task_metrics,
     token_log_likelihoods,
@@ -173,7 +167,7 @@ class PreparedRun:
             "targets": self.targets, "placement": asdict(self.placement), "steps": self.steps,
             "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "max_length": self.max_length,
             "warmup_ratio": self.warmup_ratio, "eval_batch_size": self.eval_batch_size,
-            "versions": _versions(),
+            "scoring": SCORING_VERSIONS[self.kind], "versions": _versions(),
         }
 
 
@@ -548,11 +542,8 @@ def _predict(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerB
         predictions = predict_classes(model, examples, lambda batch: pad(batch).to(device), run.eval_batch_size,
                                       progress)
         return gather_in_rank_order(predictions), labels
-    sequences = choice_sequences(tokenizer, share, run.max_length)
-    scores = choice_log_likelihoods(model, sequences, tokenizer.pad_token_id, run.eval_batch_size, progress)
-    if run.config.choice_score == "per-char":
-        scores = per_character(scores, share["choices"])
-    return gather_in_rank_order(best_choices(sequences, scores)), labels
+    predictions = predict_choices(model, tokenizer, share, run.config.choice_score, run.eval_batch_size, progress)
+    return gather_in_rank_order(predictions), labels
 
 
 def _save_weights(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
@@ -580,7 +571,7 @@ def run_record(run: PreparedRun) -> dict[str, Any]:
 
 NOT_SETTINGS = {"config": ("cache",), "resolved": ("model_dir", "versions")}
 """Record entries that say where the inputs lay and which versions ran, not how the run trains."""
-ADDED_LATER = {("config", "choice_score"): "sum"}
+ADDED_LATER = {("config", "choice_score"): "sum", ("resolved", "scoring"): 1}
 """Settings that runs recorded before they existed ran with, by (record part, name): such a run still resumes."""
 
 
