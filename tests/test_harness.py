@@ -37,10 +37,6 @@ metric_list:
   - metric: acc_bytes
 """
 """A local multiple-choice task on our questions, scored as lm-eval scores its own (choices joined by " ")."""
-LM_EVAL = "import gfa_peft, peft; from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
-"""`lm_eval`'s command line, with GFA registered with PEFT before the harness loads the adapter. PEFT is imported
-at once: transformers looks for it (importlib.util.find_spec) before importing it, which spends gfa_peft's one-shot
-hook that registers GFA on PEFT's import without registering it."""
 HARNESS_METRICS = {"sum": "acc", "per-char": "acc_norm", "per-byte": "acc_bytes"}
 """Each --choice-score and the harness's metric that ranks the choices alike."""
 
@@ -52,7 +48,9 @@ def harness_samples(base: Path, adapter: Path, questions: list[dict], folder: Pa
     data.write_text("".join(json.dumps(question) + "\n" for question in questions), encoding="utf-8")
     tasks.mkdir()
     (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, questions=data), encoding="utf-8")
-    subprocess.run([sys.executable, "-c", LM_EVAL, "--model", "hf",
+    # `python -m lm_eval` is the `lm_eval` command, in a process that never imports gfa_peft itself: the installed
+    # package's start-up hook registers GFA when the harness imports PEFT.
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf",
                     "--model_args", f"pretrained={base},peft={adapter},dtype=float32", "--tasks", TASK,
                     "--include_path", str(tasks), "--device", "cpu", "--batch_size", "8", "--log_samples",
                     "--output_path", str(output)],
