@@ -105,7 +105,7 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
             )
         key = checkpoint_key(f"{piece.name}.weight", headers, model)
         _check_shape(key, headers[key]["shape"], module.weight.shape)
-        additions[key] = Addition(SliceSpec(piece, layout.k, adapter.config.scale), op_for(module, piece.name))
+        additions[key] = Addition(SliceSpec(piece, layout.k, adapter.config.effective_scale), op_for(module, piece.name))
 
     replacements = {}
     for saved_key, tensor in adapter.others.items():
