@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         adapter = load_saved_adapter(args.adapter)
-        ranks = realized_ranks(adapter.B, adapter.A, adapter.layout, adapter.config.scale, args.tol,
+        ranks = realized_ranks(adapter.B, adapter.A, adapter.layout, adapter.config.effective_scale, args.tol,
                                progress=not args.no_progress and args.json != "-")
     except (ValueError, TypeError, OSError) as error:  # not a folder, not GFA, missing or truncated weights
         raise UsageError(str(error)) from None

@@ -87,6 +87,17 @@ class RunConfig:
         "multiple choice: a choice's score, its summed token log-likelihood (sum, lm-eval's acc) or that sum over "
         "the choice's length in characters (per-char, lm-eval's acc_norm: long answers are not penalised for their "
         "length) or UTF-8 bytes (per-byte, acc_bytes)", "sum", metavar="SCORE")
+    scale_rule: Literal["constant", "rsqrt"] = _knob(
+        "gfa, lora, dora: the scale s of the factor product: constant (s = 1: GFA's paper setting, LoRA's "
+        "lora_alpha = r) or rsqrt (s = 1/sqrt(r): GFA's scale_rule='rsqrt', rsLoRA with lora_alpha = 1), under which "
+        "an Adam step moves the update by an amount that does not grow with the rank", "constant", metavar="RULE")
+    b_lr_ratio: float = _knob(
+        "gfa, lora, dora: the B factor's learning rate over the others' (LoRA+; 1 trains all at --lr)", 1.0,
+        metavar="RATIO")
+    gradient_init: int = _knob(
+        "gfa only: start A from the top-r right singular vectors of the weight gradient of this many first "
+        "training batches, viewed m x k (B stays 0, so the update starts at exactly 0; found by a randomized SVD "
+        "through GFA's own backward, no m x k matrix formed); 0 draws A ~ N(0, 1/k)", 0, metavar="BATCHES")
     dtype: Literal["float32", "bfloat16"] = _knob(
         "compute precision: bfloat16 runs the matrix products under autocast (weights, adapter and optimiser stay "
         "float32); docs/training.md, 'Decoder speed', says when it pays", "float32", metavar="DTYPE")

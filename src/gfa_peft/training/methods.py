@@ -141,23 +141,33 @@ def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int) 
     return Placement(method, None, {"r": rank}, trainable, None)
 
 
+SCALED_METHODS = ("gfa", "lora", "dora")
+"""Methods that add their factor product times a scale s, which `scale_rule` sets."""
+
+
 def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_type: str | None = None,
-                zero_update: bool = True) -> PeftConfig:
+                zero_update: bool = True, scale_rule: str = "constant") -> PeftConfig:
     """The PEFT config that trains `method` at size `knobs` (a `Placement`'s) on `targets`.
 
     The one mapping from this package's method names to PEFT configs, used by training and by `gfa bench`.
     `zero_update=False` (GFA, LoRA and DoRA) draws every factor at random, so the adapter changes the model from
     the start: the inference bench's adapters, whose cost no shortcut for a zero update may hide.
+    `scale_rule` (GFA, LoRA, DoRA): "constant" adds the factor product unscaled (s = 1: GFA's scale 1, LoRA's
+    lora_alpha = r); "rsqrt" scales it by s = 1 / sqrt(r) (GFA's scale_rule="rsqrt", rsLoRA with lora_alpha = 1),
+    the same rule for every method so that none gets a step-size freedom the others lack.
     Not defined for the unanchored methods, which use no adapter.
     """
     target_modules = targets if isinstance(targets, str) else list(targets)
     common = {"target_modules": target_modules, "task_type": task_type}
+    if scale_rule != "constant" and method not in SCALED_METHODS:
+        raise ValueError(f"scale rule {scale_rule!r} applies to {', '.join(SCALED_METHODS)}; {method} has no scale")
     if method == "gfa":
-        return GfaConfig(r=knobs["r"], scale=1.0, module_order=knobs.get("module_order", "model"),
+        return GfaConfig(r=knobs["r"], scale=1.0, scale_rule=scale_rule, module_order=knobs.get("module_order", "model"),
                          init_weights=zero_update, **common)
     if method in ("lora", "dora"):
-        return LoraConfig(r=knobs["r"], lora_alpha=knobs["r"], use_dora=method == "dora",
-                          init_lora_weights=zero_update, **common)
+        rsqrt = scale_rule == "rsqrt"
+        return LoraConfig(r=knobs["r"], lora_alpha=1 if rsqrt else knobs["r"], use_rslora=rsqrt,
+                          use_dora=method == "dora", init_lora_weights=zero_update, **common)
     if method == "vera":
         return VeraConfig(r=knobs["r"], **common)
     if method == "vblora":

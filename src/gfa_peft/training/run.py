@@ -74,7 +74,16 @@ from gfa_peft.training.evaluation import (
     task_metrics,
     token_log_likelihoods,
 )
-from gfa_peft.training.methods import UNANCHORED, ZERO_SHOT, Placement, UnreachableAnchor, peft_config, place
+from gfa_peft.training.methods import (
+    SCALED_METHODS,
+    UNANCHORED,
+    ZERO_SHOT,
+    Placement,
+    UnreachableAnchor,
+    peft_config,
+    place,
+)
+from gfa_peft.tuner.gradient_init import init_from_gradient
 from gfa_peft.training.config import RunConfig, RunConfigError, check_named_choices
 from gfa_peft.training.recipes import RECIPES, default_learning_rate, recipe_key
 from gfa_peft.data.splits import carve
@@ -139,6 +148,12 @@ class PreparedRun:
             parts.append(self.config.dtype)
         if self.config.choice_score != "sum":
             parts.append(self.config.choice_score)
+        if self.config.scale_rule != "constant":
+            parts.append(self.config.scale_rule)
+        if self.config.b_lr_ratio != 1:
+            parts.append(f"blr{self.config.b_lr_ratio:g}")
+        if self.config.gradient_init:
+            parts.append(f"ginit{self.config.gradient_init}")
         return "-".join(parts)
 
     @property
@@ -200,6 +215,7 @@ def _prepare(config: RunConfig) -> PreparedRun:
     if config.steps is not None and config.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     _check_positive(config)
+    _check_method_settings(config)
     if config.warmup_ratio is not None and not 0 <= config.warmup_ratio < 1:
         raise ValueError(f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}")
     key = recipe_key(config.model, task.kind)
@@ -294,6 +310,20 @@ def _skeleton(model_dir: Path, kind: str) -> nn.Module:
 
 def _model_class(kind: str) -> type:
     return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
+
+
+def _check_method_settings(config: RunConfig) -> None:
+    """Refuse a setting the run's method does not have (it would be recorded but change nothing)."""
+    if config.scale_rule != "constant" and config.method not in SCALED_METHODS:
+        raise ValueError(f"--scale-rule {config.scale_rule} applies to {', '.join(SCALED_METHODS)}, not {config.method}")
+    if not config.b_lr_ratio > 0:
+        raise ValueError(f"--b-lr-ratio must be positive, got {config.b_lr_ratio}")
+    if config.b_lr_ratio != 1 and config.method not in SCALED_METHODS:
+        raise ValueError(f"--b-lr-ratio applies to the B factors of {', '.join(SCALED_METHODS)}, not {config.method}")
+    if config.gradient_init < 0:
+        raise ValueError(f"--gradient-init must be 0 or a number of batches, got {config.gradient_init}")
+    if config.gradient_init and config.method != "gfa":
+        raise ValueError(f"--gradient-init is GFA's initialisation; {config.method} has none")
 
 
 def _check_positive(config: RunConfig) -> None:
@@ -424,12 +454,51 @@ def _train(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBas
                            f"{arguments.world_size}: the processes would train unsynchronised copies")
     trainer_class = GlobalBatchTrainer if run.kind == "classification" else AnswerLossTrainer
     trainer = trainer_class(model=model, args=arguments, train_dataset=examples, data_collator=collate)
+    if run.config.b_lr_ratio != 1:
+        trainer.optimizer = _optimizer_with_b_rate(trainer, run.config.b_lr_ratio)
+    if run.config.gradient_init:
+        _init_from_first_batches(trainer, run.config.gradient_init)
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossBar)
     else:  # no bar, and no log lines printed in its place either: the log is in train_log.json
         trainer.remove_callback(PrinterCallback)
     return trainer, trainer.train()
+
+
+def _optimizer_with_b_rate(trainer: GlobalBatchTrainer, ratio: float) -> torch.optim.Optimizer:
+    """The optimizer the Trainer would create, with the B factors (`gfa_B`, `lora_B`) at `ratio` times the rate
+    (LoRA+); their share of the schedule is the same, since the scheduler scales every group's rate alike."""
+    model, args = trainer.model, trainer.args
+    decays = set(trainer.get_decay_parameter_names(model))
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            is_b = ".gfa_B." in name or ".lora_B." in name
+            groups.setdefault((is_b, name in decays), []).append(parameter)
+    optimizer_class, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_class([{"params": parameters, "lr": args.learning_rate * (ratio if is_b else 1),
+                             "weight_decay": args.weight_decay if decays_here else 0.0}
+                            for (is_b, decays_here), parameters in groups.items()], **optimizer_kwargs)
+
+
+def _init_from_first_batches(trainer: GlobalBatchTrainer, batches: int) -> None:
+    """GFA's gradient-informed start (`gfa_peft.tuner.gradient_init`) from the first `batches` training batches,
+    with dropout off (every pass must see the same gradient) and the random streams of training untouched."""
+    model = trainer.model
+    with torch.random.fork_rng():
+        loader = iter(trainer.get_train_dataloader())
+        first = [trainer._prepare_inputs(next(loader)) for _ in range(batches)]
+
+        def losses() -> Iterator[torch.Tensor]:
+            for inputs in first:
+                yield trainer.compute_loss(model, dict(inputs)) / len(first)
+
+        model.eval()
+        try:
+            init_from_gradient(model.base_model, losses)
+        finally:
+            model.train()
 
 
 @contextmanager
@@ -502,7 +571,8 @@ def _build_model(run: PreparedRun, tokenizer: PreTrainedTokenizerBase) -> nn.Mod
         return model.requires_grad_(False)
     if run.config.method != "full":
         task_type = "SEQ_CLS" if run.kind == "classification" else "CAUSAL_LM"
-        return get_peft_model(model, peft_config(run.placement.method, run.placement.knobs, run.targets, task_type))
+        return get_peft_model(model, peft_config(run.placement.method, run.placement.knobs, run.targets, task_type,
+                                                 scale_rule=run.config.scale_rule))
     model.requires_grad_(False)
     for _, module in find_targets(model, run.targets):
         module.weight.requires_grad_(True)
@@ -571,7 +641,8 @@ def run_record(run: PreparedRun) -> dict[str, Any]:
 
 NOT_SETTINGS = {"config": ("cache",), "resolved": ("model_dir", "versions")}
 """Record entries that say where the inputs lay and which versions ran, not how the run trains."""
-ADDED_LATER = {("config", "choice_score"): "sum", ("resolved", "scoring"): 1}
+ADDED_LATER = {("config", "choice_score"): "sum", ("resolved", "scoring"): 1, ("config", "scale_rule"): "constant",
+               ("config", "b_lr_ratio"): 1.0, ("config", "gradient_init"): 0}
 """Settings that runs recorded before they existed ran with, by (record part, name): such a run still resumes."""
 
 

@@ -15,6 +15,7 @@ from gfa_peft.tuner.checkpoint import check_adapter_file
 from gfa_peft.internals import add_peft_type
 
 GFA_PEFT_TYPE = add_peft_type("GFA")
+SCALE_RULES = ("constant", "rsqrt")
 
 
 @dataclass
@@ -39,6 +40,13 @@ class GfaConfig(PeftConfig):
         default=None, metadata={"help": "Module names (or a regex) never to adapt, even if they match target_modules."}
     )
     scale: float = field(default=1.0, metadata={"help": "The paper's s: each module adds scale * its slice of BA."})
+    scale_rule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant': s = scale (the paper). 'rsqrt': s = scale / sqrt(r) (rsLoRA's rule): an Adam step "
+            "then moves the update by an amount that does not grow with r, so one learning rate can serve every rank."
+        },
+    )
     init_sigma: Optional[float] = field(
         default=None,
         metadata={
@@ -97,6 +105,8 @@ class GfaConfig(PeftConfig):
             raise ValueError(f"GfaConfig.r must be a positive integer, got {self.r!r}")
         if not _finite(self.scale) or not self.scale > 0:
             raise ValueError(f"GfaConfig.scale must be positive and finite, got {self.scale!r}")
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"GfaConfig.scale_rule must be one of {', '.join(SCALE_RULES)}, got {self.scale_rule!r}")
         if self.init_sigma is not None and (not _finite(self.init_sigma) or not self.init_sigma > 0):
             raise ValueError(f"GfaConfig.init_sigma must be positive and finite (or None for 1/sqrt(k)), "
                              f"got {self.init_sigma!r}")
@@ -105,6 +115,11 @@ class GfaConfig(PeftConfig):
         order_modules([], self.module_order)  # validates the value
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("GfaConfig.layers_pattern only applies together with layers_to_transform")
+
+    @property
+    def effective_scale(self) -> float:
+        """The s each module multiplies its slice by, after `scale_rule`."""
+        return self.scale / math.sqrt(self.r) if self.scale_rule == "rsqrt" else self.scale
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

@@ -141,7 +141,7 @@ class GfaModel(BaseTuner):
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layout = self.gfa_layouts[adapter_name]
-        spec = SliceSpec(layout[current_key], layout.k, config.scale)
+        spec = SliceSpec(layout[current_key], layout.k, config.effective_scale)
         factors = (self.gfa_B[adapter_name], self.gfa_A[adapter_name])
         if isinstance(target, GfaLayer):
             target.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
@@ -227,12 +227,13 @@ class GfaModel(BaseTuner):
         """
         rank = self._check_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank)
         pairs = [(self.gfa_B[name].weight.detach(), self.gfa_A[name].weight.detach()) for name in adapters]
-        scale = self.peft_config[adapters[0]].scale
-        coefficients = [w * self.peft_config[name].scale / scale for w, name in zip(weights, adapters)]
+        scale = self.peft_config[adapters[0]].effective_scale
+        coefficients = [w * self.peft_config[name].effective_scale / scale for w, name in zip(weights, adapters)]
         B, A = concatenated_factors(pairs, coefficients)
         if combination_type == "svd":
             B, A = truncated_factors(B, A, rank)
-        self.peft_config[adapter_name] = replace(self.peft_config[adapters[0]], r=rank)
+        # the combined factors carry the first adapter's s exactly, whatever its scale rule would give at `rank`
+        self.peft_config[adapter_name] = replace(self.peft_config[adapters[0]], r=rank, scale=scale, scale_rule="constant")
         try:
             self.inject_adapter(self.model, adapter_name)
         except Exception:

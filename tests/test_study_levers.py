@@ -1,0 +1,111 @@
+"""The accuracy study's levers: the rank-stable scale rule, the gradient-informed start, B's own learning rate.
+
+Each is checked against an independent reference: the dense gradient of the concatenated update, the scale a
+rule must give, the learning rate each optimizer group must hold."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from gfa_peft import GfaConfig, delta_weights, layout_of
+from gfa_peft.training.methods import peft_config
+from gfa_peft.tuner.gradient_init import init_from_gradient
+from toy_models import MLP
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _toy(r: int, **config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return get_peft_model(MLP().double(), GfaConfig(r=r, target_modules=["lin0", "lin1", "lin2"], **config))
+
+
+def _batches(count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 10, generator=generator, dtype=torch.float64),
+             torch.randn(5, 3, generator=generator, dtype=torch.float64)) for _ in range(count)]
+
+
+def _dense_gradient(model, batches) -> torch.Tensor:
+    """G: the loss gradient of each target weight at the base model, concatenated in the layout's order, m x k."""
+    layout = layout_of(model)
+    with model.disable_adapter():
+        for x, y in batches:
+            torch.nn.functional.mse_loss(model(x), y).backward()
+    base = model.base_model.model
+    flat = torch.cat([base.get_submodule(piece.name).base_layer.weight.grad.reshape(-1) for piece in layout.modules])
+    return torch.cat([flat, flat.new_zeros(layout.padding)]).view(layout.m, layout.k)
+
+
+@pytest.mark.parametrize("power_iterations", [0, 1])
+def test_gradient_init_gives_the_top_right_singular_vectors_of_the_dense_gradient(power_iterations):
+    model = _toy(r=3)
+    batches = _batches()
+    for parameter in model.base_model.model.parameters():
+        parameter.requires_grad_(True)  # only so the dense reference can read the base weights' gradients
+    reference = torch.linalg.svd(_dense_gradient(model, batches), full_matrices=False)
+    model.zero_grad(set_to_none=True)
+    layout = layout_of(model)
+    values = init_from_gradient(
+        model.base_model,
+        lambda: (torch.nn.functional.mse_loss(model(x), y) for x, y in batches),
+        oversample=layout.max_rank(),  # the sketch then spans G's whole range: the result is exact
+        power_iterations=power_iterations,
+    )
+    B, A = model.base_model.gfa_B["default"].weight, model.base_model.gfa_A["default"].weight
+    assert torch.count_nonzero(B) == 0  # the update still starts at exactly zero
+    # each row of A is (up to sign) the corresponding right singular vector of G
+    alignment = (A @ reference.Vh[:3].T).abs().diagonal()
+    torch.testing.assert_close(alignment, torch.ones(3, dtype=A.dtype), rtol=0, atol=1e-8)
+    torch.testing.assert_close(values[:3], reference.S[:3], rtol=1e-8, atol=1e-12)
+    assert all(delta.abs().max() == 0 for delta in delta_weights(model).values())
+    assert B.requires_grad and A.requires_grad
+    assert all(p.grad is None for p in model.parameters())  # the passes leave no gradient behind
+
+
+def test_gradient_init_factors_are_the_ones_the_layers_use():
+    model = _toy(r=2)
+    batches = _batches(1)
+    init_from_gradient(model.base_model, lambda: (torch.nn.functional.mse_loss(model(x), y) for x, y in batches))
+    with torch.no_grad():
+        model.base_model.gfa_B["default"].weight.fill_(0.5)
+    assert all(delta.abs().max() > 0 for delta in delta_weights(model).values())
+
+
+@pytest.mark.parametrize("rank", [1, 4, 9])
+def test_rsqrt_scale_rule_scales_every_slice_by_one_over_sqrt_r(rank):
+    constant, rsqrt = _toy(r=rank, init_weights=False), _toy(r=rank, init_weights=False, scale_rule="rsqrt")
+    for name, delta in delta_weights(constant).items():
+        torch.testing.assert_close(delta_weights(rsqrt)[name], delta / math.sqrt(rank), rtol=1e-12, atol=0)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    assert not torch.allclose(constant(x), rsqrt(x)) or rank == 1
+
+
+def test_scale_rule_is_saved_and_refused_when_unknown(tmp_path):
+    model = _toy(r=2, scale_rule="rsqrt")
+    model.save_pretrained(tmp_path)
+    assert GfaConfig.from_pretrained(str(tmp_path)).scale_rule == "rsqrt"
+    with pytest.raises(ValueError, match="scale_rule must be one of constant, rsqrt"):
+        GfaConfig(r=2, scale_rule="sqrt")
+
+
+def test_weighted_adapter_of_rsqrt_adapters_keeps_their_update():
+    model = _toy(r=2, init_weights=False, scale_rule="rsqrt")
+    expected = {name: 0.5 * delta for name, delta in delta_weights(model).items()}
+    model.add_weighted_adapter(["default"], [0.5], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    for name, delta in delta_weights(model, "mix").items():
+        torch.testing.assert_close(delta, expected[name], rtol=1e-12, atol=1e-15)
+
+
+def test_lora_and_dora_get_the_same_scale_rule():
+    assert peft_config("lora", {"r": 16}, ["q"]).lora_alpha == 16  # scaling alpha / r = 1, like GFA's s = 1
+    rsqrt = peft_config("dora", {"r": 16}, ["q"], scale_rule="rsqrt")
+    assert rsqrt.use_rslora and rsqrt.use_dora and rsqrt.lora_alpha / math.sqrt(rsqrt.r) == 1 / 4
+    assert peft_config("gfa", {"r": 16}, ["q"], scale_rule="rsqrt").effective_scale == 1 / 4
+    with pytest.raises(ValueError, match="vera has no scale"):
+        peft_config("vera", {"r": 16}, ["q"], scale_rule="rsqrt")
