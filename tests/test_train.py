@@ -127,6 +127,47 @@ def test_module_order_reaches_the_gfa_adapter_and_names_the_run(cache, tmp_path)
         "gfa-1-s0-order-by_name-lr0.01"
 
 
+def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch):
+    """--scale-rule, --b-lr-ratio and --gradient-init reach the adapter, the optimizer and the initialisation."""
+    seen = {}
+
+    def spy_optimizer(trainer, ratio):
+        optimizer = make_optimizer(trainer, ratio)
+        names = {id(parameter): name for name, parameter in trainer.model.named_parameters()}
+        seen["rates"] = {names[id(parameter)]: group["lr"] for group in optimizer.param_groups
+                         for parameter in group["params"]}
+        return optimizer
+
+    def spy_init(tuner, losses, **options):
+        seen["init_batches"] = len(list(losses()))
+        return init(tuner, losses, **options)
+
+    make_optimizer, init = train_module._optimizer_with_b_rate, train_module.init_from_gradient
+    monkeypatch.setattr(train_module, "_optimizer_with_b_rate", spy_optimizer)
+    monkeypatch.setattr(train_module, "init_from_gradient", spy_init)
+    levers = {"scale_rule": "rsqrt", "b_lr_ratio": 4.0, "gradient_init": 2}
+    metrics = train(config(cache, method="gfa", anchor="1", **levers), tmp_path / "gfa", progress=False)
+    assert math.isfinite(metrics["train_loss"])
+    assert json.loads((tmp_path / "gfa" / "adapter" / "adapter_config.json").read_text())["scale_rule"] == "rsqrt"
+    assert seen["init_batches"] == 2
+    rates = seen["rates"]
+    assert {rate for name, rate in rates.items() if ".gfa_B." in name} == {4e-2}
+    assert {rate for name, rate in rates.items() if ".gfa_B." not in name} == {1e-2}  # A and the head
+    assert prepare(config(cache, method="gfa", anchor="1", **levers)).name == "gfa-1-s0-lr0.01-rsqrt-blr4-ginit2"
+    assert prepare(config(cache, method="lora", anchor="1", scale_rule="rsqrt")).name == "lora-1-s0-lr0.01-rsqrt"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "vera", "scale_rule": "rsqrt"}, "--scale-rule rsqrt applies to gfa, lora, dora, not vera"),
+    ({"method": "lora", "gradient_init": 4}, "--gradient-init is GFA's initialisation; lora has none"),
+    ({"method": "gfa", "b_lr_ratio": 0.0}, "--b-lr-ratio must be positive"),
+    ({"method": "vblora", "b_lr_ratio": 2.0}, "--b-lr-ratio applies to the B factors of gfa, lora, dora"),
+])
+def test_a_study_lever_the_method_lacks_is_refused(cache, fields, message):
+    with pytest.raises(RunConfigError, match=re.escape(message)):
+        prepare(config(cache, anchor="1", **fields))
+
+
 def test_full_fine_tuning_changes_only_the_target_weights_and_saves_a_model_to_diff(cache, tmp_path):
     folder = tmp_path / "full"
     metrics = train(config(cache, method="full"), folder, progress=False)
