@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from gfa_peft.adapters.saved import SavedAdapter, load_saved_adapter
-from gfa_peft.adapters.task_model import TASK_MODEL_CLASSES, head_label_count
+from gfa_peft.adapters.task_model import head_label_count
 from gfa_peft.data.cache import DONE
 from gfa_peft.data.presets import architecture_config, load_architecture
 from gfa_peft.io.files import ResultKind, output_folder
@@ -45,6 +45,7 @@ from gfa_peft.scatter import SliceSpec, slice_of_product, weight_plus_update
 from gfa_peft.targets import check_untied
 from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import WeightOp, op_for, update_shape
+from gfa_peft.tuner.task_classes import TASK_MODEL_CLASSES
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

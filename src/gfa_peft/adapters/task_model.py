@@ -12,25 +12,6 @@ from collections.abc import Mapping
 
 import torch
 from peft import PeftConfig
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
-
-TASK_MODEL_CLASSES = {
-    "CAUSAL_LM": AutoModelForCausalLM,
-    "SEQ_CLS": AutoModelForSequenceClassification,
-    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
-    "TOKEN_CLS": AutoModelForTokenClassification,
-    "QUESTION_ANS": AutoModelForQuestionAnswering,
-    "FEATURE_EXTRACTION": AutoModel,
-}
-"""The transformers class a PEFT task type wraps (as peft's AutoPeftModelFor* classes do), so the base model's
-module names are those the adapter was trained with."""
 
 
 def head_label_count(config: PeftConfig, saved: Mapping[str, torch.Tensor]) -> int | None:

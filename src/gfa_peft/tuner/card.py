@@ -15,21 +15,13 @@ from typing import Optional
 from huggingface_hub import ModelCard, ModelCardData
 
 from gfa_peft.layout import Layout
+from gfa_peft.tuner.task_classes import TASK_MODEL_CLASSES
 
 CARD_NAME = "README.md"
 START = "<!-- gfa-peft: start of the GFA section, rewritten on every save -->"
 END = "<!-- gfa-peft: end of the GFA section -->"
 TAG = "gfa"
 
-# The transformers class that loads the base model for each PEFT task type.
-AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 
 
 def write_card(directory: str, config, auto_mapping: Optional[dict] = None) -> None:
@@ -60,8 +52,8 @@ def gfa_section(config, auto_mapping: Optional[dict] = None) -> str:
     """Markdown: what the adapter is, its layout and trainable count, how to install, load and merge it."""
     base = config.base_model_name_or_path or "BASE_MODEL"
     task = getattr(config.task_type, "value", config.task_type)
-    if task in AUTO_CLASSES:
-        model_class = AUTO_CLASSES[task]
+    if task in TASK_MODEL_CLASSES:
+        model_class = TASK_MODEL_CLASSES[task].__name__
     elif auto_mapping and auto_mapping.get("parent_library", "").startswith("transformers"):
         model_class = auto_mapping["base_model_class"]
     else:

@@ -21,12 +21,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, PretrainedConfig
 
-from gfa_peft.adapters.task_model import TASK_MODEL_CLASSES, head_label_count
+from gfa_peft.adapters.task_model import head_label_count
 from gfa_peft.io.files import write_atomic
 from gfa_peft.data.presets import load_architecture
 from gfa_peft.targets import ALL_LINEAR, default_targets, find_targets, target_shapes
 from gfa_peft.tuner.checkpoint import read_safetensors_header
 from gfa_peft.weight_ops import op_for
+from gfa_peft.tuner.task_classes import TASK_MODEL_CLASSES
 
 Targets = str | Sequence[str]
 
