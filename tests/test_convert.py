@@ -194,3 +194,15 @@ def test_a_folder_without_a_gfa_adapter_is_refused(tmp_path, capsys):
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1
         assert not (tmp_path / "refused").exists()
+
+
+def test_out_is_never_a_folder_of_other_files_or_the_adapter(saved, capsys):
+    folder = saved[1]
+    (folder / "mine").mkdir()
+    (folder / "mine" / "notes.txt").write_text("keep me")
+    for out, message in [(folder / "mine", "is not empty and is not a LoRA adapter folder"),
+                         (folder / "adapter", "an input of this command")]:
+        assert main(["convert", str(folder / "adapter"), "--out", str(out), "--rank", "1", "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    assert (folder / "mine" / "notes.txt").read_text() == "keep me"
+    assert (folder / "adapter" / "adapter_config.json").is_file()

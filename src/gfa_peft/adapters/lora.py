@@ -28,6 +28,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from gfa_peft.adapters.merge import SAVED_MODULE_PREFIX
 from gfa_peft.adapters.saved import CONFIG_FILE, SavedAdapter, load_saved_adapter
 from gfa_peft.data.presets import load_architecture
 from gfa_peft.io.files import ResultKind, output_folder
@@ -35,8 +36,6 @@ from gfa_peft.scatter import SliceSpec
 from gfa_peft.tuner.layer import GfaFactor, GfaLayer
 
 ADAPTER = "default"
-PEFT_PREFIX = "base_model.model."
-"""Where PEFT's converter expects the adapted modules: under a PeftModel's `base_model.model`."""
 ENERGY_LEVELS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)
 """The energy thresholds `energy_curves` traces."""
 
@@ -157,8 +156,8 @@ def convert_saved_adapter(adapter_dir: str | os.PathLike, rank: int | float,
     config, state_dict = convert_to_lora(_peft_model_of(layers, adapter), rank, adapter_name=ADAPTER)
     state_dict.update(adapter.others)
     modules = tuple(
-        _measured(name, layer, state_dict[f"{PEFT_PREFIX}{name}.lora_A.weight"],
-                  state_dict[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+        _measured(name, layer, state_dict[f"{SAVED_MODULE_PREFIX}{name}.lora_A.weight"],
+                  state_dict[f"{SAVED_MODULE_PREFIX}{name}.lora_B.weight"])
         for name, layer in layers.items()
     )
     return LoraConversion(config=config, state_dict=state_dict, modules=modules,
@@ -196,11 +195,11 @@ def gfa_layers(adapter: SavedAdapter, base: str | os.PathLike | None) -> dict[st
 
 
 def _peft_model_of(layers: dict[str, GfaLayer], adapter: SavedAdapter) -> nn.Module:
-    """A model holding just `layers`, at the names PEFT's converter reads (`base_model.model.<name>`), and
-    the adapter's config as its `peft_config`."""
+    """A model holding just `layers`, at the names PEFT's converter reads (`base_model.model.<name>`, as in a
+    PeftModel; it strips that prefix from the names it records), and the adapter's config as its `peft_config`."""
     model = nn.Module()
     for name, layer in layers.items():
-        *path, leaf = (PEFT_PREFIX + name).split(".")
+        *path, leaf = (SAVED_MODULE_PREFIX + name).split(".")
         parent = model
         for part in path:
             if not hasattr(parent, part):
