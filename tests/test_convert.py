@@ -71,6 +71,7 @@ def convert(folder: Path, out: str, *flags: str) -> dict:
 
 def test_gfa_layers_support_peft_convert_to_lora_exactly_at_full_rank(saved):
     name, _, model, inputs, adapted = saved
+    assert model.supports_lora_conversion()
     config, state_dict = convert_to_lora(model, 1.0)  # energy 1: every module's full realized rank
     torch.manual_seed(0)
     lora = get_peft_model(CASES[name][0]().eval(), config)
@@ -81,6 +82,7 @@ def test_gfa_layers_support_peft_convert_to_lora_exactly_at_full_rank(saved):
 def test_conv1d_layers_do_not_claim_support():
     # GFA's update is (out, in); PEFT would factorize it as Conv1D's stored (in, out) and get it wrong
     model = get_peft_model(tiny_gpt2(), GfaConfig(r=2, target_modules=["c_attn", "c_proj"]))
+    assert not model.supports_lora_conversion()
     with pytest.raises(TypeError, match="do not support LoRA conversion"):
         convert_to_lora(model, 4)
 
