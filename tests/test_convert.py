@@ -163,10 +163,12 @@ def test_the_folder_loads_with_plain_peft_in_a_process_without_gfa_peft(saved, t
     _, folder, _, inputs, adapted = saved
     convert(folder, "lora-full", "--energy", "1")
     torch.save(inputs["input_ids"], tmp_path / "ids.pt")
+    # no PYTHONPATH, and the installed package's start-up registration (a .pth file) switched off
     environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    environment.update(OMP_NUM_THREADS="1", GFA_PEFT_AUTOREGISTER="0")
     subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(folder / "base"), str(folder / "lora-full"),
                     str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                   check=True, env={**environment, "OMP_NUM_THREADS": "1"}, timeout=300)
+                   check=True, env=environment, timeout=300)
     assert torch.allclose(torch.load(tmp_path / "out.pt"), adapted, atol=1e-5)
 
 
