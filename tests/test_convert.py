@@ -45,7 +45,8 @@ def dense_updates(model) -> dict[str, torch.Tensor]:
     B, A = factors(model)
     layout = layout_of(model)
     flat = (B.detach().double() @ A.detach().double()).reshape(-1)
-    return {piece.name: flat[piece.offset : piece.offset + piece.numel].reshape(piece.shape) for piece in layout.modules}
+    return {piece.name: flat[piece.offset : piece.offset + piece.numel].reshape(piece.shape)
+            for piece in layout.modules}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
