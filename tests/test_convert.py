@@ -23,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = {
     # q_proj 32x32 and v_proj 16x32 on a 55-column grid: realized ranks well above r, and unequal
     "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj"])),
-    # a classifier head in modules_to_save, which the LoRA adapter must carry
-    "bert": (tiny_bert_classifier, dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
+    # a classifier head in modules_to_save, which the LoRA adapter must carry; a scale other than 1
+    "bert": (tiny_bert_classifier, dict(target_modules=["query", "value"], task_type="SEQ_CLS", scale=0.5)),
 }
 
 
@@ -205,9 +205,13 @@ def test_out_is_never_a_folder_of_other_files_or_the_adapter(saved, capsys):
     folder = saved[1]
     (folder / "mine").mkdir()
     (folder / "mine" / "notes.txt").write_text("keep me")
+    convert(folder, "lora-and-notes", "--rank", "1")
+    (folder / "lora-and-notes" / "notes.txt").write_text("keep me")
     for out, message in [(folder / "mine", "is not empty and is not a LoRA adapter folder"),
+                         (folder / "lora-and-notes", "is not empty and is not a LoRA adapter folder"),
                          (folder / "adapter", "an input of this command")]:
         assert main(["convert", str(folder / "adapter"), "--out", str(out), "--rank", "1", "--overwrite"]) == 2
         assert message in capsys.readouterr().err
     assert (folder / "mine" / "notes.txt").read_text() == "keep me"
+    assert (folder / "lora-and-notes" / "notes.txt").read_text() == "keep me"
     assert (folder / "adapter" / "adapter_config.json").is_file()

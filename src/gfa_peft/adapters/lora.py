@@ -41,7 +41,9 @@ ENERGY_LEVELS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)
 
 
 def is_lora_adapter(folder: Path) -> bool:
-    """Whether `folder` holds a LoRA adapter's config, as this module writes one."""
+    """Whether `folder` is a LoRA adapter as this module writes one: a LoRA config, its weights, nothing else."""
+    if not {entry.name for entry in folder.iterdir()} <= {CONFIG_FILE, SAFETENSORS_WEIGHTS_NAME}:
+        return False
     try:
         return json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("peft_type") == "LORA"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
