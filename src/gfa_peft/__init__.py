@@ -11,7 +11,7 @@ How the package is laid out, each layer importing only from the layers above it 
 - PEFT integration: `targets` (PEFT's target matching), `tuner/` (GfaConfig, GfaLayer, GfaModel), `introspect`;
 - `io/`: atomic files, text tables, figures;
 - `data/`: the asset cache, tasks, splits, tokenisation, architecture presets;
-- `adapters/`: saved adapters, merging into checkpoints, distributed training helpers;
+- `adapters/`: saved adapters, merging into checkpoints, conversion to LoRA, distributed training helpers;
 - `analysis/`: budgets and rank anchors, realized ranks, the approximation lens;
 - `training/`: one run, methods, recipes and learning rates, evaluation, sweeps;
 - `bench/`: the step-time and memory benchmark;

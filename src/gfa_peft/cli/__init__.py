@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "count": "exact trainable counts of LoRA, DoRA, GFA, VeRA and VB-LoRA at matched budgets",
     "inspect": "realized rank, norm and energy share of every module's update in a saved GFA adapter",
     "merge": "merge a GFA adapter into its base checkpoint, one safetensors shard at a time",
+    "convert": "a GFA adapter as a standard LoRA adapter (PEFT's convert_to_lora: SVD at a rank or energy)",
     "lens": "which class, GFA or LoRA, approximates a proxy update better at each budget (Prop. 3.2)",
     "bench": "paired step time and memory of GFA, LoRA and DoRA at matched rank anchors",
     "assets": "install and list the offline models and tasks",

@@ -54,10 +54,7 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
             axis.axhline(summary["baselines"][task], color="gray", linestyle="--", linewidth=1, label="majority class")
         if task in summary.get("zero_shot", {}):
             axis.axhline(summary["zero_shot"][task], color="black", linestyle=":", linewidth=1.2, label="zero-shot")
-        axis.set_xscale("log")
-        # plain counts, and none on minor ticks, whose "6x10^1 7x10^1 ..." collide when the counts span little
-        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
-        axis.xaxis.set_minor_formatter(NullFormatter())
+        log_count_axis(axis)
         axis.margins(x=0.15, y=0.22)  # room for the point labels (three lines over or under a point) inside the frame
         axis.set_title(summary.get("task_titles", {}).get(task, task))
         axis.set_xlabel("trainable adapter parameters (head excluded)")
@@ -65,6 +62,14 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
         axis.grid(True, which="both", alpha=0.3)
     _legend_beside(figure, axes[0])
     save_figure(figure, path)
+
+
+def log_count_axis(axis: plt.Axes) -> None:
+    """A log-scale x axis of parameter counts, labelled with plain counts and none on minor ticks, whose
+    "6x10^1 7x10^1 ..." collide when the counts span little."""
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _legend_beside(figure: plt.Figure, axes: Sequence[plt.Axes]) -> None:

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from gfa_peft.scatter import SliceSpec, effective_weight, scattered_op, slice_of_product, weight_plus_update
 from gfa_peft.tuner.inference_cache import FactorContents, InferenceCache, ModelForward, enabled_by_environment
-from gfa_peft.weight_ops import WeightOp, op_for
+from gfa_peft.weight_ops import Conv1DOp, LinearOp, WeightOp, op_for
 
 
 class GfaFactor(nn.Module):
@@ -80,6 +80,13 @@ class GfaLayer(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """scale * slice of B A for this module, in GFA's (out, in, ...) orientation."""
         return slice_of_product(*self.factors(adapter_name), self.gfa_slice[adapter_name])
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether PEFT's `convert_to_lora` can turn this layer's update into LoRA factors: on linear layers
+        (quantized ones included). It factorizes `get_delta_weight` as the LoRA pair of a linear layer, which
+        GFA's (out, in) update is; transformers' Conv1D would need the (in, out) orientation it stores (PEFT's
+        FourierFT refuses it for the same reason), and LoRA keeps Conv2d and Embedding factors in other shapes."""
+        return isinstance(self.op, LinearOp) and not isinstance(self.op, Conv1DOp)
 
     def _adapters_here(self, adapter_names) -> list[str]:
         return [name for name in adapter_names if name in self.gfa_slice]

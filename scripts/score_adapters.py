@@ -1,0 +1,45 @@
+"""Score saved adapters (GFA, or the LoRA folders `gfa convert` writes) on a finished run's evaluation split.
+
+No `gfa` command evaluates an existing adapter, so this script reuses `gfa train`'s own pieces: the run's recorded
+settings are resolved again (`prepare`: the same task, split, tokenisation and batch size), the base model loads as
+the run built it, each adapter loads onto a fresh copy with PEFT, and the run's evaluation scores it.
+
+    python scripts/score_adapters.py RUN ADAPTER [ADAPTER ...]
+
+prints one JSON line per adapter: its folder and the run's metrics (accuracy, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from gfa_peft.training.config import RunConfig
+from gfa_peft.training.run import CONFIG_FILE, _model_class, _predict, _scores, _tokenizer, prepare
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a finished `gfa train` run folder")
+    parser.add_argument("adapters", type=Path, nargs="+", help="adapter folders for the run's base model")
+    args = parser.parse_args()
+    record = json.loads((args.run / CONFIG_FILE).read_text(encoding="utf-8"))
+    run = prepare(RunConfig(**record["config"]))
+    tokenizer = _tokenizer(run.model_dir)
+    extra = {"num_labels": len(run.task.label_names)} if run.kind == "classification" else {}
+    for adapter in args.adapters:
+        base = _model_class(run.kind).from_pretrained(run.model_dir, dtype=torch.float32, **extra)
+        if base.config.pad_token_id is None:  # as the run set it: decoders classify from the last real token
+            base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        with torch.no_grad():
+            predictions, labels = _predict(run, model, tokenizer, progress=False)
+        print(json.dumps({"adapter": str(adapter), **_scores(run, predictions, labels)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
