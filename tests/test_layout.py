@@ -71,3 +71,53 @@ def test_empty_or_duplicate_layouts_are_refused():
     with pytest.raises(ValueError, match="duplicate module names"):
         build_layout([("a", (2, 2)), ("a", (2, 2))])
     assert math.prod(build_layout([("a", (2, 3, 4))]).modules[0].shape) == 24
+
+
+def _straddling_rows(layout: Layout) -> list[tuple[str, int]]:
+    """(module, weight row) of every weight row that starts in one grid row and ends in the next."""
+    return [(piece.name, row) for piece in layout.modules for row in range(piece.shape[0])
+            if (piece.offset + row * piece.input_width) // layout.k
+            != (piece.offset + (row + 1) * piece.input_width - 1) // layout.k]
+
+
+@given(st.integers(1, 40), st.lists(st.integers(1, 60), min_size=1, max_size=8))
+def test_aligned_grid_takes_the_multiple_of_the_width_nearest_sqrt_d(width, rows):
+    layout = build_layout([(f"m{i}", (p, width)) for i, p in enumerate(rows)], "aligned")
+    multiples = range(width, layout.d + width + 1, width)
+    nearest = min(multiples, key=lambda k: abs(k - math.sqrt(layout.d)))  # the first of a tie: the smaller
+    assert (layout.k, layout.m, layout.grid) == (nearest, -(-layout.d // nearest), "aligned")
+    for piece in layout.modules:
+        skip = piece.rows(layout.k)[2]  # where the module starts inside its first grid row
+        assert skip % width == 0 and piece.offset % width == 0
+    assert _straddling_rows(layout) == []
+
+
+def test_square_grid_lets_rows_straddle_and_aligned_does_not():
+    shapes = [("a", (12, 12)), ("b", (12, 12)), ("c", (5, 12))]  # d = 348: square k = 18, aligned k = 24
+    square, aligned = build_layout(shapes), build_layout(shapes, "aligned")
+    assert (square.m, square.k, square.grid) == (20, 18, "square") and square == build_layout(shapes, "square")
+    assert (aligned.m, aligned.k) == (15, 24)
+    assert ("a", 1) in _straddling_rows(square) and _straddling_rows(aligned) == []
+    assert [piece.rows(aligned.k) for piece in aligned.modules] == [(0, 6, 0), (6, 6, 0), (12, 3, 0)]
+
+
+def test_aligned_grid_refuses_mixed_input_widths_and_unknown_rules():
+    with pytest.raises(ValueError, match=r"^the aligned grid needs one input width shared by all target modules, "
+                                         r"but they have 4, 12$"):
+        build_layout([("a", (3, 4)), ("b", (2, 3, 4)), ("c", (5, 4))], "aligned")
+    with pytest.raises(ValueError, match="grid must be one of square, aligned, got 'diagonal'"):
+        build_layout([("a", (3, 4))], "diagonal")
+
+
+def test_aligned_record_round_trip_and_inconsistent_records():
+    aligned = build_layout([("a", (12, 12)), ("b", (5, 12))], "aligned")
+    record = aligned.to_dict()
+    assert record["grid"] == "aligned" and Layout.from_dict(record).grid == "aligned"
+    assert Layout.from_dict(record) == aligned
+    square_record = {key: value for key, value in build_layout([("a", (3, 4))]).to_dict().items() if key != "grid"}
+    assert Layout.from_dict(square_record).grid == "square"  # records from before the grid rule are square
+    relabelled = {**record, "grid": "square"}  # an aligned k under the square rule: inconsistent
+    with pytest.raises(ValueError, match=r"inconsistent GFA layout record: \(d, m, k\)"):
+        Layout.from_dict(relabelled)
+    with pytest.raises(ValueError, match="malformed GFA layout record.*grid must be one of"):
+        Layout.from_dict({**record, "grid": "diagonal"})

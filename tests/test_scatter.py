@@ -21,10 +21,10 @@ def dense_slice(B, A, layout, index):
     return (B @ A).reshape(-1)[piece.offset : piece.end].view(piece.shape)
 
 
-def run_both(shapes, index, r, scale, seed, with_weight=True, dtype=torch.float64):
-    """Output and gradients (x, B, A) of one module, fused vs dense reference."""
+def run_both(shapes, index, r, scale, seed, with_weight=True, dtype=torch.float64, grid="square"):
+    """Output and gradients (x, B, A) of one module, fused vs dense reference, on the grid rule `grid`."""
     torch.manual_seed(seed)
-    layout = build_layout([(f"m{i}", shape) for i, shape in enumerate(shapes)])
+    layout = build_layout([(f"m{i}", shape) for i, shape in enumerate(shapes)], grid)
     p, q = layout.modules[index].shape
     layer = nn.Linear(q, p, bias=False).to(dtype)
     op = op_for(layer)
@@ -63,6 +63,14 @@ shape = st.tuples(st.integers(1, 9), st.integers(1, 9))
 def test_matches_dense_reference_on_random_layouts(shapes, data, r, scale, with_weight, seed):
     index = data.draw(st.integers(0, len(shapes) - 1))
     assert_all_close(run_both(shapes, index, r, scale, seed, with_weight))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.integers(1, 9), min_size=1, max_size=5), width=st.integers(1, 9), data=st.data(),
+       r=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_matches_dense_reference_on_aligned_layouts(rows, width, data, r, seed):
+    index = data.draw(st.integers(0, len(rows) - 1))
+    assert_all_close(run_both([(p, width) for p in rows], index, r, 0.7, seed, grid="aligned"))
 
 
 @settings(max_examples=40, deadline=None)

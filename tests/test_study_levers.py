@@ -1,4 +1,5 @@
-"""The accuracy study's levers: the rank-stable scale rule, the gradient-informed start, B's own learning rate.
+"""The accuracy study's levers: the rank-stable scale rule, the gradient-informed start, B's own learning rate,
+the aligned grid.
 
 Each is checked against an independent reference: the dense gradient of the concatenated update, the scale a
 rule must give, the learning rate each optimizer group must hold."""
@@ -9,12 +10,15 @@ import math
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from gfa_peft import GfaConfig, delta_weights, layout_of
-from gfa_peft.training.methods import peft_config
+from gfa_peft.analysis.budget import gfa_params
+from gfa_peft.layout import build_layout
+from gfa_peft.training.methods import PlacementError, peft_config, place
 from gfa_peft.tuner.gradient_init import init_from_gradient
-from toy_models import MLP
+from gfa_peft.tuner.layer import GfaLayer
+from toy_models import MLP, SharedWidth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,3 +113,61 @@ def test_lora_and_dora_get_the_same_scale_rule():
     assert peft_config("gfa", {"r": 16}, ["q"], scale_rule="rsqrt").effective_scale == 1 / 4
     with pytest.raises(ValueError, match="vera has no scale"):
         peft_config("vera", {"r": 16}, ["q"], scale_rule="rsqrt")
+
+
+def _shared_width_base() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return SharedWidth().double()
+
+
+def _probe() -> torch.Tensor:
+    return torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def _aligned_adapter(tmp_path) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A saved SharedWidth adapter on the aligned grid, and its output on `_probe()`."""
+    config = GfaConfig(r=3, target_modules=["up", "mid", "out"], grid="aligned", init_weights=False)
+    model = get_peft_model(_shared_width_base(), config)
+    model.save_pretrained(tmp_path)
+    return model, model(_probe())
+
+
+def test_aligned_adapter_is_saved_and_loads_back_on_its_grid(tmp_path):
+    model, output = _aligned_adapter(tmp_path)
+    layout = layout_of(model)
+    assert (layout.m, layout.k) == (15, 24)  # d = 348: the square grid would be 20 x 18
+    saved = GfaConfig.from_pretrained(str(tmp_path))
+    assert saved.grid == "aligned" and saved.layout["grid"] == "aligned" and saved.layout["k"] == 24
+    loaded = PeftModel.from_pretrained(_shared_width_base(), tmp_path)  # the saved config's grid wins
+    assert layout_of(loaded) == layout and layout_of(loaded).grid == "aligned"
+    assert not torch.allclose(output, _shared_width_base()(_probe()))  # the adapter does change the output
+    torch.testing.assert_close(loaded(_probe()), output, rtol=0, atol=0)
+
+
+def test_a_config_whose_grid_contradicts_its_layout_record_is_refused(tmp_path):
+    model, _ = _aligned_adapter(tmp_path)
+    record = model.peft_config["default"].layout
+    with pytest.raises(ValueError, match="GfaConfig.grid is 'square' but its layout record was laid out on the "
+                                         "'aligned' grid"):
+        GfaConfig(r=3, target_modules=["up", "mid", "out"], layout=record)
+    with pytest.raises(ValueError, match="GfaConfig.grid must be one of square, aligned, got 'diagonal'"):
+        GfaConfig(r=3, grid="diagonal")
+
+
+def test_aligned_grid_refuses_modules_of_several_input_widths_and_leaves_the_model_alone():
+    model = MLP()
+    with pytest.raises(ValueError, match="one input width shared by all target modules, but they have 7, 10, 20$"):
+        get_peft_model(model, GfaConfig(r=1, target_modules=["lin0", "lin1", "lin2"], grid="aligned"))
+    assert not any(isinstance(module, GfaLayer) for module in model.modules())
+
+
+def test_placement_counts_gfa_on_the_aligned_grid():
+    shapes = [("up", (12, 12)), ("mid", (12, 12)), ("out", (5, 12))]
+    aligned = place("gfa", shapes, anchor="1", grid="aligned")
+    layout = build_layout(shapes, "aligned")
+    # LoRA r=1 counts 24 + 24 + 17 = 65; GFA's rank nearest it is 2 at 15 + 24 = 39 a rank (square: 20 + 18 = 38)
+    assert aligned.knobs == {"r": 2, "grid": "aligned"} and aligned.trainable == gfa_params(layout, 2) == 78
+    assert place("gfa", shapes, rank=5, grid="aligned").trainable == 5 * 39
+    assert place("gfa", shapes, anchor="1").trainable == 76
+    with pytest.raises(PlacementError, match="the aligned grid is GFA's setting; lora has none"):
+        place("lora", shapes, anchor="1", grid="aligned")

@@ -127,6 +127,18 @@ def test_module_order_reaches_the_gfa_adapter_and_names_the_run(cache, tmp_path)
         "gfa-1-s0-order-by_name-lr0.01"
 
 
+def test_aligned_grid_trains_at_its_placement_and_names_the_run(cache, tmp_path):
+    # tiny BERT's query, key and value: six 16 x 16 modules, d = 1536; square 40 x 39, aligned 48 x 32 (k = 2 x 16)
+    qkv = {"method": "gfa", "anchor": "1", "targets": ["query", "key", "value"]}
+    metrics = train(config(cache, grid="aligned", **qkv), tmp_path / "gfa", progress=False)
+    # LoRA r=1 counts 6 x 32 = 192: GFA's nearest rank is 2 on both grids, 2 x 80 = 160 here (square: 158)
+    assert metrics["knobs"] == {"r": 2, "grid": "aligned"} and metrics["adapter_params"] == 160
+    assert prepare(config(cache, **qkv)).placement.trainable == 158
+    saved = json.loads((tmp_path / "gfa" / "adapter" / "adapter_config.json").read_text())
+    assert saved["grid"] == "aligned" and (saved["layout"]["m"], saved["layout"]["k"]) == (48, 32)
+    assert prepare(config(cache, grid="aligned", **qkv)).name == "gfa-1-s0-grid-aligned-lr0.01"
+
+
 def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch):
     """--scale-rule, --b-lr-ratio and --gradient-init reach the adapter, the optimizer and the initialisation."""
     seen = {}
@@ -160,6 +172,9 @@ def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch
 @pytest.mark.parametrize("fields, message", [
     ({"method": "vera", "scale_rule": "rsqrt"}, "--scale-rule rsqrt applies to gfa, lora, dora, not vera"),
     ({"method": "lora", "gradient_init": 4}, "--gradient-init is GFA's initialisation; lora has none"),
+    ({"method": "lora", "grid": "aligned"}, "the aligned grid is GFA's setting; lora has none"),
+    ({"method": "gfa", "grid": "aligned", "targets": "all-linear"},
+     "the aligned grid needs one input width shared by all target modules, but they have 16, 32"),
     ({"method": "gfa", "b_lr_ratio": 0.0}, "--b-lr-ratio must be positive"),
     ({"method": "vblora", "b_lr_ratio": 2.0}, "--b-lr-ratio applies to the B factors of gfa, lora, dora"),
 ])

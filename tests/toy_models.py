@@ -29,6 +29,19 @@ class MLP(nn.Module):
         return self.lin2(self.lin1(self.relu(self.lin0(x))))
 
 
+class SharedWidth(nn.Module):
+    """Three linear layers that all read 12 features: one input width, as the aligned grid needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(12, 12)
+        self.mid = nn.Linear(12, 12)
+        self.out = nn.Linear(12, 5, bias=False)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.mid(torch.relu(self.up(x)))))
+
+
 class ConvEmbed(nn.Module):
     """An embedding feeding a 2-D convolution and a linear read-out."""
 

@@ -32,7 +32,7 @@ def layout_of(model: nn.Module, adapter_name: str = "default") -> AdapterLayout:
     """The adapter's layout: d, m, k, r and per module its name, update shape and offset."""
     tuner = _tuner(model, adapter_name)
     layout = tuner.gfa_layouts[adapter_name]
-    return AdapterLayout(layout.modules, layout.d, layout.m, layout.k, r=tuner.peft_config[adapter_name].r)
+    return AdapterLayout(layout.modules, layout.d, layout.m, layout.k, layout.grid, r=tuner.peft_config[adapter_name].r)
 
 
 def factors(model: nn.Module, adapter_name: str = "default") -> tuple[nn.Parameter, nn.Parameter]:

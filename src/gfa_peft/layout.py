@@ -5,6 +5,11 @@ d = sum_i numel(W_i) and views it row-major as an m x k matrix with k = floor(sq
 m = ceil(d / k). The last m*k - d entries (at most k - 1) are padding that no module reads.
 A `Layout` records that arrangement: the module order, each module's update shape and its
 offset into the concatenated vector. It is pure bookkeeping; no tensors live here.
+
+The grid rule picks k. "square" is the paper's k = floor(sqrt(d)). "aligned" takes for k the multiple of the
+modules' common input width q (the product of an update shape's trailing dimensions: a linear layer's in
+features) nearest sqrt(d), at least q: every module's offset and every row of its weight then start at a
+multiple of q inside a grid row, so a module's rows never straddle two grid rows.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 ModuleOrder = Union[str, int]
 """"model" (the model's own order), "by_name" (grouped by the module's last name) or an int seed."""
+GRIDS = ("square", "aligned")
+"""The rules choosing the grid's k: see the module docstring."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,11 @@ class ModuleSlice:
     def end(self) -> int:
         return self.offset + self.numel
 
+    @property
+    def input_width(self) -> int:
+        """q: the length of one row of the module's update reshaped (p, q)."""
+        return math.prod(self.shape[1:])
+
     def rows(self, k: int) -> tuple[int, int, int]:
         """(first_row, n_rows, skip): the rows of the m x k matrix this slice touches, and how
         many leading entries of the first row belong to earlier modules."""
@@ -51,6 +63,8 @@ class Layout:
     d: int
     m: int
     k: int
+    grid: str = field(default="square", compare=False)
+    """The rule that chose k (`GRIDS`); layouts of one geometry are equal whichever rule gave it."""
 
     @property
     def padding(self) -> int:
@@ -86,22 +100,27 @@ class Layout:
             "d": self.d,
             "m": self.m,
             "k": self.k,
+            "grid": self.grid,
             "modules": [[piece.name, list(piece.shape), piece.offset] for piece in self.modules],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> Layout:
-        """The layout a `to_dict` record describes; ValueError when the record is malformed or inconsistent."""
+        """The layout a `to_dict` record describes; ValueError when the record is malformed or inconsistent
+        (its modules, laid out on its grid rule, do not give its offsets, d, m and k). A record written before
+        the grid rule existed has none and is square."""
         try:
             modules = [(str(name), tuple(int(size) for size in shape), int(offset))
                        for name, shape, offset in data["modules"]]
             saved = cls(modules=tuple(ModuleSlice(*module) for module in modules),
                         d=int(data["d"]), m=int(data["m"]), k=int(data["k"]))
+            grid = data.get("grid", "square")
+            check_grid(grid)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed GFA layout record ({type(error).__name__}: {error})") from None
         if any(size < 1 for _, shape, _ in modules for size in shape):
             raise ValueError("malformed GFA layout record: a module has a size below 1")
-        layout = build_layout([(name, shape) for name, shape, _ in modules])
+        layout = build_layout([(name, shape) for name, shape, _ in modules], grid)
         problem = layout.difference(saved)
         if problem:
             raise ValueError(f"inconsistent GFA layout record: {problem}")
@@ -139,8 +158,27 @@ def grid_shape(d: int) -> tuple[int, int]:
     return -(-d // k), k
 
 
-def build_layout(named_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> Layout:
-    """Lay out modules back to back in the given order."""
+def aligned_grid_shape(d: int, width: int) -> tuple[int, int]:
+    """(m, k) with k the multiple of `width` nearest sqrt(d) (ties to the smaller, at least `width`), computed
+    exactly, and m = ceil(d / k)."""
+    below = max(math.isqrt(d) // width, 1)  # floor(sqrt(d) / width), as floor(floor(sqrt(d)) / width)
+    # (below + 1) * width is nearer exactly when its midpoint with below * width lies under sqrt(d)
+    multiple = below + 1 if ((2 * below + 1) * width) ** 2 < 4 * d else below
+    k = multiple * width
+    return -(-d // k), k
+
+
+def check_grid(grid: str) -> None:
+    """Raise ValueError unless `grid` is one of `GRIDS`."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+
+
+def build_layout(named_shapes: Sequence[tuple[str, tuple[int, ...]]], grid: str = "square") -> Layout:
+    """Lay out modules back to back in the given order, on the grid rule `grid` (`GRIDS`).
+
+    The aligned grid needs one input width shared by every module and refuses modules that have several."""
+    check_grid(grid)
     if not named_shapes:
         raise ValueError("GFA needs at least one target module")
     names = [name for name, _ in named_shapes]
@@ -153,8 +191,15 @@ def build_layout(named_shapes: Sequence[tuple[str, tuple[int, ...]]]) -> Layout:
             raise ValueError(f"module {name!r} has an empty weight {list(shape)}")
         pieces.append(piece)
         offset = piece.end
-    m, k = grid_shape(offset)
-    return Layout(modules=tuple(pieces), d=offset, m=m, k=k)
+    if grid == "square":
+        m, k = grid_shape(offset)
+    else:
+        widths = sorted({piece.input_width for piece in pieces})
+        if len(widths) > 1:
+            raise ValueError(f"the aligned grid needs one input width shared by all target modules, but they have "
+                             f"{', '.join(map(str, widths))}")
+        m, k = aligned_grid_shape(offset, widths[0])
+    return Layout(modules=tuple(pieces), d=offset, m=m, k=k, grid=grid)
 
 
 def parse_module_order(text: str) -> ModuleOrder:

@@ -154,12 +154,14 @@ def rank_anchors(
     named_shapes: Sequence[tuple[str, Shape]],
     labels: Sequence[str] = DEFAULT_ANCHORS,
     module_order: ModuleOrder = "model",
+    grid: str = "square",
 ) -> list[Anchor]:
     """Every method's size at each anchor, for the target modules `named_shapes` (in the model's order).
 
     GFA's rank is the one whose count r * (m + k) is nearest the budget, ties to the smaller rank, clamped
     to [1, min(m, k)]. The budget of "1/2" is the integer nearest 0.3 x LoRA's rank-1 count (halves down).
-    The module order sets the layout (and is validated) but no count depends on it.
+    The module order sets the layout (and is validated) but no count depends on it; the grid rule
+    (`layout.GRIDS`) sets m and k, so GFA's count.
     Raises ValueError for a bad or repeated label, or an anchor whose LoRA rank exceeds min(m, k).
     """
     labels = list(labels)
@@ -167,7 +169,7 @@ def rank_anchors(
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         raise ValueError(f"anchor(s) {', '.join(repeated)} given more than once")
-    layout = ordered_layout(named_shapes, module_order)
+    layout = ordered_layout(named_shapes, module_order, grid)
     for rank in ranks:
         if rank is not None:
             layout.check_rank(rank, "anchor rank")
@@ -175,11 +177,13 @@ def rank_anchors(
     return [_place(label, rank, shapes, layout) for label, rank in zip(labels, ranks, strict=True)]
 
 
-def ordered_layout(named_shapes: Sequence[tuple[str, Shape]], module_order: ModuleOrder = "model") -> Layout:
-    """The GFA layout of `named_shapes` (given in the model's order) concatenated in `module_order`."""
+def ordered_layout(named_shapes: Sequence[tuple[str, Shape]], module_order: ModuleOrder = "model",
+                   grid: str = "square") -> Layout:
+    """The GFA layout of `named_shapes` (given in the model's order) concatenated in `module_order`, on the
+    grid rule `grid`."""
     in_model_order = build_layout(named_shapes)
     order = order_modules(in_model_order.names, module_order)
-    return build_layout([(name, in_model_order[name].shape) for name in order])
+    return build_layout([(name, in_model_order[name].shape) for name in order], grid)
 
 
 def _place(label: str, lora_rank: int | None, shapes: list[Shape], layout: Layout) -> Anchor:

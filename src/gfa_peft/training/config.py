@@ -53,6 +53,11 @@ class RunConfig:
     module_order: str | None = _knob("GFA only: the concatenation order of the target modules: 'model' (their "
                                      "order in the model), 'by_name', or an integer seed of a random permutation",
                                      metavar="ORDER", when_unset="model")
+    grid: Literal["square", "aligned"] = _knob(
+        "GFA only: the shape of the global m x k matrix: square (k = floor(sqrt(d)), the paper) or aligned (k the "
+        "multiple of the target modules' common input width nearest sqrt(d), so no weight row straddles two grid "
+        "rows; needs every target module to have the same input width); GFA is placed at the anchor on that "
+        "grid", "square", metavar="GRID")
     seed: int = _knob("seed of the head and adapter initialisation and of the data order", 0, metavar="N")
     steps: int | None = _knob("optimiser steps (exclusive with --epochs)", metavar="N",
                               when_unset=recipe_defaults("steps"))

@@ -34,7 +34,7 @@ from gfa_peft.analysis.budget import (
     rank_anchors,
     vera_params,
 )
-from gfa_peft.layout import ModuleOrder, order_modules
+from gfa_peft.layout import ModuleOrder, check_grid, order_modules
 from gfa_peft.tuner import GfaConfig
 
 METHODS = ("gfa", "lora", "dora", "vera", "vblora", "full", "zero-shot")
@@ -76,23 +76,33 @@ class Placement:
 
 
 def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | None = None,
-          rank: int | None = None, module_order: ModuleOrder | None = None) -> Placement:
+          rank: int | None = None, module_order: ModuleOrder | None = None, grid: str = "square") -> Placement:
     """Place `method` on the target modules `named_shapes` at `anchor` or at an explicit `rank`.
 
     Full fine-tuning and zero-shot take neither; every other method takes exactly one (VB-LoRA only an anchor).
-    `module_order` (GFA only; None: the model's order) is recorded among GFA's knobs.
+    `module_order` (GFA only; None: the model's order) and a `grid` other than "square" (GFA only; the grid
+    rule, `layout.GRIDS`, which sets GFA's m and k and so its count) are recorded among GFA's knobs.
     Raises PlacementError for an unknown method, a missing or extra size, an anchor the method cannot reach
-    (e.g. LoRA at "1/2"), a rank out of range or a module order for another method or of an unknown kind;
-    ValueError from `rank_anchors` for a malformed anchor.
+    (e.g. LoRA at "1/2"), a rank out of range or a module order or grid for another method; ValueError for an
+    order or grid of an unknown kind, a grid the modules cannot have, or (from `rank_anchors`) a malformed anchor.
     """
     if method not in METHODS:
         raise PlacementError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    check_grid(grid)
+    gfa_knobs = {} if module_order is None else {"module_order": module_order}
+    if grid != "square":
+        gfa_knobs["grid"] = grid
+    if gfa_knobs and method != "gfa":
+        setting = "a module order" if module_order is not None else f"the {grid} grid"
+        raise PlacementError(f"{setting} is GFA's setting; {method} has none")
     if module_order is not None:
-        if method != "gfa":
-            raise PlacementError(f"a module order is GFA's setting; {method} has none")
         order_modules([], module_order)  # raises ValueError naming a bad order
-        placement = place(method, named_shapes, anchor, rank)
-        return replace(placement, knobs={**placement.knobs, "module_order": module_order})
+    placement = _place_size(method, named_shapes, anchor, rank, grid)
+    return replace(placement, knobs={**placement.knobs, **gfa_knobs})
+
+
+def _place_size(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | None, rank: int | None,
+                grid: str) -> Placement:
     shapes = [shape for _, shape in named_shapes]
     if method in UNANCHORED:
         if anchor is not None or rank is not None:
@@ -103,8 +113,8 @@ def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | 
     if (anchor is None) == (rank is None):
         raise PlacementError(f"method {method!r} needs exactly one of an anchor or a rank")
     if rank is not None:
-        return _at_rank(method, named_shapes, rank)
-    (placed,) = rank_anchors(named_shapes, [anchor])
+        return _at_rank(method, named_shapes, rank, grid)
+    (placed,) = rank_anchors(named_shapes, [anchor], grid=grid)
     knobs, trainable = {
         "gfa": ({"r": placed.gfa_rank}, placed.gfa_params),
         "lora": ({"r": placed.lora_rank}, placed.lora_params),
@@ -123,14 +133,14 @@ def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | 
     return Placement(method, anchor, knobs, trainable, placed.budget)
 
 
-def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int) -> Placement:
+def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int, grid: str) -> Placement:
     if method not in RANKED_METHODS:
         raise PlacementError(f"{method} has no rank to set: its size knob is the bank size, so give an anchor")
     if rank < 1:
         raise PlacementError(f"rank must be a positive integer, got {rank}")
     shapes = [shape for _, shape in named_shapes]
     if method == "gfa":
-        layout = ordered_layout(named_shapes)
+        layout = ordered_layout(named_shapes, grid=grid)
         try:
             layout.check_rank(rank, "GFA rank")
         except ValueError as error:
@@ -163,7 +173,7 @@ def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_typ
         raise ValueError(f"scale rule {scale_rule!r} applies to {', '.join(SCALED_METHODS)}; {method} has no scale")
     if method == "gfa":
         return GfaConfig(r=knobs["r"], scale=1.0, scale_rule=scale_rule, module_order=knobs.get("module_order", "model"),
-                         init_weights=zero_update, **common)
+                         grid=knobs.get("grid", "square"), init_weights=zero_update, **common)
     if method in ("lora", "dora"):
         rsqrt = scale_rule == "rsqrt"
         return LoraConfig(r=knobs["r"], lora_alpha=1 if rsqrt else knobs["r"], use_rslora=rsqrt,

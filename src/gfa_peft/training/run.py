@@ -138,6 +138,8 @@ class PreparedRun:
         parts.append(f"s{self.config.seed}")
         if self.config.module_order is not None:
             parts.append(f"order-{self.config.module_order}")
+        if self.config.grid != "square":
+            parts.append(f"grid-{self.config.grid}")
         if self.config.lr is not None:
             parts.append(f"lr{self.lr:g}")
         if self.config.eval_task is not None:
@@ -204,7 +206,8 @@ def _prepare(config: RunConfig) -> PreparedRun:
     targets = config.targets or default_targets(skeleton)
     targets = targets if isinstance(targets, str) else list(targets)
     module_order = None if config.module_order is None else parse_module_order(config.module_order)
-    placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank, module_order)
+    placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank, module_order,
+                      config.grid)
     trains = config.method != ZERO_SHOT
     if config.choice_score != "sum" and task.kind != "multiple_choice":
         raise ValueError(f"--choice-score {config.choice_score} scores the choices of multiple-choice tasks; "
@@ -642,7 +645,7 @@ def run_record(run: PreparedRun) -> dict[str, Any]:
 NOT_SETTINGS = {"config": ("cache",), "resolved": ("model_dir", "versions")}
 """Record entries that say where the inputs lay and which versions ran, not how the run trains."""
 ADDED_LATER = {("config", "choice_score"): "sum", ("resolved", "scoring"): 1, ("config", "scale_rule"): "constant",
-               ("config", "b_lr_ratio"): 1.0, ("config", "gradient_init"): 0}
+               ("config", "b_lr_ratio"): 1.0, ("config", "gradient_init"): 0, ("config", "grid"): "square"}
 """Settings that runs recorded before they existed ran with, by (record part, name): such a run still resumes."""
 
 

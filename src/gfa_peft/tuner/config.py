@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from gfa_peft.layout import order_modules
+from gfa_peft.layout import GRIDS, order_modules
 from gfa_peft.tuner.card import write_card
 from gfa_peft.tuner.checkpoint import check_adapter_file
 from gfa_peft.internals import add_peft_type
@@ -23,7 +23,7 @@ class GfaConfig(PeftConfig):
     """Configuration of a [`GfaModel`]: one global factor pair shared by every target module.
 
     The updates of all target matrices are concatenated (in `module_order`) into one vector of
-    length d, viewed as an m x k matrix (k = floor(sqrt(d)), m = ceil(d / k)) and factorised as
+    length d, viewed as an m x k matrix (k = floor(sqrt(d)) on the default `grid`, m = ceil(d / k)) and factorised as
     B (m x r, initialised to 0) times A (r x k, initialised N(0, sigma^2)). Each module adds
     `scale` times its slice of vec(BA), reshaped to its weight. Trainable parameters: r * (m + k).
     """
@@ -60,6 +60,16 @@ class GfaConfig(PeftConfig):
         metadata={
             "help": "Concatenation order: 'model' (the model's own order), 'by_name' (all modules of one name, then "
             "the next) or an integer seed of a random permutation."
+        },
+    )
+    grid: str = field(
+        default="square",
+        metadata={
+            "help": "How the global matrix is shaped: 'square', k = floor(sqrt(d)) (the paper); 'aligned', k the "
+            "multiple of the modules' common input width q nearest sqrt(d), so every row of every module's weight "
+            "starts at a multiple of q inside a grid row and never straddles two (a module's update rows are then "
+            "combinations of r*k/q vectors of length q shared by all modules). 'aligned' needs every target module "
+            "to have the same input width."
         },
     )
     init_weights: bool = field(
@@ -113,6 +123,12 @@ class GfaConfig(PeftConfig):
         if not _finite(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GfaConfig.dropout must be in [0, 1), got {self.dropout!r}")
         order_modules([], self.module_order)  # validates the value
+        if self.grid not in GRIDS:
+            raise ValueError(f"GfaConfig.grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        recorded_grid = self.layout.get("grid", "square") if isinstance(self.layout, dict) else self.grid
+        if recorded_grid != self.grid:
+            raise ValueError(f"GfaConfig.grid is {self.grid!r} but its layout record was laid out on the "
+                             f"{recorded_grid!r} grid; keep the saved config's grid, which its weights need")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("GfaConfig.layers_pattern only applies together with layers_to_transform")
 

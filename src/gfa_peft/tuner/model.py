@@ -82,7 +82,8 @@ class GfaModel(BaseTuner):
             raise ValueError(f"GfaConfig.target_modules: {error}") from None
         target_matching.check_untied(list(targets.items()))
         shapes = {name: update_shape(module, name) for name, module in targets.items()}
-        layout = build_layout([(name, shapes[name]) for name in order_modules(list(targets), config.module_order)])
+        layout = build_layout([(name, shapes[name]) for name in order_modules(list(targets), config.module_order)],
+                              config.grid)
         try:
             layout.check_rank(config.r, "GfaConfig.r")
         except ValueError as error:
