@@ -226,15 +226,18 @@ def _card(folder: Path) -> str:
 def test_the_saved_card_says_gfa_its_layout_its_count_and_how_to_load_it(tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), GfaConfig(r=3, task_type="CAUSAL_LM"))
-    model.add_adapter("second", GfaConfig(r=2, target_modules=["o_proj"], task_type="CAUSAL_LM"))
+    model.add_adapter("second", GfaConfig(r=4, target_modules=["o_proj"], task_type="CAUSAL_LM", scale_rule="rsqrt",
+                                          grid="aligned"))
     model.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)  # saving again replaces the section instead of adding one
-    for folder, name in ((tmp_path, "default"), (tmp_path / "second", "second")):
+    # (grid, s): the second adapter's s is 1 / sqrt(4) under the rsqrt rule
+    for folder, name, grid, s in ((tmp_path, "default", "square", "1"), (tmp_path / "second", "second", "aligned", "0.5")):
         layout = gfa_peft.layout_of(model, name)
         r = model.peft_config[name].r
         card = _card(folder)
         assert card.count(START) == card.count(END) == 1
-        row = f"| {len(layout.modules)} | {layout.d} | {layout.m} | {layout.k} | {r} | 1.0 | {r * (layout.m + layout.k)} |"
+        row = (f"| {len(layout.modules)} | {layout.d} | {layout.m} | {layout.k} | {grid} | {r} | {s} | "
+               f"{r * (layout.m + layout.k)} |")
         assert row in card
         assert r * (layout.m + layout.k) == sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n
                                                 and "gfa_" in n)
