@@ -196,12 +196,11 @@ def test_a_process_that_never_imports_gfa_peft_reads_the_config_and_loads_with_a
 
 
 @pytest.mark.slow
-def test_transformers_own_adapter_loading_is_refused_in_one_line_by_peft(installed_python, saved):
-    """transformers loads adapters through PEFT's inject_adapter_in_model, which refuses every method whose
-    weights live on the tuner (VeRA, VB-LoRA, GFA). The refusal is PEFT's one line; GFA runs no code of its own
-    on that path that the PeftModel path does not run too, so it cannot word it (see README)."""
+def test_transformers_own_adapter_loading_is_refused_in_one_line_naming_the_ways_that_load(installed_python, saved):
+    """transformers loads adapters through PEFT's inject_adapter_in_model, which refuses every method whose weights
+    live on the tuner (VeRA, VB-LoRA, GFA), naming get_peft_model; for GFA the refusal names the ways that load."""
     output = run_python(f"""
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, pipeline
         attempts = {{
             "from_pretrained": lambda: AutoModelForCausalLM.from_pretrained({saved['adapter']!r}),
             "load_adapter": lambda: AutoModelForCausalLM.from_pretrained({saved['base']!r}).load_adapter(
@@ -212,9 +211,24 @@ def test_transformers_own_adapter_loading_is_refused_in_one_line_by_peft(install
                 attempt()
                 print(name, "loaded")
             except ValueError as error:
-                print(name, len(str(error).splitlines()), "shared state" in str(error))
+                message = str(error)
+                print(name, len(message.splitlines()), "PeftModel.from_pretrained" in message, "gfa merge" in message)
     """, installed_python, autoregister=True)
-    assert output.splitlines()[-2:] == ["from_pretrained 1 True", "load_adapter 1 True"]
+    assert output.splitlines()[-2:] == ["from_pretrained 1 True True", "load_adapter 1 True True"]
+
+
+def test_only_the_class_level_read_of_uses_shared_state_refuses():
+    """The tuner's own code reads uses_shared_state on instances (True); hasattr, inspect and help see the class
+    attribute as absent; PEFT's inject_adapter_in_model, the one class-level reader, gets the refusal."""
+    from peft import inject_adapter_in_model
+
+    from gfa_peft.tuner.model import GfaModel, LoadWithPeftModel
+
+    model = get_peft_model(tiny_llama(), GfaConfig(r=2))
+    assert model.base_model.uses_shared_state is True
+    assert not hasattr(GfaModel, "uses_shared_state")
+    with pytest.raises(LoadWithPeftModel, match=r"PeftModel\.from_pretrained\(base_model, adapter_dir\).*gfa merge"):
+        inject_adapter_in_model(GfaConfig(r=2), tiny_llama())
 
 
 # --- the model card --------------------------------------------------------------------------------------------

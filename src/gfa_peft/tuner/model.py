@@ -27,7 +27,30 @@ from gfa_peft.tuner.weighted import concatenated_factors, truncated_factors
 from gfa_peft.weight_ops import update_shape
 
 
-class GfaModel(BaseTuner):
+class LoadWithPeftModel(ValueError, AttributeError):
+    """Raised where transformers' own adapter loading meets a GFA adapter (see `_GfaTunerClass`). An
+    AttributeError too, so `hasattr`, `inspect` and `help` see the class attribute as absent instead of failing."""
+
+
+class _GfaTunerClass(type(BaseTuner)):
+    """GfaModel's metaclass, for one message. transformers' own adapter loading (`AutoModel*.from_pretrained` of an
+    adapter folder, `load_adapter`, `pipeline`) goes through PEFT's `inject_adapter_in_model`, which reads
+    `uses_shared_state` on the tuner *class* and refuses a method with shared state, naming `get_peft_model`, which
+    creates a new adapter and loads nothing. That class-level read is the only one in PEFT (the tuner's own code reads
+    the attribute on instances, which see `uses_shared_state = True`), so it is answered with the refusal that names
+    the ways that do load a GFA adapter; nothing of PEFT or transformers is changed."""
+
+    @property
+    def uses_shared_state(cls) -> bool:
+        raise LoadWithPeftModel(
+            "GFA adapters cannot be loaded by transformers' own adapter loading (from_pretrained of an adapter "
+            "folder, load_adapter, pipeline), which injects adapters layer by layer and cannot hold GFA's factors, "
+            "shared by every layer: load it with peft.PeftModel.from_pretrained(base_model, adapter_dir), or merge it "
+            "into the base with `gfa merge ADAPTER --base BASE --out DIR`"
+        )
+
+
+class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
     """Global Factorized Adaptation of a model; created through `peft.get_peft_model`.
 
     Attributes:
