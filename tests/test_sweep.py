@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import math
 import os
 import re
@@ -41,6 +42,24 @@ def spec(cache: Path, **fields) -> SweepSpec:
 
 
 # ---------------------------------------------------------------- running, skipping, resuming
+
+def test_cells_carry_the_seeds_mean_final_training_loss(cache, tmp_path):
+    """A cell's final loss: each seed's mean of its last five logged losses (one log every 10 steps), averaged."""
+    root = tmp_path / "sweep"
+    summary = run_sweep(spec(cache, methods=("gfa",), anchors=("1",), settings={"steps": 70, "cache": str(cache)}),
+                        root, progress=False, log=lambda message: None)
+    (cell,) = summary["cells"]
+    finals = []
+    for seed in (0, 1):
+        log = json.loads((root / "rt" / f"gfa-1-s{seed}-lr0.01" / "train_log.json").read_text())
+        losses = [entry["loss"] for entry in log if "loss" in entry]
+        assert len(losses) == 7
+        finals.append(statistics.fmean(losses[-5:]))
+    assert cell["final_loss"] == pytest.approx(statistics.fmean(finals), rel=1e-12)
+    with (root / "results.csv").open() as file:
+        (row,) = csv.DictReader(file)
+    assert float(row["final_loss"]) == pytest.approx(cell["final_loss"], abs=5e-5)
+
 
 def test_sweep_runs_the_grid_skips_finished_runs_and_redoes_unfinished_ones(cache, tmp_path, monkeypatch):
     root = tmp_path / "sweep"

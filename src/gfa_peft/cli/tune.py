@@ -85,14 +85,21 @@ def edge_notes(choices: dict[str, dict]) -> list[str]:
 
 
 def format_trials(cells: list[dict], choices: dict[str, dict]) -> str:
-    """Dev accuracy of every trial: one row per method and rate, one column per task and anchor, then the mean."""
+    """Every trial's dev accuracy (one row per method and rate, one column per task and anchor, the mean, the
+    choice), then its final training loss laid out alike (mean of the last logged losses, over the seeds): a rate
+    that fits better but generalises worse shows in the second table."""
+    return (f"dev accuracy %\n{_trial_table(cells, choices, 'mean', '{:.1f}', with_choice=True)}\n"
+            f"final training loss\n{_trial_table(cells, choices, 'final_loss', '{:.3f}', with_choice=False)}")
+
+
+def _trial_table(cells: list[dict], choices: dict[str, dict], key: str, fmt: str, with_choice: bool) -> str:
     columns = sorted({(cell["task"], cell["anchor"]) for cell in cells})
-    accuracy = {(cell["method"], cell["lr"], cell["task"], cell["anchor"]): cell["mean"] for cell in cells}
+    value_of = {(cell["method"], cell["lr"], cell["task"], cell["anchor"]): cell.get(key) for cell in cells}
     rows = []
     for method, choice in choices.items():
         for lr, mean in choice["mean_by_lr"].items():
-            values = [accuracy.get((method, lr, task, anchor)) for task, anchor in columns]
-            rows.append([method, f"{lr:g}", *("-" if value is None else f"{value:.1f}" for value in values),
-                         f"{mean:.1f}", "chosen" if lr == choice["lr"] else ""])
-    header = ["method", "lr", *(f"{task} @{anchor}" for task, anchor in columns), "mean", ""]
-    return "dev accuracy %\n" + text_table(header, rows)
+            values = [value_of.get((method, lr, task, anchor)) for task, anchor in columns]
+            chosen = [f"{mean:.1f}", "chosen" if lr == choice["lr"] else ""] if with_choice else []
+            rows.append([method, f"{lr:g}", *("-" if value is None else fmt.format(value) for value in values), *chosen])
+    header = ["method", "lr", *(f"{task} @{anchor}" for task, anchor in columns), *(["mean", ""] if with_choice else [])]
+    return text_table(header, rows)

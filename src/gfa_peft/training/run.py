@@ -673,3 +673,16 @@ def load_run(folder: Path) -> tuple[dict, dict]:
     return (json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")),
             json.loads((folder / METRICS_FILE).read_text(encoding="utf-8")))
 
+
+FINAL_LOSS_LOGS = 5
+"""The final training loss is the mean of the last this many logged losses (one every `LOG_EVERY` steps): one
+batch's loss is too noisy to compare methods by."""
+
+
+def final_train_loss(folder: Path) -> float | None:
+    """The mean of the last `FINAL_LOSS_LOGS` training losses in a finished run's train_log.json; None for a run
+    that logged none (zero-shot, or fewer steps than `LOG_EVERY`)."""
+    log = json.loads((folder / "train_log.json").read_text(encoding="utf-8"))
+    losses = [entry["loss"] for entry in log if "loss" in entry][-FINAL_LOSS_LOGS:]
+    return sum(losses) / len(losses) if losses else None
+

@@ -60,6 +60,7 @@ from gfa_peft.training.run import (
     check_run_folder,
     execute,
     is_finished,
+    final_train_loss,
     load_run,
     prepare,
 )
@@ -285,7 +286,8 @@ def write_summary(root: Path, folders: Sequence[Path]) -> dict[str, Any]:
     from gfa_peft.io.plots import plot_sweep
 
     finished = [folder for folder in folders if is_finished(folder)]
-    results = [result for folder in finished for result in per_task(load_run(folder)[1])]
+    results = [result for folder in finished
+               for result in per_task({**load_run(folder)[1], "final_train_loss": final_train_loss(folder)})]
     summary = summarize(results)
     summary["unfinished"] = [str(folder.relative_to(root)) for folder in folders if folder not in finished]
     summary["figure"] = FIGURE_FILE  # relative to the sweep folder, so the record holds on any machine
@@ -366,6 +368,7 @@ def cell_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "task": task, "method": method, "anchor": anchor, "lr": lr, "module_order": module_order,
             "adapter_params": members[0]["adapter_params"], "rank": members[0]["knobs"].get("r"), "n": len(values),
             "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "final_loss": _mean_final_loss(members),
             "values": {f"s{result['seed']}": value for result, value in zip(members, values, strict=True)},
             **{f"{metric}_mean": 100 * statistics.fmean(result[metric] for result in members)
                for metric in ("f1", "matthews") if metric in members[0]},
@@ -373,6 +376,12 @@ def cell_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     # Methods in a fixed order, GFA first, as the paper's tables list them (not alphabetically).
     return sorted(cells, key=lambda cell: (cell["task"], METHODS.index(cell["method"]), str(cell["module_order"]),
                                            cell["adapter_params"], cell["lr"]))
+
+
+def _mean_final_loss(members: Sequence[dict[str, Any]]) -> float | None:
+    """The seeds' mean final training loss (`run.final_train_loss`), None when a run has none (zero-shot)."""
+    losses = [result.get("final_train_loss") for result in members]
+    return None if None in losses else statistics.fmean(losses)
 
 
 def tie_band(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -443,20 +452,23 @@ def cells_csv(cells: Sequence[dict[str, Any]]) -> str:
     seeds = sorted({seed for cell in cells for seed in cell["values"]}, key=lambda seed: int(seed[1:]))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["task", "method", "module_order", "anchor", "lr", "adapter_params", "n", "mean", "std", *seeds])
+    writer.writerow(["task", "method", "module_order", "anchor", "lr", "adapter_params", "n", "mean", "std",
+                     "final_loss", *seeds])
     for cell in cells:
         writer.writerow([cell["task"], cell["method"], "" if cell["module_order"] is None else cell["module_order"],
                          cell["anchor"], cell["lr"], cell["adapter_params"], cell["n"],
                          f"{cell['mean']:.2f}", "" if cell["std"] is None else f"{cell['std']:.2f}",
+                         "" if cell.get("final_loss") is None else f"{cell['final_loss']:.4f}",
                          *(f"{cell['values'][seed]:.2f}" if seed in cell["values"] else "" for seed in seeds)])
     return buffer.getvalue()
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The cells, the tie band, the verdicts, the retention and the module-order spread as plain-text tables."""
-    lines = [text_table(["task", "method", "anchor", "adapter params", "accuracy %", "std", "seeds"],
+    lines = [text_table(["task", "method", "anchor", "adapter params", "accuracy %", "std", "seeds", "final loss"],
                     [[cell["task"], method_label(cell), cell["anchor"], f"{cell['adapter_params']:,}",
-                      f"{cell['mean']:.1f}", "-" if cell["std"] is None else f"{cell['std']:.1f}", str(cell["n"])]
+                      f"{cell['mean']:.1f}", "-" if cell["std"] is None else f"{cell['std']:.1f}", str(cell["n"]),
+                      "-" if cell.get("final_loss") is None else f"{cell['final_loss']:.3f}"]
                      for cell in summary["cells"]])]
     lines.append("majority-class baseline: " + ", ".join(
         f"{task} {value:.1f}%" for task, value in sorted(summary["baselines"].items())))
