@@ -170,6 +170,20 @@ def test_the_installed_hook_is_there_at_start_up_imports_nothing_heavy_and_turns
     assert run_python(START_UP, sys.executable, autoregister=False).strip() == "False []"
 
 
+def test_a_start_up_hook_left_behind_by_a_moved_or_removed_package_stays_silent(tmp_path):
+    """An editable install whose checkout was moved, or a half-removed package, leaves the .pth file where
+    gfa_peft cannot be found: every Python start must then go on as if the hook were not there, printing nothing."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_packages = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
+    shutil.copy(AUTOREGISTER_PTH, site_packages)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / Path(sys.executable).name
+    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", AUTOREGISTER_VARIABLE)}
+    done = subprocess.run([str(python), "-c", "import importlib.util; print(importlib.util.find_spec('gfa_peft'))"],
+                          capture_output=True, text=True, env=environment, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "None\n", "")
+
+
 def test_a_process_that_never_imports_gfa_peft_loads_an_adapter_with_peft_model_from_pretrained(installed_python,
                                                                                                 saved):
     output = run_python(f"""

@@ -12,6 +12,7 @@ stays in `sys.meta_path` until PEFT's module has actually run, and removes itsel
 The installed package also carries `gfa-peft-autoregister.pth`, which imports `gfa_peft` (this module and the
 package's `__init__`, standard library only) at interpreter start-up unless the environment variable
 `GFA_PEFT_AUTOREGISTER` is `0`, so any process that imports PEFT knows GFA without importing this package.
+Where `gfa_peft` cannot be found (a moved editable checkout), the .pth file does nothing and prints nothing.
 """
 
 import sys  # the only module imported at start-up: `importlib` and `warnings` load when needed
