@@ -28,6 +28,8 @@ CASES = {
     "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj"], scale_rule="rsqrt")),
     # a classifier head in modules_to_save, which the LoRA adapter must carry; a scale other than 1
     "bert": (tiny_bert_classifier, dict(target_modules=["query", "value"], task_type="SEQ_CLS", scale=0.5)),
+    # a learned gain per module, which the LoRA factors must carry
+    "llama-gain": (tiny_llama, dict(target_modules=["q_proj", "v_proj"], module_gain=True)),
 }
 
 
@@ -40,7 +42,11 @@ def gfa_model(name: str):
     build, config = CASES[name]
     torch.manual_seed(0)
     base = build().eval()
-    return get_peft_model(base, GfaConfig(r=2, init_weights=False, **config)).eval()  # B random: a nonzero update
+    model = get_peft_model(base, GfaConfig(r=2, init_weights=False, **config)).eval()  # B random: a nonzero update
+    if config.get("module_gain"):
+        with torch.no_grad():
+            model.base_model.gfa_gain["default"].weight.copy_(torch.tensor([0.5, 2.0] * 2))
+    return model
 
 
 def dense_updates(model) -> dict[str, torch.Tensor]:
@@ -49,8 +55,9 @@ def dense_updates(model) -> dict[str, torch.Tensor]:
     layout, config = layout_of(model), model.peft_config["default"]
     scale = config.scale / math.sqrt(config.r) if config.scale_rule == "rsqrt" else config.scale
     flat = scale * (B.detach().double() @ A.detach().double()).reshape(-1)
-    return {piece.name: flat[piece.offset : piece.offset + piece.numel].reshape(piece.shape)
-            for piece in layout.modules}
+    gains = model.base_model.gfa_gain["default"].weight.detach().double() if config.module_gain else [1.0] * len(layout.modules)
+    return {piece.name: gain * flat[piece.offset : piece.offset + piece.numel].reshape(piece.shape)
+            for piece, gain in zip(layout.modules, gains)}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -128,7 +135,7 @@ def test_the_printed_error_is_the_discarded_singular_values_share(saved, capsys)
         total_lost, total = total_lost + lost, total + squared
     assert report["relative_error"] == pytest.approx((total_lost / total) ** 0.5, rel=1e-4)
     assert f"= {report['relative_error']:.3g} " in printed
-    assert report["gfa_params"] == sum(p.numel() for p in factors(model))
+    assert report["gfa_params"] == sum(p.numel() for name, p in model.named_parameters() if ".gfa_" in name)
     assert report["lora_params"] == sum(module["lora_params"] for module in report["modules"])
 
 

@@ -125,19 +125,24 @@ def test_factors_that_do_not_fit_the_layout_are_refused():
         realized_ranks(torch.zeros(layout.m, 2), torch.zeros(2, layout.k), layout, scale=1.0, tol=0.0)
 
 
-def saved_adapter(case, folder, r=2, scale=1.5):
-    """`case`'s toy model with a GFA adapter whose B is random (as after training), saved to `folder`."""
-    model = get_peft_model(case.model(), GfaConfig(r=r, scale=scale, **case.config))
+def saved_adapter(case, folder, r=2, scale=1.5, module_gain=False):
+    """`case`'s toy model with a GFA adapter whose B (and gains) are random (as after training), saved to
+    `folder`."""
+    model = get_peft_model(case.model(), GfaConfig(r=r, scale=scale, module_gain=module_gain, **case.config))
     B, _ = factors(model)
     with torch.no_grad():
         B.copy_(torch.randn(B.shape, generator=torch.Generator().manual_seed(1)))
+        if module_gain:
+            gains = model.base_model.gfa_gain["default"].weight
+            gains.uniform_(0.2, 3.0, generator=torch.Generator().manual_seed(2))
     model.save_pretrained(folder)
     return model
 
 
+@pytest.mark.parametrize("module_gain", [False, True], ids=["shared", "module-gain"])
 @pytest.mark.parametrize("case", [CONV_EMBEDDING, GPT2], ids=lambda case: case.name)
-def test_saved_adapter_report_matches_the_live_model(case, tmp_path, capsys):
-    model = saved_adapter(case, tmp_path / "adapter")
+def test_saved_adapter_report_matches_the_live_model(case, module_gain, tmp_path, capsys):
+    model = saved_adapter(case, tmp_path / "adapter", module_gain=module_gain)
     out = tmp_path / "report.json"
     assert main(["inspect", str(tmp_path / "adapter"), "--json", str(out), "--no-progress"]) == 0
     record = json.loads(out.read_text())

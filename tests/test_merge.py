@@ -18,15 +18,17 @@ from gfa_peft.training.run import RunConfig, train
 from toy_models import tiny_gpt2, tiny_llama, token_batch
 
 CASES = {
-    "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"]),
+    "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"], {}),
     # Conv1D stores (in, out); c_proj's weights are square, so only the module type tells the orientation.
-    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], {}),
+    # a learned gain per module, which the merge applies to each module's slice
+    "llama-gain": (tiny_llama, ["q_proj", "v_proj", "down_proj"], {"module_gain": True}),
 }
 
 
-def trained_adapter(build, targets):
+def trained_adapter(build, targets, config=None):
     torch.manual_seed(0)
-    model = get_peft_model(build(), GfaConfig(r=2, target_modules=targets))
+    model = get_peft_model(build(), GfaConfig(r=2, target_modules=targets, **(config or {})))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     for seed in range(3):
         ids = token_batch(seed)["input_ids"]
@@ -39,11 +41,11 @@ def trained_adapter(build, targets):
 @pytest.fixture(scope="module", params=sorted(CASES))
 def saved(request, tmp_path_factory):
     """A base checkpoint in several shards, an adapter trained on it, and the adapted model's logits."""
-    build, targets = CASES[request.param]
+    build, targets, config = CASES[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
     build().save_pretrained(folder / "base", max_shard_size="20KB")
-    model = trained_adapter(build, targets)
+    model = trained_adapter(build, targets, config)
     model.save_pretrained(folder / "adapter")
     ids = token_batch(7)["input_ids"]
     with torch.no_grad():

@@ -17,22 +17,39 @@ from gfa_peft import GfaConfig, GfaLayer
 from toy_models import CASES, Case
 
 IDS = [case.name for case in CASES]
+GAINS = [pytest.param(False, id="shared"), pytest.param(True, id="module-gain")]
+"""The adapter as the paper has it, and with a learned gain per module (`GfaConfig.module_gain`)."""
 
 
 def make(case: Case, seed: int = 0, **overrides):
     base = case.model(seed)
     reference = copy.deepcopy(base)
     config = GfaConfig(**{"r": 2, **case.config, **overrides})
-    return get_peft_model(base, config), reference
+    model = get_peft_model(base, config)
+    if config.module_gain:  # gains other than their starting 1, one per module, so a gain applied twice or to
+        gains = model.base_model.gfa_gain["default"].weight  # the wrong module shows
+        with torch.no_grad():
+            gains.copy_(torch.linspace(0.5, 1.5, len(gains)))
+    return model, reference
+
+
+def gains_of(model, adapter_name="default") -> torch.Tensor:
+    """The adapter's module gains in layout order; ones for an adapter without them."""
+    tuner = model.base_model
+    if adapter_name in tuner.gfa_gain:
+        return tuner.gfa_gain[adapter_name].weight.detach()
+    return torch.ones(len(gfa_peft.layout_of(model, adapter_name).modules))
 
 
 def dense_reference_deltas(model, adapter_name="default") -> dict[str, torch.Tensor]:
-    """Independent of the scatter code: form M = BA in full, flatten, cut at the offsets, reshape."""
+    """Independent of the scatter code: form M = BA in full, flatten, cut at the offsets, reshape, times the
+    scale and the module's gain."""
     B, A = gfa_peft.factors(model, adapter_name)
     layout = gfa_peft.layout_of(model, adapter_name)
     scale = model.peft_config[adapter_name].scale
     flat = (B @ A).detach().reshape(-1)
-    return {piece.name: scale * flat[piece.offset : piece.offset + piece.numel].view(piece.shape) for piece in layout.modules}
+    return {piece.name: scale * gain * flat[piece.offset : piece.offset + piece.numel].view(piece.shape)
+            for piece, gain in zip(layout.modules, gains_of(model, adapter_name))}
 
 
 def apply_deltas(reference, deltas):
@@ -57,15 +74,18 @@ def train_steps(model, case, steps=3, lr=0.05):
     model.eval()
 
 
+@pytest.mark.parametrize("module_gain", GAINS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_trainable_count_is_r_times_m_plus_k(case):
-    model, _ = make(case, r=3)
+def test_trainable_count_is_r_times_m_plus_k(case, module_gain):
+    model, _ = make(case, r=3, module_gain=module_gain)
     layout = gfa_peft.layout_of(model)
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     assert layout.r == 3 and len(layout.modules) == case.n_targets
-    assert sum(trainable.values()) == 3 * (layout.m + layout.k) + case.extra_trainable(model.base_model.model)
+    gains = case.n_targets if module_gain else 0
+    assert sum(trainable.values()) == 3 * (layout.m + layout.k) + gains + case.extra_trainable(model.base_model.model)
     factor_names = {name for name in trainable if "gfa_" in name}
-    assert factor_names == {"base_model.gfa_B.default.weight", "base_model.gfa_A.default.weight"}
+    assert factor_names == {"base_model.gfa_B.default.weight", "base_model.gfa_A.default.weight",
+                            *(["base_model.gfa_gain.default.weight"] if module_gain else [])}
     assert all("gfa_" in name or "classifier" in name for name in trainable)
     assert model.get_nb_trainable_parameters()[0] == sum(trainable.values())
 
@@ -80,15 +100,17 @@ def test_adapter_starts_as_exact_noop(case):
     torch.testing.assert_close(case.output(model, inputs), case.output(reference, inputs), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("module_gain", GAINS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_and_training_match_dense_reference(case):
-    model, reference = make(case, init_weights=False, scale=0.7)
+def test_forward_and_training_match_dense_reference(case, module_gain):
+    model, reference = make(case, init_weights=False, scale=0.7, module_gain=module_gain)
     inputs = case.inputs()
     expected = case.output(apply_deltas(reference, dense_reference_deltas(model)), inputs)
     torch.testing.assert_close(case.output(model, inputs), expected, rtol=1e-5, atol=1e-5)
-    before = [p.detach().clone() for p in gfa_peft.factors(model)]
+    before = [p.detach().clone() for p in (*gfa_peft.factors(model), gains_of(model))]
     train_steps(model, case)
-    assert all(not torch.equal(b, p) for b, p in zip(before, gfa_peft.factors(model)))
+    after = (*gfa_peft.factors(model), gains_of(model))
+    assert [not torch.equal(b, p) for b, p in zip(before, after)] == [True, True, module_gain]
     # the frozen base weights did not move
     frozen = {n.replace("base_layer.", ""): p for n, p in model.base_model.model.named_parameters() if "classifier" not in n}
     for name, param in reference.named_parameters():
@@ -110,9 +132,10 @@ def test_disable_adapter_gives_base_outputs(case):
     assert not torch.allclose(case.output(model, inputs), case.output(reference, inputs))
 
 
+@pytest.mark.parametrize("module_gain", GAINS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_merge_unmerge_round_trip(case):
-    model, _ = make(case, init_weights=False)
+def test_merge_unmerge_round_trip(case, module_gain):
+    model, _ = make(case, init_weights=False, module_gain=module_gain)
     inputs = case.inputs()
     adapted = case.output(model, inputs)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
@@ -126,9 +149,10 @@ def test_merge_unmerge_round_trip(case):
     torch.testing.assert_close(case.output(model, inputs), adapted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("module_gain", GAINS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_merge_and_unload_gives_plain_modules(case):
-    model, reference = make(case, init_weights=False)
+def test_merge_and_unload_gives_plain_modules(case, module_gain):
+    model, reference = make(case, init_weights=False, module_gain=module_gain)
     inputs = case.inputs()
     adapted = case.output(model, inputs)
     merged = model.merge_and_unload(safe_merge=True)
@@ -137,17 +161,18 @@ def test_merge_and_unload_gives_plain_modules(case):
     torch.testing.assert_close(case.output(merged, inputs), adapted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("module_gain", GAINS)
 @pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "pickle"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_save_load_round_trip(case, safe_serialization, tmp_path):
-    model, _ = make(case, init_weights=False)
+def test_save_load_round_trip(case, safe_serialization, module_gain, tmp_path):
+    model, _ = make(case, init_weights=False, module_gain=module_gain)
     train_steps(model, case, steps=1)
     inputs = case.inputs()
     expected = case.output(model, inputs)
     model.save_pretrained(tmp_path, safe_serialization=safe_serialization)
     if safe_serialization:
         keys = set(load_file(os.path.join(tmp_path, "adapter_model.safetensors")))
-        factor_keys = {"base_model.gfa_B", "base_model.gfa_A"}
+        factor_keys = {"base_model.gfa_B", "base_model.gfa_A", *(["base_model.gfa_gain"] if module_gain else [])}
         assert factor_keys <= keys
         assert all("classifier" in key for key in keys - factor_keys)
         assert (keys != factor_keys) == (case.name == "bert_seq_cls")
@@ -157,12 +182,14 @@ def test_save_load_round_trip(case, safe_serialization, tmp_path):
     assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
     assert torch.equal(case.output(loaded, inputs), expected)
     assert gfa_peft.layout_of(loaded) == gfa_peft.layout_of(model)
+    assert torch.equal(gains_of(loaded), gains_of(model))
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+@pytest.mark.parametrize("module_gain", GAINS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_low_cpu_mem_usage_load(case, tmp_path):
-    model, _ = make(case, init_weights=False)
+def test_low_cpu_mem_usage_load(case, module_gain, tmp_path):
+    model, _ = make(case, init_weights=False, module_gain=module_gain)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(case.model(), tmp_path, low_cpu_mem_usage=True)
     assert not any(p.is_meta for p in loaded.parameters())

@@ -255,20 +255,21 @@ def test_the_saved_card_says_gfa_its_layout_its_count_and_how_to_load_it(tmp_pat
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), GfaConfig(r=3, task_type="CAUSAL_LM"))
     model.add_adapter("second", GfaConfig(r=4, target_modules=["o_proj"], task_type="CAUSAL_LM", scale_rule="rsqrt",
-                                          grid="aligned"))
+                                          grid="aligned", module_gain=True))
     model.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)  # saving again replaces the section instead of adding one
-    # (grid, s): the second adapter's s is 1 / sqrt(4) under the rsqrt rule
-    for folder, name, grid, s in ((tmp_path, "default", "square", "1"), (tmp_path / "second", "second", "aligned", "0.5")):
+    # (grid, s, gains): the second adapter's s is 1 / sqrt(4) under the rsqrt rule, and it has a gain per module
+    for folder, name, grid, s, gains in ((tmp_path, "default", "square", "1", False),
+                                         (tmp_path / "second", "second", "aligned", "0.5", True)):
         layout = gfa_peft.layout_of(model, name)
-        r = model.peft_config[name].r
+        r, n_modules = model.peft_config[name].r, len(layout.modules)
+        count = r * (layout.m + layout.k) + (n_modules if gains else 0)
         card = _card(folder)
         assert card.count(START) == card.count(END) == 1
-        row = (f"| {len(layout.modules)} | {layout.d} | {layout.m} | {layout.k} | {grid} | {r} | {s} | "
-               f"{r * (layout.m + layout.k)} |")
+        row = (f"| {n_modules} | {layout.d} | {layout.m} | {layout.k} | {grid} | {r} | {s} | "
+               f"{n_modules if gains else 'none'} | {count} |")
         assert row in card
-        assert r * (layout.m + layout.k) == sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n
-                                                and "gfa_" in n)
+        assert count == sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n and "gfa_" in n)
         assert "pip install gfa-peft" in card and "PeftModel.from_pretrained(base," in card
         assert "AutoModelForCausalLM" in card and "gfa merge" in card and "GFA_PEFT_AUTOREGISTER=0" in card
     assert "- PEFT " in _card(tmp_path)  # PEFT's own part of the card is still there

@@ -1,5 +1,5 @@
 """The accuracy study's levers: the rank-stable scale rule, the gradient-informed start, B's own learning rate,
-the aligned grid.
+the aligned grid, a learned gain per module.
 
 Each is checked against an independent reference: the dense gradient of the concatenated update, the scale a
 rule must give, the learning rate each optimizer group must hold."""
@@ -171,3 +171,98 @@ def test_placement_counts_gfa_on_the_aligned_grid():
     assert place("gfa", shapes, anchor="1").trainable == 76
     with pytest.raises(PlacementError, match="the aligned grid is GFA's setting; lora has none"):
         place("lora", shapes, anchor="1", grid="aligned")
+
+
+# --- a learned gain per module ------------------------------------------------------------------------------------
+
+def _gained_toy() -> torch.nn.Module:
+    """The MLP toy with random factors and module gains other than 1 (as after training)."""
+    model = _toy(r=2, init_weights=False, module_gain=True)
+    with torch.no_grad():
+        model.base_model.gfa_gain["default"].weight.copy_(torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64))
+    return model
+
+
+def test_gain_gradients_match_autograd_through_the_dense_update():
+    """Every module's weight is W_i + s g_i slice_i(B A), formed from the whole m x k product; autograd through
+    that independent reference gives the gradients of B, A and the gains."""
+    model = _gained_toy()
+    tuner, layout = model.base_model, layout_of(model)
+    B, A = (tuner.gfa_B["default"].weight, tuner.gfa_A["default"].weight)
+    gains = tuner.gfa_gain["default"].weight
+    x, y = _batches(1)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+    leaves = [tensor.detach().clone().requires_grad_() for tensor in (B, A, gains)]
+    flat = (leaves[0] @ leaves[1]).reshape(-1)
+    base = model.base_model.model
+    weights = {f"{piece.name}.base_layer.weight": base.get_submodule(piece.name).base_layer.weight
+               + leaves[2][index] * flat[piece.offset : piece.offset + piece.numel].view(piece.shape)
+               for index, piece in enumerate(layout.modules)}
+    with model.disable_adapter():
+        reference = torch.func.functional_call(base, weights, (x,))
+    torch.nn.functional.mse_loss(reference, y).backward()
+    for live, leaf in zip((B, A, gains), leaves):
+        torch.testing.assert_close(live.grad, leaf.grad, rtol=1e-10, atol=1e-12)
+    assert gains.grad.abs().min() > 0
+
+
+def test_gains_start_at_one_and_are_counted_in_the_placement():
+    model = _toy(r=2, module_gain=True)
+    assert torch.equal(model.base_model.gfa_gain["default"].weight, torch.ones(3, dtype=torch.float64))
+    shapes = [("lin0", (20, 10)), ("lin1", (7, 20)), ("lin2", (3, 7))]
+    plain, gained = place("gfa", shapes, anchor="1"), place("gfa", shapes, anchor="1", module_gain=True)
+    assert gained.knobs == {**plain.knobs, "module_gain": True} and gained.trainable == plain.trainable + 3
+    assert place("gfa", shapes, rank=2, module_gain=True).trainable == gfa_params(build_layout(shapes), 2) + 3
+    assert model.get_nb_trainable_parameters()[0] == gfa_params(layout_of(model), 2, module_gain=True)
+    assert peft_config("gfa", gained.knobs, ["lin0"]).module_gain
+    with pytest.raises(PlacementError, match="a gain per module is GFA's setting; lora has none"):
+        place("lora", shapes, anchor="1", module_gain=True)
+
+
+def test_reused_inference_weight_follows_the_gains():
+    model = _gained_toy().eval()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        model.base_model.gfa_gain["default"].weight.mul_(3.0)
+        after = model(x)
+    model.base_model.peft_config["default"].cache_inference_update = False
+    for module in model.modules():
+        if isinstance(module, GfaLayer):
+            module.gfa_cache_update["default"] = False
+    with torch.no_grad():
+        torch.testing.assert_close(after, model(x), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(before, after)
+
+
+def test_weighted_adapters_refuse_module_gains_and_leave_the_model_alone():
+    model = _gained_toy()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot combine adapter default: it has module gains"):
+        model.add_weighted_adapter(["default"], [0.5], "mix", combination_type="cat")
+    assert set(model.peft_config) == {"default"}
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_saved_gains_must_match_the_config(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _gained_toy().save_pretrained(tmp_path / "gained")
+    _toy(r=2, init_weights=False).save_pretrained(tmp_path / "plain")
+    for folder, module_gain in (("gained", False), ("plain", True)):
+        config_path = tmp_path / folder / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "module_gain": module_gain}))
+    with pytest.raises(ValueError, match=r"holds tensors that belong to no GFA adapter: \['base_model.gfa_gain'\]"):
+        GfaConfig.from_pretrained(str(tmp_path / "gained"))
+    with pytest.raises(ValueError, match=r"missing \['base_model.gfa_gain'\]"):
+        GfaConfig.from_pretrained(str(tmp_path / "plain"))
+    weights = tmp_path / "short" / "adapter_model.safetensors"
+    _gained_toy().save_pretrained(tmp_path / "short")
+    tensors = load_file(weights)
+    save_file({**tensors, "base_model.gfa_gain": tensors["base_model.gfa_gain"][:2]}, weights)
+    with pytest.raises(ValueError, match=r"base_model.gfa_gain has shape \[2\], its config promises \[3\]"):
+        GfaConfig.from_pretrained(str(tmp_path / "short"))

@@ -140,7 +140,8 @@ def test_aligned_grid_trains_at_its_placement_and_names_the_run(cache, tmp_path)
 
 
 def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch):
-    """--scale-rule, --b-lr-ratio and --gradient-init reach the adapter, the optimizer and the initialisation."""
+    """--scale-rule, --b-lr-ratio, --gradient-init and --module-gain reach the adapter, the optimizer and the
+    initialisation."""
     seen = {}
 
     def spy_optimizer(trainer, ratio):
@@ -157,15 +158,20 @@ def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch
     make_optimizer, init = train_module._optimizer_with_b_rate, train_module.init_from_gradient
     monkeypatch.setattr(train_module, "_optimizer_with_b_rate", spy_optimizer)
     monkeypatch.setattr(train_module, "init_from_gradient", spy_init)
-    levers = {"scale_rule": "rsqrt", "b_lr_ratio": 4.0, "gradient_init": 2}
+    levers = {"scale_rule": "rsqrt", "b_lr_ratio": 4.0, "gradient_init": 2, "module_gain": True}
     metrics = train(config(cache, method="gfa", anchor="1", **levers), tmp_path / "gfa", progress=False)
     assert math.isfinite(metrics["train_loss"])
-    assert json.loads((tmp_path / "gfa" / "adapter" / "adapter_config.json").read_text())["scale_rule"] == "rsqrt"
+    saved = json.loads((tmp_path / "gfa" / "adapter" / "adapter_config.json").read_text())
+    assert saved["scale_rule"] == "rsqrt" and saved["module_gain"] is True
+    without_gains = prepare(config(cache, method="gfa", anchor="1")).placement
+    assert metrics["knobs"] == {**without_gains.knobs, "module_gain": True}
+    assert metrics["adapter_params"] == without_gains.trainable + len(saved["layout"]["modules"])
     assert seen["init_batches"] == 2
     rates = seen["rates"]
     assert {rate for name, rate in rates.items() if ".gfa_B." in name} == {4e-2}
     assert {rate for name, rate in rates.items() if ".gfa_B." not in name} == {1e-2}  # A and the head
-    assert prepare(config(cache, method="gfa", anchor="1", **levers)).name == "gfa-1-s0-lr0.01-rsqrt-blr4-ginit2"
+    assert prepare(config(cache, method="gfa", anchor="1", **levers)).name == \
+        "gfa-1-s0-lr0.01-rsqrt-blr4-ginit2-gain"
     assert prepare(config(cache, method="lora", anchor="1", scale_rule="rsqrt")).name == "lora-1-s0-lr0.01-rsqrt"
 
 
@@ -173,6 +179,7 @@ def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch
     ({"method": "vera", "scale_rule": "rsqrt"}, "--scale-rule rsqrt applies to gfa, lora, dora, not vera"),
     ({"method": "lora", "gradient_init": 4}, "--gradient-init is GFA's initialisation; lora has none"),
     ({"method": "lora", "grid": "aligned"}, "the aligned grid is GFA's setting; lora has none"),
+    ({"method": "dora", "module_gain": True}, "a gain per module is GFA's setting; dora has none"),
     ({"method": "gfa", "grid": "aligned", "targets": "all-linear"},
      "the aligned grid needs one input width shared by all target modules, but they have 16, 32"),
     ({"method": "gfa", "b_lr_ratio": 0.0}, "--b-lr-ratio must be positive"),

@@ -84,6 +84,10 @@ class Layout:
                 return piece
         raise KeyError(f"module {name!r} is not part of this GFA layout")
 
+    def trainable(self, r: int, module_gain: bool = False) -> int:
+        """A GFA adapter's trainable count on this grid: r (m + k), plus one gain per module with module gains."""
+        return r * (self.m + self.k) + (len(self.modules) if module_gain else 0)
+
     def max_rank(self) -> int:
         return min(self.m, self.k)
 

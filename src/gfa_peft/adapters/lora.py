@@ -32,7 +32,6 @@ from gfa_peft.adapters.merge import SAVED_MODULE_PREFIX
 from gfa_peft.adapters.saved import CONFIG_FILE, SavedAdapter, load_saved_adapter
 from gfa_peft.data.presets import load_architecture
 from gfa_peft.io.files import ResultKind, output_folder
-from gfa_peft.scatter import SliceSpec
 from gfa_peft.tuner.inference_cache import ModelForward
 from gfa_peft.tuner.layer import GfaFactor, GfaLayer, wrap_layer
 
@@ -163,8 +162,8 @@ def convert_saved_adapter(adapter_dir: str | os.PathLike, rank: int | float,
                   state_dict[f"{SAVED_MODULE_PREFIX}{name}.lora_B.weight"])
         for name, layer in layers.items()
     )
-    return LoraConversion(config=config, state_dict=state_dict, modules=modules,
-                          gfa_params=adapter.B.numel() + adapter.A.numel(), carried=tuple(adapter.others))
+    return LoraConversion(config=config, state_dict=state_dict, modules=modules, carried=tuple(adapter.others),
+                          gfa_params=adapter.layout.trainable(adapter.config.r, adapter.config.module_gain))
 
 
 def gfa_layers(adapter: SavedAdapter, base: str | os.PathLike | None) -> dict[str, GfaLayer]:
@@ -192,8 +191,7 @@ def gfa_layers(adapter: SavedAdapter, base: str | os.PathLike | None) -> dict[st
         if not layer.supports_lora_conversion():
             raise ValueError(f"module {piece.name!r} is a {type(module).__name__}: LoRA conversion supports linear "
                              "layers only (see GfaLayer.supports_lora_conversion)")
-        layer.update_layer(ADAPTER, factors, SliceSpec(piece, adapter.layout.k, adapter.config.effective_scale),
-                           dropout=0.0, cache_inference_update=False)
+        layer.update_layer(ADAPTER, factors, adapter.spec(piece), dropout=0.0, cache_inference_update=False)
         layers[piece.name] = layer
     return layers
 

@@ -124,7 +124,7 @@ def plan_merge(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> M
             )
         key = checkpoint_key(f"{piece.name}.weight", headers, model)
         _check_shape(key, headers[key]["shape"], module.weight.shape)
-        additions[key] = Addition(SliceSpec(piece, layout.k, adapter.config.effective_scale), op_for(module, piece.name))
+        additions[key] = Addition(adapter.spec(piece), op_for(module, piece.name))
 
     replacements, added = _place_saved_tensors(adapter.others, headers, model, may_add=not own_architecture)
     renamed = {} if own_architecture else _output_names(model, headers, added)

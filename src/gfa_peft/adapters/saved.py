@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from peft.utils import load_peft_weights
 
-from gfa_peft.layout import Layout
-from gfa_peft.tuner.checkpoint import FACTOR_KEYS
+from gfa_peft.layout import Layout, ModuleSlice
+from gfa_peft.scatter import SliceSpec
+from gfa_peft.tuner.checkpoint import FACTOR_KEYS, GAIN_KEY
 from gfa_peft.tuner.config import GfaConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -25,14 +26,26 @@ CONFIG_FILE = "adapter_config.json"
 
 @dataclass(frozen=True)
 class SavedAdapter:
-    """A GFA adapter as saved by `save_pretrained`: B (m x r) and A (r x k) in float32, and the tensors saved
-    beside them (`modules_to_save`, e.g. a classifier head), under their saved keys."""
+    """A GFA adapter as saved by `save_pretrained`: B (m x r) and A (r x k) in float32, the module gains (N, in
+    layout order; None without `module_gain`), and the tensors saved beside them (`modules_to_save`, e.g. a
+    classifier head), under their saved keys."""
 
     config: GfaConfig
     layout: Layout
     B: torch.Tensor
     A: torch.Tensor
+    gain: torch.Tensor | None
     others: dict[str, torch.Tensor]
+
+    def scale_of(self, piece: ModuleSlice) -> float:
+        """The factor module `piece` multiplies its slice of B A by: s, times its gain g_i with module gains."""
+        if self.gain is None:
+            return self.config.effective_scale
+        return self.config.effective_scale * float(self.gain[self.layout.names.index(piece.name)])
+
+    def spec(self, piece: ModuleSlice) -> SliceSpec:
+        """Where module `piece`'s update sits in the grid, with its scale (`scale_of`) as a fixed number."""
+        return SliceSpec(piece, self.layout.k, self.scale_of(piece))
 
 
 def read_gfa_config(adapter_dir: str | os.PathLike) -> GfaConfig:
@@ -61,4 +74,5 @@ def load_saved_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
     if missing:  # a pickled weights file, which the config check cannot read ahead
         raise ValueError(f"the adapter in {adapter_dir} holds no GFA factors {missing}")
     B, A = (weights.pop(key).float() for key in FACTOR_KEYS)
-    return SavedAdapter(config=config, layout=layout, B=B, A=A, others=weights)
+    gain = weights.pop(GAIN_KEY).float() if config.module_gain else None
+    return SavedAdapter(config=config, layout=layout, B=B, A=A, gain=gain, others=weights)

@@ -71,10 +71,10 @@ def dora_params(shapes: Iterable[Shape], r: int) -> int:
     return lora_params(shapes, r) + sum(shape[0] for shape in shapes)
 
 
-def gfa_params(layout: Layout, r: int) -> int:
-    """GFA's trainable count r * (m + k)."""
+def gfa_params(layout: Layout, r: int, module_gain: bool = False) -> int:
+    """GFA's trainable count r * (m + k), plus one gain per module (N) with module gains."""
     _check_rank(r)
-    return r * (layout.m + layout.k)
+    return layout.trainable(r, module_gain)
 
 
 def vera_params(shapes: Iterable[Shape], r: int) -> int:

@@ -76,6 +76,8 @@ class RankReport:
     scale: float
     tol: float
     modules: tuple[ModuleRank, ...]
+    module_gain: bool = False
+    """Whether the adapter has a learned gain per module (counted, and inside each module's update)."""
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -84,8 +86,8 @@ class RankReport:
 
     @property
     def trainable(self) -> int:
-        """GFA's trainable count r * (m + k)."""
-        return gfa_params(self.layout, self.r)
+        """GFA's trainable count r * (m + k) (plus N with module gains)."""
+        return gfa_params(self.layout, self.r, self.module_gain)
 
     @property
     def lora_rank_same_budget(self) -> int | None:
@@ -114,6 +116,7 @@ class RankReport:
             "padding": self.layout.padding,
             "r": self.r,
             "scale": self.scale,
+            "module_gain": self.module_gain,
             "tol": self.tol,
             "trainable": self.trainable,
             "lora_params_same_rank": lora_params(self.shapes, self.r),
@@ -169,9 +172,11 @@ def rank_profile(update: Tensor, tol: float = DEFAULT_RANK_TOL) -> tuple[float, 
 
 
 def realized_ranks(
-    B: Tensor, A: Tensor, layout: Layout, scale: float, tol: float = DEFAULT_RANK_TOL, progress: bool = False
+    B: Tensor, A: Tensor, layout: Layout, scale: float, tol: float = DEFAULT_RANK_TOL, progress: bool = False,
+    gains: Tensor | None = None,
 ) -> RankReport:
-    """The realized update of every module of a GFA adapter with factors B (m x r), A (r x k) on `layout`.
+    """The realized update of every module of a GFA adapter with factors B (m x r), A (r x k) on `layout`, each
+    module's slice times `scale` (and times its gain, for an adapter with module gains: `gains`, in layout order).
 
     Raises ValueError when the factors do not fit the layout or `tol` is outside (0, 1).
     """
@@ -182,13 +187,16 @@ def realized_ranks(
     if not 0 < tol < 1:
         raise ValueError(f"the rank tolerance must be in (0, 1), got {tol}")
     check_updates_fit(layout)
+    scales = [scale] * len(layout.modules) if gains is None else [scale * float(gain) for gain in gains]
     profiles = [
-        (piece, *rank_profile(module_update(B, A, layout, piece.name, scale), tol))
-        for piece in tqdm(layout.modules, desc="module spectra", unit="module", disable=not progress)
+        (piece, *rank_profile(module_update(B, A, layout, piece.name, module_scale), tol))
+        for piece, module_scale in tqdm(zip(layout.modules, scales, strict=True), total=len(scales),
+                                        desc="module spectra", unit="module", disable=not progress)
     ]
     energy = sum(norm**2 for _, norm, _, _ in profiles)
     modules = tuple(
         ModuleRank(piece.name, piece.shape, norm, norm**2 / energy if energy else 0.0, rank, stable)
         for piece, norm, rank, stable in profiles
     )
-    return RankReport(layout=layout, r=B.shape[1], scale=scale, tol=tol, modules=modules)
+    return RankReport(layout=layout, r=B.shape[1], scale=scale, tol=tol, modules=modules,
+                      module_gain=gains is not None)

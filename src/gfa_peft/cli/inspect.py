@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         adapter = load_saved_adapter(args.adapter)
         ranks = realized_ranks(adapter.B, adapter.A, adapter.layout, adapter.config.effective_scale, args.tol,
-                               progress=not args.no_progress and args.json != "-")
+                               progress=not args.no_progress and args.json != "-", gains=adapter.gain)
     except (ValueError, TypeError, OSError) as error:  # not a folder, not GFA, missing or truncated weights
         raise UsageError(str(error)) from None
     report = {"adapter": args.adapter, **ranks.to_dict()}
@@ -74,7 +74,8 @@ def format_report(report: Mapping, top: int | None = None) -> str:
         (f"GFA adapter {report['adapter']}: r = {r}, scale {report['scale']:g}, N = {report['N']} modules, "
          f"d = {report['d']:,}"),
         f"global matrix m x k = {report['m']:,} x {report['k']:,}, padding {report['padding']:,}",
-        f"trainable: GFA r(m+k) = {trainable:,}; LoRA at the same rank {report['lora_params_same_rank']:,}",
+        (f"trainable: GFA r(m+k){' + N gains' if report['module_gain'] else ''} = {trainable:,}; LoRA at the "
+         f"same rank {report['lora_params_same_rank']:,}"),
         (f"LoRA r=1: {report['lora_params_rank1']:,} (GFA = {trainable / report['lora_params_rank1']:.3f}x); "
          f"the LoRA rank nearest GFA's count: {same_budget}"),
     ]

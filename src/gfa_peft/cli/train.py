@@ -107,6 +107,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str]
         help_text = f"{item.metadata['help']} (default: {shown_default})"
         if item.name in NAMED_CHOICES:
             parser.add_argument(flag, choices=NAMED_CHOICES[item.name], default=default, help=help_text)
+        elif hint is bool:
+            parser.add_argument(flag, action="store_true", help=item.metadata["help"])
         else:
             parser.add_argument(flag, type=_parser_for(item.name, hint), default=default,
                                 metavar=item.metadata["metavar"], help=help_text)

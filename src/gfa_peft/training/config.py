@@ -99,6 +99,9 @@ class RunConfig:
     b_lr_ratio: float = _knob(
         "gfa, lora, dora: the B factor's learning rate over the others' (LoRA+; 1 trains all at --lr)", 1.0,
         metavar="RATIO")
+    module_gain: bool = _knob(
+        "gfa only: learn one scalar gain per target module (N more parameters, counted; each starts at 1), "
+        "multiplying its slice of the update (GfaConfig(module_gain=True)); GFA keeps the anchor's rank", False)
     gradient_init: int = _knob(
         "gfa only: start A from the top-r right singular vectors of the weight gradient of this many first "
         "training batches, viewed m x k (B stays 0, so the update starts at exactly 0; found by a randomized SVD "

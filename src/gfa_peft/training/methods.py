@@ -76,12 +76,14 @@ class Placement:
 
 
 def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | None = None,
-          rank: int | None = None, module_order: ModuleOrder | None = None, grid: str = "square") -> Placement:
+          rank: int | None = None, module_order: ModuleOrder | None = None, grid: str = "square",
+          module_gain: bool = False) -> Placement:
     """Place `method` on the target modules `named_shapes` at `anchor` or at an explicit `rank`.
 
     Full fine-tuning and zero-shot take neither; every other method takes exactly one (VB-LoRA only an anchor).
-    `module_order` (GFA only; None: the model's order) and a `grid` other than "square" (GFA only; the grid
-    rule, `layout.GRIDS`, which sets GFA's m and k and so its count) are recorded among GFA's knobs.
+    `module_order` (GFA only; None: the model's order), a `grid` other than "square" (GFA only; the grid
+    rule, `layout.GRIDS`, which sets GFA's m and k and so its count) and `module_gain` (GFA only: N learned
+    gains, added to its count; the rank stays the anchor's, placed on r (m + k)) are recorded among GFA's knobs.
     Raises PlacementError for an unknown method, a missing or extra size, an anchor the method cannot reach
     (e.g. LoRA at "1/2"), a rank out of range or a module order or grid for another method; ValueError for an
     order or grid of an unknown kind, a grid the modules cannot have, or (from `rank_anchors`) a malformed anchor.
@@ -92,13 +94,17 @@ def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | 
     gfa_knobs = {} if module_order is None else {"module_order": module_order}
     if grid != "square":
         gfa_knobs["grid"] = grid
+    if module_gain:
+        gfa_knobs["module_gain"] = True
     if gfa_knobs and method != "gfa":
-        setting = "a module order" if module_order is not None else f"the {grid} grid"
+        setting = ("a module order" if module_order is not None else f"the {grid} grid" if grid != "square"
+                   else "a gain per module")
         raise PlacementError(f"{setting} is GFA's setting; {method} has none")
     if module_order is not None:
         order_modules([], module_order)  # raises ValueError naming a bad order
     placement = _place_size(method, named_shapes, anchor, rank, grid)
-    return replace(placement, knobs={**placement.knobs, **gfa_knobs})
+    gains = len(named_shapes) if module_gain else 0
+    return replace(placement, knobs={**placement.knobs, **gfa_knobs}, trainable=placement.trainable + gains)
 
 
 def _place_size(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | None, rank: int | None,
@@ -173,7 +179,8 @@ def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_typ
         raise ValueError(f"scale rule {scale_rule!r} applies to {', '.join(SCALED_METHODS)}; {method} has no scale")
     if method == "gfa":
         return GfaConfig(r=knobs["r"], scale=1.0, scale_rule=scale_rule, module_order=knobs.get("module_order", "model"),
-                         grid=knobs.get("grid", "square"), init_weights=zero_update, **common)
+                         grid=knobs.get("grid", "square"), module_gain=knobs.get("module_gain", False),
+                         init_weights=zero_update, **common)
     if method in ("lora", "dora"):
         rsqrt = scale_rule == "rsqrt"
         return LoraConfig(r=knobs["r"], lora_alpha=1 if rsqrt else knobs["r"], use_rslora=rsqrt,

@@ -156,6 +156,8 @@ class PreparedRun:
             parts.append(f"blr{self.config.b_lr_ratio:g}")
         if self.config.gradient_init:
             parts.append(f"ginit{self.config.gradient_init}")
+        if self.config.module_gain:
+            parts.append("gain")
         return "-".join(parts)
 
     @property
@@ -207,7 +209,7 @@ def _prepare(config: RunConfig) -> PreparedRun:
     targets = targets if isinstance(targets, str) else list(targets)
     module_order = None if config.module_order is None else parse_module_order(config.module_order)
     placement = place(config.method, target_shapes(skeleton, targets), config.anchor, config.rank, module_order,
-                      config.grid)
+                      config.grid, config.module_gain)
     trains = config.method != ZERO_SHOT
     if config.choice_score != "sum" and task.kind != "multiple_choice":
         raise ValueError(f"--choice-score {config.choice_score} scores the choices of multiple-choice tasks; "
@@ -645,7 +647,8 @@ def run_record(run: PreparedRun) -> dict[str, Any]:
 NOT_SETTINGS = {"config": ("cache",), "resolved": ("model_dir", "versions")}
 """Record entries that say where the inputs lay and which versions ran, not how the run trains."""
 ADDED_LATER = {("config", "choice_score"): "sum", ("resolved", "scoring"): 1, ("config", "scale_rule"): "constant",
-               ("config", "b_lr_ratio"): 1.0, ("config", "gradient_init"): 0, ("config", "grid"): "square"}
+               ("config", "b_lr_ratio"): 1.0, ("config", "gradient_init"): 0, ("config", "grid"): "square",
+               ("config", "module_gain"): False}
 """Settings that runs recorded before they existed ran with, by (record part, name): such a run still resumes."""
 
 

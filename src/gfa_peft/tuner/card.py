@@ -65,16 +65,18 @@ def gfa_section(config, auto_mapping: Optional[dict] = None) -> str:
         "package. The updates of all N adapted weight matrices are concatenated into one vector of length d, "
         "viewed as an m x k matrix (k = floor(sqrt d), m = ceil(d / k); with the aligned grid, k is the multiple of "
         "the modules' input width nearest sqrt d), and learnt as one product B A (B: m x r, A: r x k) shared by every "
-        "module; each module adds s times its slice of B A (s = `scale`, or `scale` / sqrt(r) under the rsqrt rule).",
+        "module; each module adds s times its slice of B A (s = `scale`, or `scale` / sqrt(r) under the rsqrt rule; "
+        "with module gains, times a learned gain of its own).",
         "",
     ]
     if config.layout is not None:
         layout = Layout.from_dict(config.layout)
         lines += [
-            "| N (modules) | d | m | k | grid | r | s | trainable parameters r (m + k) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| N (modules) | d | m | k | grid | r | s | module gains | trainable parameters |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             f"| {len(layout.modules)} | {layout.d} | {layout.m} | {layout.k} | {config.grid} | {config.r} | "
-            f"{config.effective_scale:g} | {config.r * (layout.m + layout.k)} |",
+            f"{config.effective_scale:g} | {len(layout.modules) if config.module_gain else 'none'} | "
+            f"{layout.trainable(config.r, config.module_gain)} |",
             "",
             f"Adapted modules, in layout order: `{layout.names[0]}` first, `{layout.names[-1]}` last "
             "(all of them, with shapes and offsets, are in `adapter_config.json`).",

@@ -27,6 +27,9 @@ from torch import nn
 from gfa_peft.internals import is_modules_to_save_wrapper
 
 FACTOR_KEYS = ("base_model.gfa_B", "base_model.gfa_A")
+GAIN_KEY = "base_model.gfa_gain"
+"""The N module gains of an adapter with `module_gain`, saved beside the factors."""
+ADAPTER_KEYS = (*FACTOR_KEYS, GAIN_KEY)
 SAVED_MODEL_PREFIX = "base_model.model."  # a saved `modules_to_save` tensor's key before its parameter name
 # Bytes per element of the safetensors dtypes, the floating-point ones first.
 FLOAT_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -112,33 +115,39 @@ def saved_tensors(directory: str) -> tuple[str, dict[str, SavedTensor]]:
                   for key, value in tensors.items()}
 
 
-def check_adapter_file(directory: str, r: int, layout: dict, modules_to_save) -> dict[str, list[int]]:
-    """Raise a clear error unless `directory` holds floating-point GFA factors, of the shapes its config's
-    layout promises, and nothing foreign. Returns every saved tensor's shape by key (the factors' and those
-    of the `modules_to_save` modules)."""
+def check_adapter_file(directory: str, r: int, layout: dict, modules_to_save,
+                       module_gain: bool = False) -> dict[str, list[int]]:
+    """Raise a clear error unless `directory` holds floating-point GFA factors (and module gains when the config
+    has `module_gain`), of the shapes its config's layout promises, and nothing foreign. Returns every saved
+    tensor's shape by key (the factors', the gains' and those of the `modules_to_save` modules)."""
     path, tensors = saved_tensors(directory)
-    missing = [key for key in FACTOR_KEYS if key not in tensors]
+    expected_keys = (*FACTOR_KEYS, GAIN_KEY) if module_gain else FACTOR_KEYS
+    missing = [key for key in expected_keys if key not in tensors]
     if missing:
         raise ValueError(f"{path} holds no GFA factors (missing {missing}); its keys are {sorted(tensors)[:10]}")
-    for key in FACTOR_KEYS:
+    for key in expected_keys:
         if not tensors[key].floating:
             raise ValueError(f"{path}: {key} holds {tensors[key].dtype} values; GFA factors are floating point")
     shapes = {key: tensor.shape for key, tensor in tensors.items()}
     try:
-        m, k = int(layout["m"]), int(layout["k"])
+        m, k, n_modules = int(layout["m"]), int(layout["k"]), len(layout["modules"])
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"the config in {directory} records a malformed layout (no integer m and k)") from None
-    check_factor_shapes(shapes, m, r, k, f"{path}: ", "its config promises")
+    check_factor_shapes(shapes, m, r, k, f"{path}: ", "its config promises", n_modules if module_gain else None)
     allowed = tuple(modules_to_save or ())
-    foreign = [key for key in tensors if key not in FACTOR_KEYS and not any(f".{name}." in key for name in allowed)]
+    foreign = [key for key in tensors if key not in expected_keys and not any(f".{name}." in key for name in allowed)]
     if foreign:
         raise ValueError(f"{path} holds tensors that belong to no GFA adapter: {foreign[:5]}")
     return shapes
 
 
-def check_factor_shapes(shapes: dict[str, list[int]], m: int, r: int, k: int, where: str, whose: str) -> None:
-    """Raise ValueError unless the saved factors are B (m x r) and A (r x k)."""
+def check_factor_shapes(shapes: dict[str, list[int]], m: int, r: int, k: int, where: str, whose: str,
+                        n_modules: int | None = None) -> None:
+    """Raise ValueError unless the saved factors are B (m x r) and A (r x k), and the gains (when `n_modules`
+    is given: the adapter has `module_gain`) one per module."""
     expected = {"base_model.gfa_B": [m, r], "base_model.gfa_A": [r, k]}
+    if n_modules is not None:
+        expected[GAIN_KEY] = [n_modules]
     for key, shape in expected.items():
         if list(shapes[key]) != shape:
             raise ValueError(f"{where}{key} has shape {list(shapes[key])}, {whose} {shape}")
@@ -149,7 +158,7 @@ def check_saved_modules(model: nn.Module, shapes: dict[str, list[int]], where: s
     saved as `base_model.model.<parameter name>`) has a counterpart of its shape in `model`: PEFT would
     otherwise find a classifier head for another label count only after injecting the adapter."""
     for key, shape in shapes.items():
-        if key in FACTOR_KEYS:
+        if key in ADAPTER_KEYS:
             continue
         name = key.removeprefix(SAVED_MODEL_PREFIX)
         module_name, _, tensor_name = name.rpartition(".")

@@ -47,6 +47,14 @@ class GfaConfig(PeftConfig):
             "then moves the update by an amount that does not grow with r, so one learning rate can serve every rank."
         },
     )
+    module_gain: bool = field(
+        default=False,
+        metadata={
+            "help": "Learn one scalar gain g_i per module (N more parameters, each starting at 1): module i adds "
+            "g_i * s * its slice, so each module can set the size of its update, which the shared factors alone "
+            "tie together. The gained update runs as its own product beside the base layer's (unfused)."
+        },
+    )
     init_sigma: Optional[float] = field(
         default=None,
         metadata={
@@ -117,6 +125,8 @@ class GfaConfig(PeftConfig):
             raise ValueError(f"GfaConfig.scale must be positive and finite, got {self.scale!r}")
         if self.scale_rule not in SCALE_RULES:
             raise ValueError(f"GfaConfig.scale_rule must be one of {', '.join(SCALE_RULES)}, got {self.scale_rule!r}")
+        if not isinstance(self.module_gain, bool):
+            raise ValueError(f"GfaConfig.module_gain must be True or False, got {self.module_gain!r}")
         if self.init_sigma is not None and (not _finite(self.init_sigma) or not self.init_sigma > 0):
             raise ValueError(f"GfaConfig.init_sigma must be positive and finite (or None for 1/sqrt(k)), "
                              f"got {self.init_sigma!r}")
@@ -155,7 +165,8 @@ class GfaConfig(PeftConfig):
                 "save it again to record one"
             )
         if os.path.isdir(directory):
-            config.saved_shapes = check_adapter_file(directory, config.r, config.layout, config.modules_to_save)
+            config.saved_shapes = check_adapter_file(directory, config.r, config.layout, config.modules_to_save,
+                                                     config.module_gain)
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

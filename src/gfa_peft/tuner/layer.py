@@ -11,6 +11,7 @@ that reach it, so the checkpoint holds exactly one copy of each factor, and PEFT
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -42,8 +43,8 @@ class GfaLayer(nn.Module, BaseTunerLayer):
     or `GFA_INFERENCE_CACHE=0` turn that off.
     """
 
-    adapter_layer_names = ("gfa_B", "gfa_A")
-    other_param_names = ("gfa_slice", "gfa_dropout", "gfa_cache_update")
+    adapter_layer_names = ("gfa_B", "gfa_A", "gfa_gain")
+    other_param_names = ("gfa_slice", "gfa_gain_index", "gfa_dropout", "gfa_cache_update")
 
     def __init__(self, base_layer: nn.Module, name: str, every_adapter: nn.ModuleDict):
         super().__init__()
@@ -53,8 +54,10 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         # Plain attributes, not submodules: the tuner owns and saves the factors.
         object.__setattr__(self, "gfa_B", nn.ModuleDict())
         object.__setattr__(self, "gfa_A", nn.ModuleDict())
+        object.__setattr__(self, "gfa_gain", nn.ModuleDict())  # only the adapters with module gains
         object.__setattr__(self, "_every_adapter", every_adapter)
         self.gfa_slice: dict[str, SliceSpec] = {}
+        self.gfa_gain_index: dict[str, int] = {}
         self.gfa_dropout = nn.ModuleDict()
         self.gfa_cache_update: dict[str, bool] = {}
         self._inference_cache = InferenceCache()
@@ -62,8 +65,12 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, factors: tuple[GfaFactor, GfaFactor], spec: SliceSpec, dropout: float,
-                     cache_inference_update: bool) -> None:
+                     cache_inference_update: bool, gain: tuple[GfaFactor, int] | None = None) -> None:
+        """Let `adapter_name` reach this layer: its factors, where its slice sits, and, for an adapter with module
+        gains, the gains and this module's index among them."""
         self.gfa_B[adapter_name], self.gfa_A[adapter_name] = factors
+        if gain is not None:
+            self.gfa_gain[adapter_name], self.gfa_gain_index[adapter_name] = gain
         self.gfa_slice[adapter_name] = spec
         self.gfa_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gfa_cache_update[adapter_name] = cache_inference_update
@@ -76,10 +83,21 @@ class GfaLayer(nn.Module, BaseTunerLayer):
     def factors(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
         return self.gfa_B[adapter_name].weight, self.gfa_A[adapter_name].weight
 
+    def gain(self, adapter_name: str) -> torch.Tensor | None:
+        """This module's learned gain g_i (a 0-dim view of the adapter's gains), None without module gains."""
+        if adapter_name not in self.gfa_gain:
+            return None
+        return self.gfa_gain[adapter_name].weight[self.gfa_gain_index[adapter_name]]
+
     @torch.no_grad()
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """scale * slice of B A for this module, in GFA's (out, in, ...) orientation."""
-        return slice_of_product(*self.factors(adapter_name), self.gfa_slice[adapter_name])
+        """scale * slice of B A for this module (times its gain, with module gains), in GFA's (out, in, ...)
+        orientation. The gain joins the scale as a number, as `gfa merge` and `gfa convert` apply it to a saved
+        adapter (`SavedAdapter.scale_of`), so the live and the saved adapter give the same bits."""
+        spec, gain = self.gfa_slice[adapter_name], self.gain(adapter_name)
+        if gain is not None:
+            spec = replace(spec, scale=spec.scale * float(gain))
+        return slice_of_product(*self.factors(adapter_name), spec)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether PEFT's `convert_to_lora` can turn this layer's update into LoRA factors: on linear layers
@@ -193,24 +211,31 @@ class GfaLayer(nn.Module, BaseTunerLayer):
             return self._forward_reusing_update(x, active, *args, **kwargs)
         adapters = [(self.gfa_slice[name], *self.factors(name)) for name in active]
         dropouts = [self.gfa_dropout[name] for name in active]
-        if not self._fuses_update() or (self.training and any(isinstance(dropout, nn.Dropout) for dropout in dropouts)):
-            # A quantized weight, a product in 16 bits, or dropout feeding the update a different input than the
-            # frozen weight: the base layer runs as it is and each update's product is added.
+        if not self._fuses_update(active) or (self.training and any(isinstance(d, nn.Dropout) for d in dropouts)):
+            # A quantized weight, a product in 16 bits, module gains, or dropout feeding the update a different
+            # input than the frozen weight: the base layer runs as it is and each update's product is added.
             out = self.base_layer(x, *args, **kwargs)
-            for adapter, dropout in zip(adapters, dropouts):
-                out = out + scattered_op(dropout(x), self.op, None, [adapter]).to(out.dtype)
+            for name, adapter, dropout in zip(active, adapters, dropouts):
+                out = out + self._gained(name, scattered_op(dropout(x), self.op, None, [adapter])).to(out.dtype)
             return out
         return self.op.add_bias(scattered_op(x, self.op, self.op.weight(), adapters))
 
-    def _fuses_update(self) -> bool:
-        """Whether the update is added to the weight inside the layer's op, one product for both.
+    def _gained(self, adapter_name: str, update_output: torch.Tensor) -> torch.Tensor:
+        """An update's output times the module's gain (autograd then gives the gain its gradient), or as it is."""
+        gain = self.gain(adapter_name)
+        return update_output if gain is None else update_output * gain
+
+    def _fuses_update(self, active: list[str]) -> bool:
+        """Whether the updates are added to the weight inside the layer's op, one product for all.
 
         Not for a quantized weight, and not for an fp16/bf16 weight: W + s * slice rounded to 16 bits keeps
         nothing of an update below half of W's rounding step, as early in training. There the update is its
         own product, formed from the factors in their dtype, and its output is added to the base layer's with
         one rounding, as PEFT's LoRA does. (A float32 weight under 16-bit autocast stays fused: autocast rounds
-        W itself to 16 bits in the product, and that rounding, shared by LoRA, is the larger error.)"""
-        return self.op.fusable and self.op.weight().dtype.itemsize >= 4
+        W itself to 16 bits in the product, and that rounding, shared by LoRA, is the larger error.)
+        Not with module gains either: a gain multiplies its update's own product."""
+        return (self.op.fusable and self.op.weight().dtype.itemsize >= 4
+                and not any(name in self.gfa_gain for name in active))
 
     def _may_reuse(self, active: list[str]) -> bool:
         """Whether the adapted weight may be reused: in eval mode, with reuse switched on, and no gradient
@@ -225,7 +250,7 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         weight-sized tensors taken from the cache: the effective weight W + sum of the updates where
         the update fuses into the weight, otherwise each adapter's update (the input's dtype)."""
 
-        fused = self._fuses_update()
+        fused = self._fuses_update(active)
 
         def build() -> tuple[torch.Tensor, ...]:
             if not fused:
@@ -241,8 +266,8 @@ class GfaLayer(nn.Module, BaseTunerLayer):
         if fused:
             return self.op.add_bias(self.op.forward(x, weights[0]))
         out = self.base_layer(x, *args, **kwargs)
-        for update in weights:
-            out = out + self.op.forward(x, update).to(out.dtype)
+        for name, update in zip(active, weights):
+            out = out + self._gained(name, self.op.forward(x, update)).to(out.dtype)
         return out
 
     def __repr__(self) -> str:

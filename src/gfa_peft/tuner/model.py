@@ -118,7 +118,8 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
         saved = getattr(config, "saved_shapes", None)  # set when the config was loaded with its weights
         if saved is not None:
             where = f"GFA adapter {adapter_name!r} does not fit this model: "
-            check_factor_shapes(saved, layout.m, config.r, layout.k, f"{where}its saved ", "this model's layout needs")
+            check_factor_shapes(saved, layout.m, config.r, layout.k, f"{where}its saved ", "this model's layout needs",
+                                len(layout.modules) if config.module_gain else None)
             check_saved_modules(model, saved, where)
         return layout, targets
 
@@ -126,6 +127,7 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
         if "gfa_B" not in self._modules:
             self.gfa_B = nn.ModuleDict()
             self.gfa_A = nn.ModuleDict()
+            self.gfa_gain = nn.ModuleDict()
             self.gfa_layouts: dict[str, Layout] = {}
             self._model_forward = ModelForward()
             self._model_forward.watch(self.model)
@@ -142,7 +144,14 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
             B.normal_(0.0, sigma)
         self.gfa_B[adapter_name] = GfaFactor(B.to(dtype), self._model_forward)
         self.gfa_A[adapter_name] = GfaFactor(A.to(dtype), self._model_forward)
+        if config.module_gain:  # ones: the update starts at exactly zero either way, since B does
+            self.gfa_gain[adapter_name] = GfaFactor(torch.ones(len(layout.modules), device=device, dtype=dtype),
+                                                    self._model_forward)
         self.gfa_layouts[adapter_name] = layout
+
+    def _adapter_tensors(self, adapter_name: str) -> list[GfaFactor]:
+        """The adapter's factors B and A, and its module gains if it has them."""
+        return [factors[adapter_name] for factors in (self.gfa_B, self.gfa_A, self.gfa_gain) if adapter_name in factors]
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's upcast of fp16/bf16 adapter weights to float32 (which reaches only tensors inside tuner
@@ -150,15 +159,15 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         if not autocast_adapter_dtype:
             return
-        for factor in (self.gfa_B[adapter_name], self.gfa_A[adapter_name]):
+        for factor in self._adapter_tensors(adapter_name):
             if factor.weight.dtype in (torch.float16, torch.bfloat16):
                 factor.weight.data = factor.weight.data.float()
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """`base_model.gfa_B.<adapter>.weight` is saved as `base_model.gfa_B` (and A likewise), the key GFA
-        checkpoints have always had; PEFT applies the same mapping backwards when loading."""
-        for factor in ("gfa_B", "gfa_A"):
+        """`base_model.gfa_B.<adapter>.weight` is saved as `base_model.gfa_B` (and A and the gains likewise), the
+        key GFA checkpoints have always had; PEFT applies the same mapping backwards when loading."""
+        for factor in ("gfa_B", "gfa_A", "gfa_gain"):
             if key.endswith(f"{factor}.{adapter_name}.weight"):
                 return key.removesuffix(f".{adapter_name}.weight")
         return super()._remove_adapter_name_from_key(key, adapter_name)
@@ -167,17 +176,19 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
         layout = self.gfa_layouts[adapter_name]
         spec = SliceSpec(layout[current_key], layout.k, config.effective_scale)
         factors = (self.gfa_B[adapter_name], self.gfa_A[adapter_name])
+        gain = (self.gfa_gain[adapter_name], layout.names.index(current_key)) if config.module_gain else None
+        settings = (spec, config.dropout, config.cache_inference_update, gain)
         if isinstance(target, GfaLayer):
-            target.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
+            target.update_layer(adapter_name, factors, *settings)
             return
         new_module = wrap_layer(target, current_key, self.gfa_B)
-        new_module.update_layer(adapter_name, factors, spec, config.dropout, config.cache_inference_update)
+        new_module.update_layer(adapter_name, factors, *settings)
         self._replace_module(parent, target_name, new_module, target)
 
     def delete_adapter(self, adapter_name: str) -> None:
         # The factors leave the tuner first: a layer whose active adapter is deleted makes the first of the
         # tuner's remaining adapters active. If PEFT refuses (an unknown or merged adapter), they are put back.
-        popped = [(factors, factors.pop(adapter_name)) for factors in (self.gfa_B, self.gfa_A)
+        popped = [(factors, factors.pop(adapter_name)) for factors in (self.gfa_B, self.gfa_A, self.gfa_gain)
                   if adapter_name in factors]
         try:
             super().delete_adapter(adapter_name)  # the layers drop their references to the factors
@@ -282,6 +293,12 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
         for adapter in adapters:
             if adapter not in self.peft_config:
                 raise ValueError(f"Adapter {adapter} does not exist")
+            if self.peft_config[adapter].module_gain:
+                raise ValueError(
+                    f"add_weighted_adapter cannot combine adapter {adapter}: it has module gains, which scale each "
+                    "module's slice on its own, so no one factor pair holds the weighted sum; merge the adapters "
+                    "instead (merge_adapter) or convert them to LoRA (gfa convert)"
+                )
             if self.peft_config[adapter].modules_to_save:
                 raise ValueError(
                     f"add_weighted_adapter cannot combine adapter {adapter}: it has modules_to_save "
