@@ -216,6 +216,26 @@ def test_learning_rate_choice_averages_over_tasks_and_breaks_ties_low():
     assert choices["gfa"]["lr"] == 0.01 and choices["gfa"]["mean_by_lr"][0.03] == pytest.approx(77.5)
     assert choices["lora"]["lr"] == 0.001
     assert cells["verdicts"] == [] and cells["retention"] == []  # several rates per cell: nothing to compare
+    assert choices["gfa"]["cells_compared"] == 2
+
+
+def test_learning_rates_are_compared_on_the_cells_every_rate_was_tried_on():
+    # 0.01 tried at anchors 1 and 16, 0.003 (a later extension of the folder) only at 16, where it is better:
+    # over each rate's own cells 0.01 would win (75.0 against 72.0) with a cell 0.003 never saw
+    cells = summarize([result("a", "gfa", "1", 0, 0.80, lr=0.01), result("a", "gfa", "16", 0, 0.70, lr=0.01),
+                       result("a", "gfa", "16", 0, 0.72, lr=0.003),
+                       result("a", "lora", "1", 0, 0.60, lr=0.01), result("a", "lora", "16", 0, 0.62, lr=0.003)])
+    choices = choose_learning_rates(cells["cells"])
+    assert choices["gfa"] == {"lr": 0.003, "mean_by_lr": {0.003: pytest.approx(72.0), 0.01: pytest.approx(70.0)},
+                              "cells_compared": 1}
+    assert choices["lora"]["cells_compared"] == 0 and choices["lora"]["lr"] == 0.003  # nothing shared: own cells
+    from gfa_peft.cli.tune import unshared_notes
+
+    assert unshared_notes(cells["cells"], choices) == [
+        "gfa: its rates were tried on different (task, anchor) cells; the mean and the choice use the 1 of 2 cells "
+        "every rate was tried on",
+        "lora: its rates were tried on different (task, anchor) cells; the mean and the choice use the 0 of 2 cells "
+        "every rate was tried on (none: each rate's own cells)"]
 
 
 # ---------------------------------------------------------------- the permutation diagnostic: GFA across module orders

@@ -339,16 +339,22 @@ def _variant(cell: dict[str, Any]) -> tuple:
 
 
 def choose_learning_rates(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each method's learning rate with the best accuracy averaged over tasks (ties to the smaller rate),
-    with every rate's average beside it."""
-    averages: dict[str, dict[float, list[float]]] = {}
+    """Each method's learning rate with the best accuracy averaged over tasks and anchors (ties to the smaller
+    rate), with every rate's average beside it.
+
+    The rates are compared on the cells (task, anchor, module order) that every one of them was tried on: a
+    folder extended with a rate at another anchor would otherwise compare averages over different cells.
+    `cells_compared` counts them; with none shared, every rate's own cells are averaged (and it is 0)."""
+    scores: dict[str, dict[float, dict[tuple, float]]] = {}
     for cell in cells:
-        averages.setdefault(cell["method"], {}).setdefault(cell["lr"], []).append(cell["mean"])
+        scores.setdefault(cell["method"], {}).setdefault(cell["lr"], {})[_variant(cell)] = cell["mean"]
     choices = {}
-    for method, by_lr in averages.items():
-        means = {lr: statistics.fmean(values) for lr, values in sorted(by_lr.items())}
+    for method, by_lr in scores.items():
+        shared = set.intersection(*(set(by_cell) for by_cell in by_lr.values()))
+        means = {lr: statistics.fmean(by_cell[key] for key in (shared or by_cell))
+                 for lr, by_cell in sorted(by_lr.items())}
         best = max(means, key=lambda lr: (means[lr], -lr))
-        choices[method] = {"lr": best, "mean_by_lr": means}
+        choices[method] = {"lr": best, "mean_by_lr": means, "cells_compared": len(shared)}
     return choices
 
 
