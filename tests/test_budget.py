@@ -35,6 +35,7 @@ from gfa_peft.cli import main
 from gfa_peft.data.presets import load_architecture
 from gfa_peft.layout import build_layout
 from gfa_peft.targets import target_shapes
+from gfa_peft.training.methods import place
 
 
 class Mixed(nn.Module):
@@ -260,6 +261,19 @@ def test_count_json_keys_and_values(tmp_path, capsys):
     assert "anchor" in capsys.readouterr().out  # the table is printed too
     assert main(["count", "--model", "minilm", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out) == report
+
+
+def test_count_places_gfa_on_the_aligned_grid_as_training_does(capsys):
+    assert main(["count", "--model", "minilm", "--grid", "aligned", "--anchors", "1/2,1,16", "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    shapes = target_shapes(load_architecture("minilm"), ["query", "value"])
+    assert (report["grid"], report["m"], report["k"]) == ("aligned", 1536, 1152)
+    for written in report["anchors"]:
+        placed = place("gfa", shapes, anchor=written["label"], grid="aligned")
+        assert (written["gfa_rank"], written["gfa"]) == (placed.knobs["r"], placed.trainable)
+    with pytest.raises(SystemExit) as refused:
+        main(["count", "--model", "minilm", "--grid", "diagonal"])
+    assert refused.value.code == 2
 
 
 def test_count_folder_with_a_config(tmp_path, capsys):

@@ -236,16 +236,18 @@ def budget_report(
     named_shapes: Sequence[tuple[str, Shape]],
     labels: Sequence[str] = DEFAULT_ANCHORS,
     module_order: ModuleOrder = "model",
+    grid: str = "square",
 ) -> dict:
-    """Everything `gfa count` reports, as plain JSON: the layout, the equal-rank LoRA/GFA ratio (exact and
-    the equal-module estimate sqrt(N)), each method's smallest count, and the anchors."""
-    anchors = rank_anchors(named_shapes, labels, module_order)
-    layout = ordered_layout(named_shapes, module_order)
+    """Everything `gfa count` reports, as plain JSON: the layout (on the `grid` rule's m x k), the equal-rank
+    LoRA/GFA ratio (exact and the equal-module estimate sqrt(N)), each method's smallest count, and the anchors."""
+    anchors = rank_anchors(named_shapes, labels, module_order, grid)
+    layout = ordered_layout(named_shapes, module_order, grid)
     shapes = [piece.shape for piece in layout.modules]
     lora_rank1 = lora_params(shapes, 1)
     vector_length = vblora_vector_length(shapes) if _all_linear(shapes) else None
     return {
         "N": len(shapes),
+        "grid": layout.grid,
         "d": layout.d,
         "m": layout.m,
         "k": layout.k,

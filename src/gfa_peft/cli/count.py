@@ -9,7 +9,7 @@ from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path, parse_list, parse_targets
 from gfa_peft.data.presets import load_architecture, preset_names
 from gfa_peft.io.tables import text_table
-from gfa_peft.layout import parse_module_order
+from gfa_peft.layout import GRIDS, parse_module_order
 from gfa_peft.defaults import ALL_LINEAR
 
 
@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="concatenation order: 'model', 'by_name' or an integer seed; it moves module offsets, "
         "not counts (default: %(default)s)",
     )
+    parser.add_argument(
+        "--grid", choices=GRIDS, default="square",
+        help="GFA's global matrix: square (k = floor(sqrt(d))) or aligned (k the multiple of the modules' common "
+        "input width nearest sqrt(d)); it sets m and k, so GFA's counts and ranks (default: %(default)s)",
+    )
     add_json_argument(parser, "the report", replaces="the table")
     parser.set_defaults(run=run)
 
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_architecture(args.model)  # an unknown name is refused before torch loads
         from gfa_peft.targets import default_targets, target_shapes  # PEFT loads once there is a model to count
         targets = parse_targets(args.targets) if args.targets else default_targets(model)
-        report = budget_report(target_shapes(model, targets), anchors, module_order)
+        report = budget_report(target_shapes(model, targets), anchors, module_order, args.grid)
     except (ValueError, TypeError) as error:  # bad names, anchors, orders; modules no method can adapt
         raise UsageError(str(error)) from None
     report = {"model": args.model, "targets": targets, "module_order": module_order, **report}
@@ -68,7 +73,7 @@ def format_report(report: dict) -> str:
     targets = report["targets"] if isinstance(report["targets"], str) else ",".join(report["targets"])
     lines = [
         f"model {report['model']}, targets {targets}: N = {report['N']} modules, d = {report['d']:,}",
-        f"global matrix m x k = {report['m']:,} x {report['k']:,}, padding {report['padding']:,}, "
+        f"global matrix m x k = {report['m']:,} x {report['k']:,} ({report['grid']} grid), padding {report['padding']:,}, "
         f"GFA ranks 1..{report['max_gfa_rank']:,}",
         f"per rank: LoRA {report['lora_per_rank']:,}, GFA m+k = {report['gfa_per_rank']:,}; "
         f"LoRA/GFA at equal rank {report['ratio_exact']:.3f}x exact, {report['ratio_sqrt_n']:.3f}x = sqrt(N) "
