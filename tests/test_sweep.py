@@ -227,11 +227,11 @@ def test_learning_rates_are_compared_on_the_cells_every_rate_was_tried_on():
                        result("a", "lora", "1", 0, 0.60, lr=0.01), result("a", "lora", "16", 0, 0.62, lr=0.003)])
     choices = choose_learning_rates(cells["cells"])
     assert choices["gfa"] == {"lr": 0.003, "mean_by_lr": {0.003: pytest.approx(72.0), 0.01: pytest.approx(70.0)},
-                              "cells_compared": 1}
+                              "cells_compared": 1, "cells_tried": 2}
     assert choices["lora"]["cells_compared"] == 0 and choices["lora"]["lr"] == 0.003  # nothing shared: own cells
     from gfa_peft.cli.tune import unshared_notes
 
-    assert unshared_notes(cells["cells"], choices) == [
+    assert unshared_notes(choices) == [
         "gfa: its rates were tried on different (task, anchor) cells; the mean and the choice use the 1 of 2 cells "
         "every rate was tried on",
         "lora: its rates were tried on different (task, anchor) cells; the mean and the choice use the 0 of 2 cells "

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
               "choices": choices}
     write_json_atomic(out / "lr_choice.json", record)
     print(format_trials(summary["cells"], choices))
-    for note in edge_notes(choices) + unshared_notes(summary["cells"], choices):
+    for note in edge_notes(choices) + unshared_notes(choices):
         print(note)
     if args.save_defaults:
         path = save_learning_rates(key, {method: choice["lr"] for method, choice in choices.items()})
@@ -84,16 +84,14 @@ def edge_notes(choices: dict[str, dict]) -> list[str]:
     return notes
 
 
-def unshared_notes(cells: list[dict], choices: dict[str, dict]) -> list[str]:
+def unshared_notes(choices: dict[str, dict]) -> list[str]:
     """A line for each method whose rates were not all tried on the same cells: its mean column (and choice)
     covers only the cells every rate shares."""
     notes = []
     for method, choice in choices.items():
-        tried = len({(cell["task"], cell["anchor"], cell["module_order"])
-                     for cell in cells if cell["method"] == method})
-        if choice["cells_compared"] < tried:
+        if choice["cells_compared"] < choice["cells_tried"]:
             notes.append(f"{method}: its rates were tried on different (task, anchor) cells; the mean and the choice "
-                         f"use the {choice['cells_compared']} of {tried} cells every rate was tried on"
+                         f"use the {choice['cells_compared']} of {choice['cells_tried']} cells every rate was tried on"
                          + ("" if choice["cells_compared"] else " (none: each rate's own cells)"))
     return notes
 

@@ -97,9 +97,8 @@ def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | 
     if module_gain:
         gfa_knobs["module_gain"] = True
     if gfa_knobs and method != "gfa":
-        setting = ("a module order" if module_order is not None else f"the {grid} grid" if grid != "square"
-                   else "a gain per module")
-        raise PlacementError(f"{setting} is GFA's setting; {method} has none")
+        setting = {"module_order": "a module order", "grid": f"the {grid} grid", "module_gain": "a gain per module"}
+        raise PlacementError(f"{setting[next(iter(gfa_knobs))]} is GFA's setting; {method} has none")
     if module_order is not None:
         order_modules([], module_order)  # raises ValueError naming a bad order
     placement = _place_size(method, named_shapes, anchor, rank, grid)

@@ -344,7 +344,8 @@ def choose_learning_rates(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str
 
     The rates are compared on the cells (task, anchor, module order) that every one of them was tried on: a
     folder extended with a rate at another anchor would otherwise compare averages over different cells.
-    `cells_compared` counts them; with none shared, every rate's own cells are averaged (and it is 0)."""
+    `cells_compared` counts them (`cells_tried` the cells any rate was tried on); with none shared, every rate's
+    own cells are averaged (and it is 0)."""
     scores: dict[str, dict[float, dict[tuple, float]]] = {}
     for cell in cells:
         scores.setdefault(cell["method"], {}).setdefault(cell["lr"], {})[_variant(cell)] = cell["mean"]
@@ -354,7 +355,8 @@ def choose_learning_rates(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str
         means = {lr: statistics.fmean(by_cell[key] for key in (shared or by_cell))
                  for lr, by_cell in sorted(by_lr.items())}
         best = max(means, key=lambda lr: (means[lr], -lr))
-        choices[method] = {"lr": best, "mean_by_lr": means, "cells_compared": len(shared)}
+        choices[method] = {"lr": best, "mean_by_lr": means, "cells_compared": len(shared),
+                           "cells_tried": len(set().union(*by_lr.values()))}
     return choices
 
 

@@ -121,7 +121,7 @@ def check_adapter_file(directory: str, r: int, layout: dict, modules_to_save,
     has `module_gain`), of the shapes its config's layout promises, and nothing foreign. Returns every saved
     tensor's shape by key (the factors', the gains' and those of the `modules_to_save` modules)."""
     path, tensors = saved_tensors(directory)
-    expected_keys = (*FACTOR_KEYS, GAIN_KEY) if module_gain else FACTOR_KEYS
+    expected_keys = ADAPTER_KEYS if module_gain else FACTOR_KEYS
     missing = [key for key in expected_keys if key not in tensors]
     if missing:
         raise ValueError(f"{path} holds no GFA factors (missing {missing}); its keys are {sorted(tensors)[:10]}")

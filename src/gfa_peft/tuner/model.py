@@ -56,6 +56,7 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
     Attributes:
         gfa_B, gfa_A: `ModuleDict`s keyed by adapter name of `GfaFactor`s, whose `.weight` is the global
             factor B (m x r) or A (r x k): parameters `gfa_B.<adapter>.weight`, saved as `base_model.gfa_B`.
+        gfa_gain: the same for the N module gains of the adapters with `module_gain` (`base_model.gfa_gain`).
         gfa_layouts: the `Layout` of each adapter (its own target modules, order, d, m, k).
     """
 
@@ -149,9 +150,9 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
                                                     self._model_forward)
         self.gfa_layouts[adapter_name] = layout
 
-    def _adapter_tensors(self, adapter_name: str) -> list[GfaFactor]:
-        """The adapter's factors B and A, and its module gains if it has them."""
-        return [factors[adapter_name] for factors in (self.gfa_B, self.gfa_A, self.gfa_gain) if adapter_name in factors]
+    def _factor_dicts(self) -> list[nn.ModuleDict]:
+        """The tuner's dicts of B, A and module gains by adapter name, under the names the layers use."""
+        return [getattr(self, name) for name in GfaLayer.adapter_layer_names]
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's upcast of fp16/bf16 adapter weights to float32 (which reaches only tensors inside tuner
@@ -159,7 +160,7 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         if not autocast_adapter_dtype:
             return
-        for factor in self._adapter_tensors(adapter_name):
+        for factor in (factors[adapter_name] for factors in self._factor_dicts() if adapter_name in factors):
             if factor.weight.dtype in (torch.float16, torch.bfloat16):
                 factor.weight.data = factor.weight.data.float()
 
@@ -167,7 +168,7 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         """`base_model.gfa_B.<adapter>.weight` is saved as `base_model.gfa_B` (and A and the gains likewise), the
         key GFA checkpoints have always had; PEFT applies the same mapping backwards when loading."""
-        for factor in ("gfa_B", "gfa_A", "gfa_gain"):
+        for factor in GfaLayer.adapter_layer_names:
             if key.endswith(f"{factor}.{adapter_name}.weight"):
                 return key.removesuffix(f".{adapter_name}.weight")
         return super()._remove_adapter_name_from_key(key, adapter_name)
@@ -188,8 +189,7 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
     def delete_adapter(self, adapter_name: str) -> None:
         # The factors leave the tuner first: a layer whose active adapter is deleted makes the first of the
         # tuner's remaining adapters active. If PEFT refuses (an unknown or merged adapter), they are put back.
-        popped = [(factors, factors.pop(adapter_name)) for factors in (self.gfa_B, self.gfa_A, self.gfa_gain)
-                  if adapter_name in factors]
+        popped = [(factors, factors.pop(adapter_name)) for factors in self._factor_dicts() if adapter_name in factors]
         try:
             super().delete_adapter(adapter_name)  # the layers drop their references to the factors
         except Exception:
