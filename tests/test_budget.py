@@ -276,6 +276,20 @@ def test_count_places_gfa_on_the_aligned_grid_as_training_does(capsys):
     assert refused.value.code == 2
 
 
+def test_count_places_gfa_with_module_gains_as_training_does(capsys):
+    assert main(["count", "--model", "smollm2", "--module-gain", "--anchors", "1/2,1,16", "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    shapes = target_shapes(load_architecture("smollm2"), ["q_proj", "v_proj"])
+    plain = rank_anchors(shapes, ["1/2", "1", "16"])
+    assert report["module_gain"] and report["smallest"]["gfa"] == report["gfa_per_rank"] + report["N"]
+    for written, without in zip(report["anchors"], plain, strict=True):
+        placed = place("gfa", shapes, anchor=written["label"], module_gain=True)
+        assert (written["gfa_rank"], written["gfa"]) == (placed.knobs["r"], placed.trainable)
+        assert (written["gfa_rank"], written["gfa"]) == (without.gfa_rank, without.gfa_params + 60)
+    assert main(["count", "--model", "smollm2", "--module-gain", "--anchors", "1"]) == 0
+    assert "include its 60 module gains" in capsys.readouterr().out
+
+
 def test_count_folder_with_a_config(tmp_path, capsys):
     load_architecture("smollm2").config.save_pretrained(tmp_path)
     assert main(["count", "--model", str(tmp_path), "--targets", "all-linear", "--json", "-"]) == 0

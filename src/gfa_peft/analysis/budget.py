@@ -155,13 +155,15 @@ def rank_anchors(
     labels: Sequence[str] = DEFAULT_ANCHORS,
     module_order: ModuleOrder = "model",
     grid: str = "square",
+    module_gain: bool = False,
 ) -> list[Anchor]:
     """Every method's size at each anchor, for the target modules `named_shapes` (in the model's order).
 
     GFA's rank is the one whose count r * (m + k) is nearest the budget, ties to the smaller rank, clamped
     to [1, min(m, k)]. The budget of "1/2" is the integer nearest 0.3 x LoRA's rank-1 count (halves down).
     The module order sets the layout (and is validated) but no count depends on it; the grid rule
-    (`layout.GRIDS`) sets m and k, so GFA's count.
+    (`layout.GRIDS`) sets m and k, so GFA's count. With `module_gain` GFA's count adds its N gains and its
+    rank stays the anchor's, as training places it.
     Raises ValueError for a bad or repeated label, or an anchor whose LoRA rank exceeds min(m, k).
     """
     labels = list(labels)
@@ -174,7 +176,7 @@ def rank_anchors(
         if rank is not None:
             layout.check_rank(rank, "anchor rank")
     shapes = [piece.shape for piece in layout.modules]
-    return [_place(label, rank, shapes, layout) for label, rank in zip(labels, ranks, strict=True)]
+    return [_place(label, rank, shapes, layout, module_gain) for label, rank in zip(labels, ranks, strict=True)]
 
 
 def ordered_layout(named_shapes: Sequence[tuple[str, Shape]], module_order: ModuleOrder = "model",
@@ -186,7 +188,7 @@ def ordered_layout(named_shapes: Sequence[tuple[str, Shape]], module_order: Modu
     return build_layout([(name, in_model_order[name].shape) for name in order], grid)
 
 
-def _place(label: str, lora_rank: int | None, shapes: list[Shape], layout: Layout) -> Anchor:
+def _place(label: str, lora_rank: int | None, shapes: list[Shape], layout: Layout, module_gain: bool) -> Anchor:
     lora_rank1 = lora_params(shapes, 1)
     budget = lora_rank * lora_rank1 if lora_rank else nearest_multiple(
         lora_rank1 * SUB_RANK1_FRACTION.numerator, SUB_RANK1_FRACTION.denominator
@@ -200,7 +202,7 @@ def _place(label: str, lora_rank: int | None, shapes: list[Shape], layout: Layou
         lora_rank=lora_rank,
         budget=budget,
         gfa_rank=gfa_rank,
-        gfa_params=gfa_params(layout, gfa_rank),
+        gfa_params=gfa_params(layout, gfa_rank, module_gain),
         lora_params=lora_params(shapes, lora_rank) if lora_rank else None,
         dora_params=dora_params(shapes, lora_rank) if lora_rank else None,
         vera_rank=vera_rank,
@@ -237,10 +239,12 @@ def budget_report(
     labels: Sequence[str] = DEFAULT_ANCHORS,
     module_order: ModuleOrder = "model",
     grid: str = "square",
+    module_gain: bool = False,
 ) -> dict:
     """Everything `gfa count` reports, as plain JSON: the layout (on the `grid` rule's m x k), the equal-rank
-    LoRA/GFA ratio (exact and the equal-module estimate sqrt(N)), each method's smallest count, and the anchors."""
-    anchors = rank_anchors(named_shapes, labels, module_order, grid)
+    LoRA/GFA ratio (exact and the equal-module estimate sqrt(N)), each method's smallest count, and the anchors
+    (GFA's counts with its N gains under `module_gain`)."""
+    anchors = rank_anchors(named_shapes, labels, module_order, grid, module_gain)
     layout = ordered_layout(named_shapes, module_order, grid)
     shapes = [piece.shape for piece in layout.modules]
     lora_rank1 = lora_params(shapes, 1)
@@ -248,6 +252,7 @@ def budget_report(
     return {
         "N": len(shapes),
         "grid": layout.grid,
+        "module_gain": module_gain,
         "d": layout.d,
         "m": layout.m,
         "k": layout.k,
@@ -260,7 +265,7 @@ def budget_report(
         "smallest": {
             "lora": lora_rank1,
             "dora": dora_params(shapes, 1),
-            "gfa": gfa_params(layout, 1),
+            "gfa": gfa_params(layout, 1, module_gain),
             "vera": vera_params(shapes, 1) if _all_linear(shapes) else None,
             "vblora": vblora_params(shapes, VBLORA_TOPK, vector_length) if vector_length else None,
         },

@@ -47,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="GFA's global matrix: square (k = floor(sqrt(d))) or aligned (k the multiple of the modules' common "
         "input width nearest sqrt(d)); it sets m and k, so GFA's counts and ranks (default: %(default)s)",
     )
+    parser.add_argument(
+        "--module-gain", action="store_true",
+        help="count GFA with one learned gain per module (GfaConfig(module_gain=True)): N more parameters at "
+        "each anchor's rank, as `gfa train --module-gain` places it",
+    )
     add_json_argument(parser, "the report", replaces="the table")
     parser.set_defaults(run=run)
 
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         model = load_architecture(args.model)  # an unknown name is refused before torch loads
         from gfa_peft.targets import default_targets, target_shapes  # PEFT loads once there is a model to count
         targets = parse_targets(args.targets) if args.targets else default_targets(model)
-        report = budget_report(target_shapes(model, targets), anchors, module_order, args.grid)
+        report = budget_report(target_shapes(model, targets), anchors, module_order, args.grid,
+                               args.module_gain)
     except (ValueError, TypeError) as error:  # bad names, anchors, orders; modules no method can adapt
         raise UsageError(str(error)) from None
     report = {"model": args.model, "targets": targets, "module_order": module_order, **report}
@@ -77,7 +83,8 @@ def format_report(report: dict) -> str:
         f"GFA ranks 1..{report['max_gfa_rank']:,}",
         f"per rank: LoRA {report['lora_per_rank']:,}, GFA m+k = {report['gfa_per_rank']:,}; "
         f"LoRA/GFA at equal rank {report['ratio_exact']:.3f}x exact, {report['ratio_sqrt_n']:.3f}x = sqrt(N) "
-        f"(equal-module estimate)",
+        f"(equal-module estimate)" + (f"; GFA's counts include its {report['N']} module gains"
+                                     if report["module_gain"] else ""),
         "",
     ]
     header = ["anchor", "budget", "LoRA", "DoRA", "GFA r", "GFA", "GFA/budget", "GFA/LoRA r=1",
