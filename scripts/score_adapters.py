@@ -4,9 +4,10 @@ No `gfa` command evaluates an existing adapter, so this script reuses `gfa train
 settings are resolved again (`prepare`: the same task, split, tokenisation and batch size), the base model loads as
 the run built it, each adapter loads onto a fresh copy with PEFT, and the run's evaluation scores it.
 
-    python scripts/score_adapters.py RUN ADAPTER [ADAPTER ...]
+    python scripts/score_adapters.py RUN ADAPTER [ADAPTER ...] [--per-question]
 
-prints one JSON line per adapter: its folder and the run's metrics (accuracy, ...).
+prints one JSON line per adapter: its folder and the run's metrics (accuracy, ...), and with --per-question each
+question's id, label and predicted answer (for paired comparisons of two adapters on the same questions).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished `gfa train` run folder")
     parser.add_argument("adapters", type=Path, nargs="+", help="adapter folders for the run's base model")
+    parser.add_argument("--per-question", action="store_true", help="also list every question's prediction")
     args = parser.parse_args()
     record = json.loads((args.run / CONFIG_FILE).read_text(encoding="utf-8"))
     run = prepare(RunConfig(**record["config"]))
@@ -38,7 +40,11 @@ def main() -> None:
         model = PeftModel.from_pretrained(base, adapter).eval()
         with torch.no_grad():
             predictions, labels = _predict(run, model, tokenizer, progress=False)
-        print(json.dumps({"adapter": str(adapter), **_scores(run, predictions, labels)}), flush=True)
+        scores = {"adapter": str(adapter), **_scores(run, predictions, labels)}
+        if args.per_question:
+            scores["questions"] = [{"id": identifier, "label": label, "predicted": predicted} for identifier, label,
+                                   predicted in zip(run.eval_data["id"], labels, predictions, strict=True)]
+        print(json.dumps(scores), flush=True)
 
 
 if __name__ == "__main__":
