@@ -530,10 +530,11 @@ with files.output_folder(Path({str(folder)!r}), kind, overwrite=True) as buildin
     assert (folder / "result.txt").read_text() == "old" and os.listdir(tmp_path) == ["out"]
 
 
-@pytest.mark.parametrize("command", [["count", "--model", "minilm"], ["merge"]])
+@pytest.mark.parametrize("command", [["count", "--model", "minilm"], ["merge"], ["convert"]])
 def test_json_replaces_only_a_report_of_its_own(merge_inputs, tmp_path, capsys, command):
     arguments = (merge_arguments(merge_inputs, merge_inputs / "base", tmp_path / "merged") if command == ["merge"]
-                 else command)
+                 else ["convert", str(merge_inputs / "adapter"), "--rank", "2", "--base", str(merge_inputs / "base"),
+                       "--out", str(tmp_path / "merged")] if command == ["convert"] else command)
     config = tmp_path / "config.json"
     config.write_text('{"model_type": "bert"}')
     assert main([*arguments, "--json", str(config)]) == 2
@@ -544,11 +545,43 @@ def test_json_replaces_only_a_report_of_its_own(merge_inputs, tmp_path, capsys, 
     report = tmp_path / "report.json"
     assert main([*arguments, "--json", str(report)]) == 0
     assert json.loads(report.read_text())["gfa_report"].startswith("gfa-peft ")
-    if command == ["merge"]:  # its --overwrite also replaces the file
+    if command != ["count", "--model", "minilm"]:  # their --overwrite also replaces the file
         assert main([*arguments, "--overwrite", "--json", str(config)]) == 0
         assert "gfa_report" in json.loads(config.read_text())
     else:
         assert main([*arguments, "--json", str(report)]) == 0  # a report of its own is replaced
+
+
+def test_plot_and_saved_deltas_replace_only_files_of_their_own(saved_llama_adapter, tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    from gfa_peft.analysis.lens.inputs import save_deltas
+    from gfa_peft.cli.arguments import is_plot
+
+    figure = plt.figure()
+    figure.savefig(tmp_path / "users.png")  # a PNG of the user's: matplotlib's, without gfa's mark
+    plt.close(figure)
+    users_png = (tmp_path / "users.png").read_bytes()
+    assert main(["inspect", str(saved_llama_adapter), "--no-progress", "--plot", str(tmp_path / "users.png")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "is not a gfa figure" in error
+    assert (tmp_path / "users.png").read_bytes() == users_png
+    ours = tmp_path / "ranks.png"
+    for _ in range(2):  # written, then replaced: a figure of its own
+        assert main(["inspect", str(saved_llama_adapter), "--no-progress", "--plot", str(ours)]) == 0
+        assert is_plot(ours)
+
+    torch.manual_seed(0)
+    save_deltas(tmp_path / "deltas.safetensors", {"layers.0.q": torch.randn(8, 8), "layers.0.v": torch.randn(4, 8)})
+    save_file({"weight": torch.ones(2)}, tmp_path / "users.safetensors")
+    users_tensors = (tmp_path / "users.safetensors").read_bytes()
+    lens = ["lens", "--deltas", str(tmp_path / "deltas.safetensors"), "--anchors", "1", "--json", "-", "--save-deltas"]
+    assert main([*lens, str(tmp_path / "users.safetensors")]) == 2
+    assert "is not a deltas file gfa lens saved" in capsys.readouterr().err
+    assert (tmp_path / "users.safetensors").read_bytes() == users_tensors
+    for _ in range(2):
+        assert main([*lens, str(tmp_path / "copy.safetensors")]) == 0
+    assert load_file(tmp_path / "copy.safetensors").keys() == {"layers.0.q", "layers.0.v"}
 
 
 def test_records_hold_no_absolute_path_and_older_records_with_one_still_resume(cache, finished_sweep, tmp_path,

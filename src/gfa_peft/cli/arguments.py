@@ -15,7 +15,7 @@ from typing import Any
 
 from gfa_peft import __version__
 from gfa_peft.cli import UsageError
-from gfa_peft.io.files import write_json_atomic
+from gfa_peft.io.files import REPORT_MARK, write_json_atomic
 from gfa_peft.defaults import ALL_LINEAR
 
 
@@ -37,11 +37,6 @@ def parse_targets(text: str) -> str | list[str]:
     return ALL_LINEAR if text.strip().lower() == ALL_LINEAR else parse_list(text, "--targets")
 
 
-REPORT_MARK = "gfa_report"
-"""The top-level key of every JSON report `--json` writes (the version that wrote it): a file holding one is ours
-to replace."""
-
-
 def output_path(argument: str | None) -> Path | None:
     """Where an optional output file goes (None: standard output), checked before anything runs."""
     if argument is None or argument == "-":
@@ -58,9 +53,21 @@ def json_report_path(argument: str | None, overwrite: bool | None = None) -> Pat
     """`output_path` for `--json`: an existing file is replaced only when it is a report of ours (or with the
     command's `--overwrite`; None: it has none), so a mistyped `--json` never replaces a user's file (a model's
     config.json, say)."""
+    return own_output_path(argument, is_report, "a gfa JSON report", overwrite)
+
+
+def plot_output_path(argument: str | None) -> Path | None:
+    """`output_path` for `--plot`: an existing file is replaced only when it is a figure of ours (`is_plot`)."""
+    return own_output_path(argument, is_plot, "a gfa figure")
+
+
+def own_output_path(argument: str | None, is_ours: Callable[[Path], bool], what: str,
+                    overwrite: bool | None = None) -> Path | None:
+    """`output_path` for a file a command writes beside its work: an existing file is replaced only when
+    `is_ours` says it holds `what` (or with the command's `--overwrite`; None: it has none)."""
     path = output_path(argument)
-    if path is not None and path.exists() and not overwrite and not is_report(path):
-        raise UsageError(f"cannot write {argument!r}: it exists and is not a gfa JSON report, so it is left alone; "
+    if path is not None and path.exists() and not overwrite and not is_ours(path):
+        raise UsageError(f"cannot write {argument!r}: it exists and is not {what}, so it is left alone; "
                          "choose another file" + (" or pass --overwrite" if overwrite is not None else ""))
     return path
 
@@ -75,6 +82,29 @@ def is_report(path: Path) -> bool:
     if isinstance(data, list):
         return bool(data) and all(isinstance(item, dict) and {"method", "anchor"} <= set(item) for item in data)
     return isinstance(data, dict) and REPORT_MARK in data
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_plot(path: Path) -> bool:
+    """Whether `path` is a PNG that `save_figure` wrote: one whose text chunks hold `REPORT_MARK`."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if not data.startswith(PNG_SIGNATURE):
+        return False
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(data):  # chunks: length (4 bytes, big-endian), type (4), data, CRC (4)
+        length, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        body = data[position + 8:position + 8 + length]
+        if kind == b"tEXt" and body.split(b"\0", 1)[0] == REPORT_MARK.encode():
+            return True
+        if kind == b"IEND":
+            return False
+        position += 12 + length
+    return False
 
 
 def add_json_argument(parser: argparse.ArgumentParser, what: str, replaces: str = "the readable report") -> None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import add_json_argument, emit_json, output_path
+from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path, plot_output_path
 from gfa_peft.io.tables import text_table
 
 
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    json_path, plot_path = output_path(args.json), output_path(args.plot)
+    json_path, plot_path = json_report_path(args.json, args.overwrite), plot_output_path(args.plot)
     if args.rank is not None and args.rank < 1:
         raise UsageError(f"--rank must be at least 1, got {args.rank}")
     if args.energy is not None and not 0 < args.energy <= 1:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path, output_path
+from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path, plot_output_path
 from gfa_peft.defaults import DEFAULT_RANK_TOL
 from gfa_peft.io.tables import text_table
 
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    json_path, plot_path = json_report_path(args.json), output_path(args.plot)
+    json_path, plot_path = json_report_path(args.json), plot_output_path(args.plot)
     if not 0 < args.tol < 1:
         raise UsageError(f"--tol must be in (0, 1), got {args.tol}")
     if args.top is not None and args.top < 1:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from gfa_peft.analysis.budget import DEFAULT_ANCHORS
 from gfa_peft.cli import COMMANDS, UsageError
-from gfa_peft.cli.arguments import (add_json_argument, emit_json, json_report_path, output_path, parse_list,
-                                   parse_targets)
+from gfa_peft.cli.arguments import (add_json_argument, emit_json, json_report_path, output_path, own_output_path,
+                                   parse_list, parse_targets, plot_output_path)
 from gfa_peft.defaults import ALL_LINEAR, DEFAULT_GRID_POINTS, DEFAULT_RTOL, DEFAULT_TIE_TOLERANCE
 from gfa_peft.layout import parse_module_order
 
@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     json_path = json_report_path(args.json)
-    plot_path, deltas_path = (output_path(path) for path in (args.plot, args.save_deltas))
+    plot_path, deltas_path = plot_output_path(args.plot), output_path(args.save_deltas)
     if args.deltas and args.save_deltas and Path(args.deltas).resolve() == deltas_path.resolve():
         raise UsageError("--save-deltas would overwrite the --deltas input")
     orders = [parse_module_order(order) for order in parse_list(args.module_order, "--module-order")]
@@ -89,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tie_tolerance < 0 or not 0 < args.rtol < 1:
         raise UsageError("--tie-tolerance must be >= 0 and --rtol in (0, 1)")
     targets = parse_targets(args.targets) if args.targets else None
-    from gfa_peft.analysis.lens.inputs import save_deltas  # torch loads once the arguments are checked
+    from gfa_peft.analysis.lens.inputs import is_saved_deltas, save_deltas  # torch loads once the arguments are checked
     from gfa_peft.analysis.lens.study import format_report, lens_study, plot_lens
+
+    own_output_path(args.save_deltas, is_saved_deltas, "a deltas file gfa lens saved")
 
     try:
         deltas = _load_deltas(args, targets)

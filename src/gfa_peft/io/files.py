@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+REPORT_MARK = "gfa_report"
+"""The key that marks a file as a report or figure a `gfa` command wrote (the top-level key of a JSON report, a
+PNG's text chunk; its value: the version that wrote it): a file holding it is ours to replace."""
 PARTIAL_SUFFIX = ".partial"
 RETIRED_SUFFIX = ".old"
 # Errors that say the destination cannot take the files (rather than a bug or a missing input).

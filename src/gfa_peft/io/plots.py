@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from gfa_peft.io.files import write_atomic  # noqa: E402
+from gfa_peft import __version__  # noqa: E402
+from gfa_peft.io.files import REPORT_MARK, write_atomic  # noqa: E402
 
 STYLE = {"gfa": ("GFA", "tab:red", "o"), "lora": ("LoRA", "tab:blue", "s"), "dora": ("DoRA", "tab:green", "^"),
          "vera": ("VeRA", "tab:purple", "D"), "vblora": ("VB-LoRA", "tab:orange", "v"),
@@ -100,10 +101,12 @@ def _label_gfa_points(axis: plt.Axes, cells: list[dict[str, Any]], others: list[
 
 def save_figure(figure: plt.Figure, path: Path) -> None:
     """Lay `figure` out, save it as a PNG into `path` (written atomically) and close it. The saved area grows to
-    hold every label, so none is cut at the edge."""
+    hold every label, so none is cut at the edge. The PNG carries `REPORT_MARK` as a text chunk, so a later
+    `--plot` may replace it (`is_plot`) while a file of the user's is left alone."""
+    metadata = {REPORT_MARK: f"gfa-peft {__version__}"}
     try:
         figure.tight_layout()
         write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png", bbox_inches="tight",
-                                                            pad_inches=0.15))
+                                                            pad_inches=0.15, metadata=metadata))
     finally:
         plt.close(figure)

@@ -125,6 +125,15 @@ def deltas_from_file(path: str | os.PathLike, targets: Targets | None = None) ->
     return deltas
 
 
+def is_saved_deltas(path: Path) -> bool:
+    """Whether `path` is a file `save_deltas` wrote (a safetensors file recording its module order)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return MODULE_ORDER_KEY in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001  (safetensors raises its own error types for a file that is not one of its)
+        return False
+
+
 def save_deltas(path: str | os.PathLike, deltas: Mapping[str, Tensor]) -> None:
     """Write deltas for `deltas_from_file`, recording their order; atomically (temporary file, then rename)."""
     tensors = {name: delta.contiguous() for name, delta in deltas.items()}
