@@ -417,3 +417,22 @@ def test_tune_leaves_the_choice_to_the_process_that_ends_last(cache, tmp_path, c
                  "--save-defaults"]) == 0
     assert "1 trial(s) unfinished: the `gfa tune` that finishes the last of them chooses" in capsys.readouterr().out
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rates, lines", [
+    ({"1": [1e-2], "16": [3e-3]}, {"LoRA"}),  # a rate tuned per anchor: one line through the anchors
+    ({"1": [1e-2, 3e-3], "16": [1e-2, 3e-3]}, {"LoRA, lr 0.01", "LoRA, lr 0.003"}),  # a tuning sweep: one per rate
+    ({"1": [3e-3], "16": [3e-3]}, {"LoRA"}),
+])
+def test_the_figure_draws_a_line_per_method_or_per_tried_rate(tmp_path, monkeypatch, rates, lines):
+    from gfa_peft.io import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: drawn.setdefault("axes", figure.axes))
+    cells = [{"task": "rt", "method": "lora", "anchor": anchor, "lr": lr, "module_order": None, "rank": 1,
+              "adapter_params": 100 * int(anchor), "mean": 80.0, "std": 1.0}
+             for anchor, tried in rates.items() for lr in tried]
+    plots.plot_sweep({"cells": cells, "baselines": {}, "task_titles": {}}, tmp_path / "figure.png")
+    handles, labels = drawn["axes"][0].get_legend_handles_labels()
+    assert set(labels) == lines and len(labels) == len(lines)
+    assert all(len(handle.lines[0].get_xdata()) == len(rates) for handle in handles)  # every line spans the anchors

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,11 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
     for axis, task in zip(axes[0], tasks, strict=False):
         for method, (label, color, marker) in STYLE.items():
             ours = [cell for cell in summary["cells"] if cell["task"] == task and cell["method"] == method]
-            several_lrs = len({cell["lr"] for cell in ours}) > 1  # a tuning sweep: one line per rate
-            for (order, lr), linestyle in zip(dict.fromkeys((cell["module_order"], cell["lr"]) for cell in ours),
-                                              itertools.cycle(LINESTYLES)):
-                cells = sorted((cell for cell in ours if (cell["module_order"], cell["lr"]) == (order, lr)),
-                               key=lambda cell: cell["adapter_params"])
-                variant = label + ("" if order is None else f" ({order})") + (f", lr {lr:g}" if several_lrs else "")
+            line_of = _line_key(ours)
+            for line, linestyle in zip(dict.fromkeys(map(line_of, ours)), itertools.cycle(LINESTYLES)):
+                order, lr = line
+                cells = sorted((cell for cell in ours if line_of(cell) == line), key=lambda cell: cell["adapter_params"])
+                variant = label + ("" if order is None else f" ({order})") + ("" if lr is None else f", lr {lr:g}")
                 axis.errorbar([cell["adapter_params"] for cell in cells], [cell["mean"] for cell in cells],
                               yerr=[cell["std"] or 0.0 for cell in cells], color=color, marker=marker,
                               label=variant, linestyle=linestyle, capsize=3, linewidth=1.5, markersize=6,
@@ -63,6 +62,14 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
         axis.grid(True, which="both", alpha=0.3)
     _legend_beside(figure, axes[0])
     save_figure(figure, path)
+
+
+def _line_key(cells: list[dict[str, Any]]) -> Callable[[dict[str, Any]], tuple]:
+    """What puts a method's cells on one line: its module order, and its rate in a tuning sweep (several rates at
+    one anchor: one line per rate). A sweep with one rate per anchor (a rate tuned per anchor) draws one line."""
+    tuning = len({(cell["module_order"], cell["anchor"], cell["lr"]) for cell in cells}) > len(
+        {(cell["module_order"], cell["anchor"]) for cell in cells})
+    return lambda cell: (cell["module_order"], cell["lr"] if tuning else None)
 
 
 def log_count_axis(axis: plt.Axes) -> None:
