@@ -6,7 +6,7 @@ it; a LoRA module's is (alpha / r) * B_i A_i (alpha / sqrt(r) under rsLoRA). For
 every module's norm and share of the update's energy, and a concentration summary: the share of the energy in the
 quarter of the modules that hold the most (a uniform spread gives 25%).
 
-    python scripts/update_norms.py ADAPTER [ADAPTER ...] [--labels A,B,...] [--json FILE] [--plot FILE]
+    python scripts/update_norms.py ADAPTER [ADAPTER ...] [--label NAME ...] [--json FILE] [--plot FILE]
 """
 
 from __future__ import annotations
@@ -86,11 +86,12 @@ def plot(reports: dict[str, dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("adapters", type=Path, nargs="+", help="saved GFA or LoRA adapter folders")
-    parser.add_argument("--labels", help="comma-separated names for the adapters (default: their folders)")
+    parser.add_argument("--label", action="append", metavar="NAME",
+                        help="a name for each adapter, in order, one --label each (default: their folders)")
     parser.add_argument("--json", type=Path, help="write every module's norm and share to this file")
     parser.add_argument("--plot", type=Path, help="plot each layer's energy share per module kind (.png)")
     args = parser.parse_args()
-    labels = args.labels.split(",") if args.labels else [str(adapter) for adapter in args.adapters]
+    labels = args.label or [str(adapter) for adapter in args.adapters]
     if len(labels) != len(args.adapters):
         parser.error(f"--labels names {len(labels)} adapters, {len(args.adapters)} given")
     reports = {label: summary(norms_of(adapter)) for label, adapter in zip(labels, args.adapters)}
