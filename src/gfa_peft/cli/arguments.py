@@ -99,7 +99,7 @@ def is_plot(path: Path) -> bool:
     while position + 8 <= len(data):  # chunks: length (4 bytes, big-endian), type (4), data, CRC (4)
         length, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
         body = data[position + 8:position + 8 + length]
-        if kind == b"tEXt" and body.split(b"\0", 1)[0] == REPORT_MARK.encode():
+        if kind in (b"tEXt", b"iTXt", b"zTXt") and body.split(b"\0", 1)[0] == REPORT_MARK.encode():  # keyword first
             return True
         if kind == b"IEND":
             return False
