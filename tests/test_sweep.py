@@ -375,6 +375,34 @@ def test_a_grid_with_other_settings_is_refused_or_replaces_the_folders_grids(cac
     assert is_finished(root / "rt" / "gfa-1-s0-lr0.01")
 
 
+def test_methods_at_their_own_settings_share_a_folder_but_one_method_never_mixes_them(cache, tmp_path):
+    root = tmp_path / "sweep"
+    quiet = {"progress": False, "log": lambda message: None}
+    rsqrt = {"steps": 2, "cache": str(cache), "scale_rule": "rsqrt"}
+    run_sweep(spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,), settings=rsqrt), root, **quiet)
+    summary = run_sweep(spec(cache, methods=("lora",), anchors=("1",), seeds=(0,)), root, **quiet)
+    assert [(cell["method"], cell["anchor"]) for cell in summary["cells"]] == [("gfa", "1"), ("lora", "1")]
+    assert sorted(path.name for path in (root / "rt").iterdir()) == ["gfa-1-s0-lr0.01-rsqrt", "lora-1-s0-lr0.01"]
+    assert json.loads((root / "rt" / "gfa-1-s0-lr0.01-rsqrt" / "config.json").read_text())["config"][
+        "scale_rule"] == "rsqrt"
+    refused = sweep_module.ChangedRunsError
+    with pytest.raises(refused, match=r"scale_rule: \"rsqrt\" -> default"):  # GFA under both rules
+        run_sweep(spec(cache, methods=("gfa", "lora"), anchors=("1",), seeds=(0,)), root, **quiet)
+    three_steps = {"steps": 3, "cache": str(cache)}  # not a method setting: refused whatever the methods
+    with pytest.raises(refused, match="steps: 2 -> 3"):
+        run_sweep(spec(cache, methods=("dora",), anchors=("1",), seeds=(0,), settings=three_steps), root, **quiet)
+
+
+def test_a_sweep_whose_only_run_another_process_trains_summarises_nothing_without_failing(cache, tmp_path):
+    root = tmp_path / "sweep"
+    grid = spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,))
+    run_sweep(replace(grid, methods=("lora",)), root, progress=False, log=lambda message: None)
+    (root / "rt" / "lora-1-s0-lr0.01").rename(tmp_path / "moved")  # so the folder holds no finished run
+    with folder_lock(root / "rt" / "gfa-1-s0-lr0.01"):
+        summary = run_sweep(grid, root, progress=False, log=lambda message: None)
+    assert summary["cells"] == [] and (root / "accuracy_vs_params.png").is_file()
+
+
 def test_a_sweep_folder_of_one_grid_written_before_grids_were_kept_resumes(cache, tmp_path, monkeypatch):
     root = tmp_path / "sweep"
     grid = spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,))

@@ -41,7 +41,8 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> None:
             line_of = _line_key(ours)
             for line, linestyle in zip(dict.fromkeys(map(line_of, ours)), itertools.cycle(LINESTYLES)):
                 order, lr = line
-                cells = sorted((cell for cell in ours if line_of(cell) == line), key=lambda cell: cell["adapter_params"])
+                cells = sorted((cell for cell in ours if line_of(cell) == line),
+                               key=lambda cell: cell["adapter_params"])
                 variant = label + ("" if order is None else f" ({order})") + ("" if lr is None else f", lr {lr:g}")
                 axis.errorbar([cell["adapter_params"] for cell in cells], [cell["mean"] for cell in cells],
                               yerr=[cell["std"] or 0.0 for cell in cells], color=color, marker=marker,
@@ -87,6 +88,8 @@ def _legend_beside(figure: plt.Figure, axes: Sequence[plt.Axes]) -> None:
     for axis in axes:
         for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
+    if not entries:  # no finished run yet (another process trains them): an empty figure
+        return
     figure.legend(list(entries.values()), list(entries), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
                   ncol=math.ceil(len(entries) / 16), frameon=False)
 

@@ -77,6 +77,9 @@ SWEEP = ResultKind("sweep", is_own=lambda folder: (folder / SPEC_FILE).is_file()
 """A sweep folder is one with its sweep.json; a sweep adds runs to it and never replaces it."""
 WHERE_NOT_HOW = ("cache",)
 """Sweep settings that say where the inputs lie, not how the runs train: a grid is recorded without them."""
+METHOD_SETTINGS = ("scale_rule", "b_lr_ratio", "module_gain", "gradient_init", "grid")
+"""Settings that shape a method, not the runs around it: grids differing only in these share a folder when they run
+no method in common, so each method can be compared at its own best setting in one summary."""
 
 
 class ChangedRunsError(OutputRefused):
@@ -255,9 +258,11 @@ def _shown(setting: Any) -> str:
 
 
 def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[dict[str, Any]]:
-    """The records of the grids of `root` with `spec`'s added (once), every one with the settings and model of
-    `spec`. Raises ChangedRunsError when `root` holds a grid with other settings, unless `rerun_changed` (then
-    that grid is forgotten: its runs stay on disk, out of the summary)."""
+    """The records of the grids of `root` with `spec`'s added (once), every one with the model and settings of
+    `spec`, or differing only in METHOD_SETTINGS for methods `spec` does not run (each method at its own setting:
+    GFA under s = 1/sqrt(r) beside LoRA under alpha = r). Raises ChangedRunsError when `root` holds a grid that
+    would mix settings within a method or differs otherwise, unless `rerun_changed` (then that grid is forgotten:
+    its runs stay on disk, out of the summary)."""
     path = root / SPEC_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"grids": []}
@@ -266,7 +271,7 @@ def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[dict[
         raise OutputRefused(f"{path} is not a sweep record this version can read; choose another folder") from None
     current = grid_record(spec)
     ours = {"model": current["model"], **current["settings"]}
-    others = [grid for grid in recorded if {"model": grid.get("model"), **grid["settings"]} != ours]
+    others = [grid for grid in recorded if _would_mix(grid, current)]
     if others and not rerun_changed:
         theirs = {"model": others[0].get("model"), **others[0]["settings"]}
         changes = [f"{name}: {_shown(theirs.get(name))} -> {_shown(ours.get(name))}"
@@ -275,6 +280,16 @@ def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[dict[
                                "mix them: pass --rerun-changed to replace it, or choose another folder")
     kept = [grid for grid in recorded if grid not in others]
     return kept if current in kept else [*kept, current]
+
+
+def _would_mix(grid: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two grids' runs may not share a summary: another model, another setting of the runs around the
+    methods (steps, data, ...), or another method setting for a method both run."""
+    if grid.get("model") != current["model"]:
+        return True
+    names = set(grid["settings"]) | set(current["settings"])
+    differing = {name for name in names if grid["settings"].get(name) != current["settings"].get(name)}
+    return bool(differing - set(METHOD_SETTINGS) or differing and set(grid["methods"]) & set(current["methods"]))
 
 
 # ---------------------------------------------------------------- summary
