@@ -31,8 +31,7 @@ def gfa_norms(adapter: Path) -> dict[str, float]:
             for piece in saved.layout.modules}
 
 
-def lora_norms(adapter: Path) -> dict[str, float]:
-    config = json.loads((adapter / CONFIG_FILE).read_text(encoding="utf-8"))
+def lora_norms(adapter: Path, config: dict) -> dict[str, float]:
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
         raise ValueError(f"{adapter}: rank/alpha patterns and DoRA are not read here")
     scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
@@ -47,12 +46,12 @@ def lora_norms(adapter: Path) -> dict[str, float]:
 
 
 def norms_of(adapter: Path) -> dict[str, float]:
-    peft_type = json.loads((adapter / CONFIG_FILE).read_text(encoding="utf-8")).get("peft_type")
-    if peft_type == "GFA":
+    config = json.loads((adapter / CONFIG_FILE).read_text(encoding="utf-8"))
+    if config.get("peft_type") == "GFA":
         return gfa_norms(adapter)
-    if peft_type == "LORA":
-        return lora_norms(adapter)
-    raise ValueError(f"{adapter} holds a {peft_type} adapter; GFA and LoRA are read here")
+    if config.get("peft_type") == "LORA":
+        return lora_norms(adapter, config)
+    raise ValueError(f"{adapter} holds a {config.get('peft_type')} adapter; GFA and LoRA are read here")
 
 
 def summary(norms: dict[str, float]) -> dict:

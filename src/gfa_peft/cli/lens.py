@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from gfa_peft.analysis.lens.inputs import is_saved_deltas, save_deltas  # torch loads once the arguments are checked
     from gfa_peft.analysis.lens.study import format_report, lens_study, plot_lens
 
-    own_output_path(args.save_deltas, is_saved_deltas, "a deltas file gfa lens saved")
+    deltas_path = own_output_path(args.save_deltas, is_saved_deltas, "a deltas file gfa lens saved")
 
     try:
         deltas = _load_deltas(args, targets)
