@@ -122,6 +122,26 @@ def test_forward_and_training_match_dense_reference(case, module_gain):
     torch.testing.assert_close(case.output(model, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("module_gain", GAINS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_unfrozen_base_weights_get_the_dense_reference_gradient(case, module_gain):
+    """A user who also trains the base weights (`requires_grad_(True)` on them, as with LoRA) gets their true
+    gradient: the same as in a plain model whose weights are W + delta."""
+    model, reference = make(case, init_weights=False, scale=0.7, module_gain=module_gain)
+    patched = apply_deltas(reference, dense_reference_deltas(model))
+    adapted = {name.replace("base_layer.", ""): param for name, param in model.base_model.model.named_parameters()
+               if "base_layer.weight" in name}
+    for param in adapted.values():
+        param.requires_grad_(True)
+    inputs = case.inputs()
+    case.output(model, inputs).float().pow(2).mean().backward()
+    case.output(patched, inputs).float().pow(2).mean().backward()
+    expected = dict(patched.named_parameters())
+    assert adapted
+    for name, param in adapted.items():
+        torch.testing.assert_close(param.grad, expected[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.name != "bert_seq_cls"], ids=lambda c: c.name)
 def test_disable_adapter_gives_base_outputs(case):
     model, reference = make(case, init_weights=False)

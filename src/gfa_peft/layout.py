@@ -18,6 +18,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Union
 
 ModuleOrder = Union[str, int]
@@ -78,11 +79,15 @@ class Layout:
     def names(self) -> list[str]:
         return [piece.name for piece in self.modules]
 
+    @cached_property
+    def position(self) -> dict[str, int]:
+        """Each module's place in the concatenation order, by name (looked up once per module when adapting)."""
+        return {piece.name: index for index, piece in enumerate(self.modules)}
+
     def __getitem__(self, name: str) -> ModuleSlice:
-        for piece in self.modules:
-            if piece.name == name:
-                return piece
-        raise KeyError(f"module {name!r} is not part of this GFA layout")
+        if name not in self.position:
+            raise KeyError(f"module {name!r} is not part of this GFA layout")
+        return self.modules[self.position[name]]
 
     def trainable(self, r: int, module_gain: bool = False) -> int:
         """A GFA adapter's trainable count on this grid: r (m + k), plus one gain per module with module gains."""

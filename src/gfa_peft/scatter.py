@@ -174,7 +174,7 @@ def effective_weight(
 
 
 class ScatteredOp(torch.autograd.Function):
-    """op(x, W + sum_a s_a * slice_a(B_a A_a)) with gradients for x and every B_a, A_a.
+    """op(x, W + sum_a s_a * slice_a(B_a A_a)) with gradients for x, every B_a, A_a, and W where it trains.
 
     `base_weight` may be None, in which case the op runs with the scattered update alone (used
     when adapter dropout feeds the update a different input than the frozen weight, and where the
@@ -196,16 +196,23 @@ class ScatteredOp(torch.autograd.Function):
             weight = effective_weight(base_weight, ctx.specs, factors, grad_out, buffer)
             grad_x = ctx.op.grad_input(grad_out, x, weight.to(grad_out.dtype)).to(x.dtype)
         factor_grads: list[torch.Tensor | None] = [None] * len(factors)
-        if any(ctx.needs_input_grad[4:]):
-            grad_weight = WORKSPACE.buffer(ctx.specs[0].piece.shape, grad_out.dtype, grad_out.device)
+        grad_base = None
+        if ctx.needs_input_grad[2] or any(ctx.needs_input_grad[4:]):
+            # d(W + update) / dW is the identity: a base weight that trains (unfrozen by the user) gets the weight
+            # gradient itself, so that gradient then needs memory of its own rather than the shared workspace.
+            shape = ctx.specs[0].piece.shape
+            grad_weight = (torch.empty(shape, dtype=grad_out.dtype, device=grad_out.device) if ctx.needs_input_grad[2]
+                           else WORKSPACE.buffer(shape, grad_out.dtype, grad_out.device))
             ctx.op.grad_weight(grad_out, x.to(grad_out.dtype) if x.is_floating_point() else x, out=grad_weight)
-            for index, spec in enumerate(ctx.specs):
+            if ctx.needs_input_grad[2]:
+                grad_base = grad_weight.to(base_weight.dtype)
+            for index, spec in enumerate(ctx.specs if any(ctx.needs_input_grad[4:]) else ()):
                 B, A = factors[2 * index], factors[2 * index + 1]
                 precise = torch.promote_types(grad_weight.dtype, B.dtype)
                 grad_B, grad_A = torch.zeros_like(B, dtype=precise), torch.zeros_like(A, dtype=precise)
                 add_factor_grads(grad_B, grad_A, grad_weight, B, A, spec)
                 factor_grads[2 * index], factor_grads[2 * index + 1] = grad_B.to(B.dtype), grad_A.to(A.dtype)
-        return (grad_x, None, None, None, *factor_grads)
+        return (grad_x, None, grad_base, None, *factor_grads)
 
 
 def scattered_op(

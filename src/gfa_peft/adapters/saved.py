@@ -41,7 +41,7 @@ class SavedAdapter:
         """The factor module `piece` multiplies its slice of B A by: s, times its gain g_i with module gains."""
         if self.gain is None:
             return self.config.effective_scale
-        return self.config.effective_scale * float(self.gain[self.layout.names.index(piece.name)])
+        return self.config.effective_scale * float(self.gain[self.layout.position[piece.name]])
 
     def spec(self, piece: ModuleSlice) -> SliceSpec:
         """Where module `piece`'s update sits in the grid, with its scale (`scale_of`) as a fixed number."""

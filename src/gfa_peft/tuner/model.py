@@ -177,7 +177,7 @@ class GfaModel(BaseTuner, metaclass=_GfaTunerClass):
         layout = self.gfa_layouts[adapter_name]
         spec = SliceSpec(layout[current_key], layout.k, config.effective_scale)
         factors = (self.gfa_B[adapter_name], self.gfa_A[adapter_name])
-        gain = (self.gfa_gain[adapter_name], layout.names.index(current_key)) if config.module_gain else None
+        gain = (self.gfa_gain[adapter_name], layout.position[current_key]) if config.module_gain else None
         settings = (spec, config.dropout, config.cache_inference_update, gain)
         if isinstance(target, GfaLayer):
             target.update_layer(adapter_name, factors, *settings)
