@@ -44,20 +44,23 @@ def tiny_shapes(monkeypatch):
 
 def test_end_to_end_through_worker_processes(tiny_shapes, tmp_path):
     json_path, out = tmp_path / "records.json", tmp_path / "out"
-    code = main(["bench", "--shapes", "tiny", "--scopes", "q+v", "--anchors", "1/2,1", "--methods", "gfa,lora,floor,wgrad",
+    code = main(["bench", "--shapes", "tiny", "--scopes", "q+v", "--anchors", "1/2,1", "--methods", "gfa,gfa-gain,lora,floor,wgrad",
                  "--steps", "2", "--warmup", "1",
                  "--batch-size", "2", "--seq-len", "8", "--threads", "1", "--json", str(json_path), "--out", str(out),
                  "--no-progress"])
     assert code == 0
     records = json.loads(json_path.read_text())
     by_key = {(record["anchor"], record["method"]): record for record in records}
-    assert len(by_key) == len(records) == 5
-    assert set(by_key) == {("1/2", "gfa"), ("1", "gfa"), ("1", "lora"), ("1", "floor"), ("1", "wgrad")}
+    assert len(by_key) == len(records) == 7
+    assert set(by_key) == {("1/2", "gfa"), ("1", "gfa"), ("1/2", "gfa-gain"), ("1", "gfa-gain"), ("1", "lora"),
+                           ("1", "floor"), ("1", "wgrad")}
     assert all(REQUIRED_KEYS <= record.keys() for record in records)
 
     anchors = tiny_anchors(["1/2", "1"])
     assert by_key["1/2", "gfa"]["trainable"] == anchors["1/2"].gfa_params
     assert by_key["1", "gfa"]["trainable"] == anchors["1"].gfa_params
+    for label in ("1/2", "1"):  # one gain per target module: 2 layers x (q, v)
+        assert by_key[label, "gfa-gain"]["trainable"] == anchors[label].gfa_params + 4
     assert by_key["1", "lora"]["trainable"] == LORA_PER_RANK
     assert by_key["1", "floor"]["trainable"] == by_key["1", "wgrad"]["trainable"] == 0
 

@@ -334,7 +334,8 @@ def plot_ratios(records: Sequence[dict], path: Path) -> None:
         if any(record["cpu_time_ratio_to_lora"] is not None for record in records):
             panels.append(("cpu_time_ratio_to_lora", "CPU time / LoRA's", time_targets, "LoRA"))
         panels.append(("mem_ratio_to_lora", "peak memory / LoRA's", _target_lines("worst_peak_mem", scopes), "LoRA"))
-        styles = {"gfa": ("o", "tab:blue", "GFA"), "dora": ("s", "tab:orange", "DoRA (PEFT)"),
+        styles = {"gfa": ("o", "tab:blue", "GFA"), "gfa-gain": ("^", "tab:cyan", "GFA, module gains"),
+                  "dora": ("s", "tab:orange", "DoRA (PEFT)"),
                   "floor": ("_", "tab:gray", "floor"), "wgrad": ("x", "tab:purple", "weight-gradient floor")}
         title = "gfa bench: paired against PEFT's LoRA at the same anchor (anchor 1/2 against LoRA r=1)"
     _plot_panels(records, panels, styles, title, path)

@@ -14,11 +14,12 @@ if TYPE_CHECKING:
 
 BENCH_METHODS = ("gfa", "lora", "dora", "floor")
 """The default methods: the paper's Table 1 methods (named as in `training.methods.METHODS`) and the floor."""
-TRAINING_METHODS = (*BENCH_METHODS, "wgrad")
-"""Every method a training bench can measure: the defaults and, on request, the weight-gradient floor."""
+TRAINING_METHODS = (*BENCH_METHODS, "gfa-gain", "wgrad")
+"""Every method a training bench can measure: the defaults and, on request, GFA with a learned gain per module
+(`GfaConfig.module_gain`, whose update runs as a product of its own) and the weight-gradient floor."""
 INFERENCE_METHODS = ("base", "lora", "gfa", "gfa-merged")
 """The inference bench's: the bare model, LoRA and GFA unmerged, GFA merged into the base weights."""
-GFA_METHODS = ("gfa", "gfa-merged")
+GFA_METHODS = ("gfa", "gfa-gain", "gfa-merged")
 """Methods at the anchor's GFA rank; the floors and "base" have no adapter, the others sit at its LoRA rank."""
 NO_ADAPTER = ("floor", "wgrad", "base")
 DEFAULT_ANCHORS = ("1/2", "1", "4", "16")

@@ -83,7 +83,7 @@ class WorkerSpec:
 
 
 def attach_method(model: nn.Module, method: str, rank: int | None, targets: str | list[str]) -> nn.Module:
-    """The model with `method`'s adapter at `rank` ("gfa", "lora", "dora"), or one of the two floors.
+    """The model with `method`'s adapter at `rank` ("gfa", "gfa-gain", "lora", "dora"), or one of the two floors.
 
     The floor ("floor") freezes every weight and makes the outputs of the target modules require grad: backward
     runs from the loss down to every module an adapter would train, and computes no weight gradient. That is the
@@ -103,7 +103,8 @@ def attach_method(model: nn.Module, method: str, rank: int | None, targets: str 
             else:
                 module.register_forward_hook(_output_requires_grad)
         return model
-    return get_peft_model(model, peft_config(method, {"r": rank}, targets))
+    knobs = {"r": rank, "module_gain": True} if method == "gfa-gain" else {"r": rank}
+    return get_peft_model(model, peft_config(method.removesuffix("-gain"), knobs, targets))
 
 
 def _output_requires_grad(module: nn.Module, inputs, output: torch.Tensor) -> None:

@@ -84,8 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--methods", metavar="NAMES",
         help=f"comma-separated methods from {', '.join(TRAINING_METHODS)} (default: {','.join(BENCH_METHODS)}; "
-        "wgrad, the weight-gradient floor, is the floor plus every target module's weight gradient: the least work "
-        f"of an exact GFA gradient); with --inference from {', '.join(INFERENCE_METHODS)} (default: all)",
+        "gfa-gain is GFA with a learned gain per module (GfaConfig.module_gain); wgrad, the weight-gradient floor, "
+        "is the floor plus every target module's weight gradient: the least work of an exact GFA gradient); with --inference from {', '.join(INFERENCE_METHODS)} (default: all)",
     )
     parser.add_argument(
         "--steps", type=int, metavar="N",

@@ -52,7 +52,8 @@ class GfaConfig(PeftConfig):
         metadata={
             "help": "Learn one scalar gain g_i per module (N more parameters, each starting at 1): module i adds "
             "g_i * s * its slice, so each module can set the size of its update, which the shared factors alone "
-            "tie together. The gained update runs as its own product beside the base layer's (unfused)."
+            "tie together. The gained update runs as its own product beside the base layer's (unfused; "
+            "`gfa bench --methods gfa,gfa-gain,lora` measures what that costs, docs/bench.md)."
         },
     )
     init_sigma: Optional[float] = field(
