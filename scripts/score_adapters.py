@@ -17,10 +17,14 @@ import json
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-from gfa_peft.training.config import RunConfig
-from gfa_peft.training.run import CONFIG_FILE, _model_class, _predict, _scores, _tokenizer, prepare
+from gfa_peft.cli import quiet_libraries
+
+with quiet_libraries():  # importing PEFT logs bitsandbytes' note on an optional kernel; the gfa commands hide it too
+    from peft import PeftModel
+
+    from gfa_peft.training.config import RunConfig
+    from gfa_peft.training.run import CONFIG_FILE, _model_class, _predict, _scores, _tokenizer, prepare
 
 
 def main() -> None:
@@ -48,4 +52,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with quiet_libraries():  # transformers' load reports, as under `gfa train`
+        main()

@@ -17,10 +17,14 @@ import re
 from pathlib import Path
 
 import torch
-from peft.utils import load_peft_weights
 
-from gfa_peft.adapters.saved import CONFIG_FILE, load_saved_adapter
-from gfa_peft.analysis.ranks import module_update
+from gfa_peft.cli import quiet_libraries
+
+with quiet_libraries():  # importing PEFT logs bitsandbytes' note on an optional kernel; the gfa commands hide it too
+    from peft.utils import load_peft_weights
+
+    from gfa_peft.adapters.saved import CONFIG_FILE, load_saved_adapter
+    from gfa_peft.analysis.ranks import module_update
 
 LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -104,5 +108,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
+    with torch.no_grad(), quiet_libraries():
         main()
