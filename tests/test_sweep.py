@@ -393,6 +393,37 @@ def test_methods_at_their_own_settings_share_a_folder_but_one_method_never_mixes
         run_sweep(spec(cache, methods=("dora",), anchors=("1",), seeds=(0,), settings=three_steps), root, **quiet)
 
 
+def test_each_method_of_a_mixed_sweep_takes_the_method_settings_it_has():
+    grid = SweepSpec(methods=("gfa", "lora", "vera"), anchors=("1",),
+                     settings={"steps": 2, "module_gain": True, "scale_rule": "rsqrt", "grid": "aligned"})
+    settings = {config.method: (config.module_gain, config.scale_rule, config.grid, config.steps)
+                for config in grid.configs()}
+    assert settings == {"gfa": (True, "rsqrt", "aligned", 2), "lora": (False, "rsqrt", "square", 2),
+                        "vera": (False, "constant", "square", 2)}
+    assert grid.settings_not_for() == {"scale_rule": ["vera"], "module_gain": ["lora", "vera"],
+                                       "grid": ["lora", "vera"]}
+    assert SweepSpec(methods=("gfa",), settings={"module_gain": True}).settings_not_for() == {}
+
+
+def test_a_method_setting_none_of_the_sweeps_methods_has_is_refused(cache, tmp_path):
+    with pytest.raises(RunConfigError, match=r"--module-gain is a setting of gfa; none of this sweep's methods "
+                                             r"\(lora, dora\) has it"):
+        run_sweep(spec(cache, methods=("lora", "dora"), settings={"module_gain": True, "cache": str(cache)}),
+                  tmp_path / "sweep", progress=False, log=lambda message: None)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_method_setting_only_mixes_grids_for_the_methods_that_have_it():
+    def grid(methods, **settings):
+        return {"model": "minilm", "methods": list(methods), "settings": {"steps": 2, **settings}}
+
+    gained = grid(("gfa", "lora"), module_gain=True)
+    assert not sweep_module._would_mix(gained, grid(("lora", "dora")))  # LoRA has no gain: its runs are the same
+    assert sweep_module._would_mix(gained, grid(("gfa",)))  # GFA with and without gains in one summary
+    assert sweep_module._would_mix(grid(("gfa", "lora"), scale_rule="rsqrt"), grid(("lora",)))  # LoRA has a scale
+    assert not sweep_module._would_mix(grid(("vera",), scale_rule="rsqrt"), grid(("vera",)))
+
+
 def test_a_sweep_whose_only_run_another_process_trains_summarises_nothing_without_failing(cache, tmp_path):
     root = tmp_path / "sweep"
     grid = spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,))

@@ -31,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "points), GFA-vs-DoRA verdicts within the tie band (2 x the pooled seed std; the paper's 1.4pp with one "
             "seed), the retention table (accuracy at 1/2 as a fraction of 16) and OUT/accuracy_vs_params.png. "
             "A grid may be run in pieces: sweeps with the same settings into one OUT (say, more seeds at some "
-            "anchors) are summarised together."
+            "anchors) are summarised together, and so are sweeps whose methods differ only in their own settings "
+            "(GFA under --scale-rule rsqrt beside LoRA at its default). A method's own setting (--scale-rule, "
+            "--b-lr-ratio: gfa, lora, dora; --module-gain, --gradient-init, --grid: gfa) reaches the runs of the "
+            "methods that have it; the others run without it."
         ),
     )
     add_grid_arguments(parser)

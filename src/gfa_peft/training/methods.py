@@ -158,6 +158,10 @@ def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int, 
 
 SCALED_METHODS = ("gfa", "lora", "dora")
 """Methods that add their factor product times a scale s, which `scale_rule` sets."""
+METHOD_SETTINGS = {"scale_rule": SCALED_METHODS, "b_lr_ratio": SCALED_METHODS, "module_gain": ("gfa",),
+                   "gradient_init": ("gfa",), "grid": ("gfa",)}
+"""Run settings that shape some methods only (`RunConfig` fields), and the methods that have each. A single run
+refuses a setting its method lacks; a sweep of several methods gives each run the settings its method has."""
 
 
 def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_type: str | None = None,

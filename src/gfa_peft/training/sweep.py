@@ -51,7 +51,7 @@ from gfa_peft.io.files import (
 from gfa_peft.data.task_registry import MIXTURE_JOIN, task_title
 
 from gfa_peft.io.tables import text_table
-from gfa_peft.training.methods import METHODS, UNANCHORED, ZERO_SHOT
+from gfa_peft.training.methods import METHOD_SETTINGS, METHODS, UNANCHORED, ZERO_SHOT
 from gfa_peft.training.run import (
     PreparedRun,
     RunConfig,
@@ -77,9 +77,6 @@ SWEEP = ResultKind("sweep", is_own=lambda folder: (folder / SPEC_FILE).is_file()
 """A sweep folder is one with its sweep.json; a sweep adds runs to it and never replaces it."""
 WHERE_NOT_HOW = ("cache",)
 """Sweep settings that say where the inputs lie, not how the runs train: a grid is recorded without them."""
-METHOD_SETTINGS = ("scale_rule", "b_lr_ratio", "module_gain", "gradient_init", "grid")
-"""Settings that shape a method, not the runs around it: grids differing only in these share a folder when they run
-no method in common, so each method can be compared at its own best setting in one summary."""
 
 
 class ChangedRunsError(OutputRefused):
@@ -104,11 +101,12 @@ class SweepSpec:
 
     def configs(self) -> list[RunConfig]:
         """Every run of the grid; full fine-tuning, which has no anchor, once per task and seed; zero-shot, which
-        trains nothing and so does not depend on the seed, once per task (at the first seed)."""
-        base = RunConfig(model=self.model, **self.settings)
+        trains nothing and so does not depend on the seed, once per task (at the first seed). Each method takes the
+        METHOD_SETTINGS it has (`--module-gain` reaches the GFA runs, not LoRA's) and the defaults of the others."""
         configs = []
         for task in self.tasks:
             for method in self.methods:
+                base = RunConfig(model=self.model, **self.own_settings(method))
                 anchors = [None] if method in UNANCHORED else self.anchors
                 orders = self.module_orders if method == "gfa" and self.module_orders else [None]
                 seeds = self.seeds[:1] if method == ZERO_SHOT else self.seeds
@@ -117,6 +115,17 @@ class SweepSpec:
                     configs.append(replace(base, task=task, method=method, anchor=anchor, module_order=order,
                                            seed=seed, lr=lr))
         return configs
+
+    def own_settings(self, method: str) -> dict[str, Any]:
+        """The grid's settings less the METHOD_SETTINGS that `method` does not have."""
+        return {name: value for name, value in self.settings.items()
+                if name not in METHOD_SETTINGS or method in METHOD_SETTINGS[name]}
+
+    def settings_not_for(self) -> dict[str, list[str]]:
+        """Each method setting the grid sets that some of its methods lack, and those methods (they run without)."""
+        lacking = {name: [method for method in self.methods if method not in owners]
+                   for name, owners in METHOD_SETTINGS.items() if name in self.settings}
+        return {name: methods for name, methods in lacking.items() if methods}
 
 
 @dataclass
@@ -131,6 +140,10 @@ def plan(spec: SweepSpec, root: Path) -> Plan:
     """Prepare every run of the grid. Cells a method cannot reach (LoRA at "1/2") are left out and listed;
     any other problem raises RunConfigError before anything is trained."""
     _check_tasks_appear_once(spec.tasks)
+    for name, methods in spec.settings_not_for().items():
+        if set(methods) == set(spec.methods):  # it would be recorded and change nothing
+            raise RunConfigError(f"--{name.replace('_', '-')} is a setting of {', '.join(METHOD_SETTINGS[name])}; "
+                                 f"none of this sweep's methods ({', '.join(spec.methods)}) has it")
     runs, unreachable = [], []
     for config in spec.configs():
         try:
@@ -191,7 +204,9 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
         write_json_atomic(root / SPEC_FILE, {"grids": grids})
     log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, "
         f"{len(todo)} to run" + (f" ({len(changed)} with changed settings)" if changed else "")
-        + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else ""))
+        + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else "")
+        + "".join(f"; {name} is not a setting of {', '.join(methods)}: they run without it"
+                  for name, methods in spec.settings_not_for().items()))
     for number, (run, folder) in enumerate(todo, 1):
         if _finished_as_asked(run, folder):  # by another process meanwhile
             continue
@@ -289,7 +304,9 @@ def _would_mix(grid: dict[str, Any], current: dict[str, Any]) -> bool:
         return True
     names = set(grid["settings"]) | set(current["settings"])
     differing = {name for name in names if grid["settings"].get(name) != current["settings"].get(name)}
-    return bool(differing - set(METHOD_SETTINGS) or differing and set(grid["methods"]) & set(current["methods"]))
+    shared_methods = set(grid["methods"]) & set(current["methods"])
+    return bool(differing - set(METHOD_SETTINGS)
+                or any(method in METHOD_SETTINGS[name] for name in differing for method in shared_methods))
 
 
 # ---------------------------------------------------------------- summary
