@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,14 +10,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "compare_sweeps.py"
+from script_modules import SCRIPTS, load_script
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_sweeps", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = SCRIPTS / "compare_sweeps.py"
 
 
 def cell(task, method, anchor, mean, std=1.0, n=3):
@@ -39,7 +33,7 @@ OLD = [cell("a", "gfa", "1", 57.0), cell("b", "gfa", "1", 70.5), cell("a", "gfa"
 
 
 def test_cells_anchors_and_the_rule_match_hand_computations():
-    script = load_script()
+    script = load_script("compare_sweeps")
     result = script.compare(NEW, OLD, "gfa")
     # pooled over all nine cells, 2 degrees of freedom each: one std of 3, eight of 1
     band = 2 * math.sqrt((8 * 1.0 + 9.0) / 9)
@@ -53,7 +47,7 @@ def test_cells_anchors_and_the_rule_match_hand_computations():
 
 
 def test_a_lower_mean_at_one_anchor_or_one_lost_cell_fails_the_rule():
-    script = load_script()
+    script = load_script("compare_sweeps")
     lower_at_16 = [*OLD[:3], cell("b", "gfa", "16", 73.0)]  # the mean at 16: 67.5 new against 68.0 old
     assert not script.compare(NEW, lower_at_16, "gfa")["passes"]
     new = [cell("a", "gfa", "1", 30.0), cell("b", "gfa", "1", 70.0)]
@@ -69,7 +63,7 @@ def test_command_line_prints_the_tables_and_refuses_a_folder_without_results(tmp
                            check=True).stdout
     assert shown.startswith("gfa, new against old") and "the new setting passes" in shown
     assert ["a", "1", "60.0", "57.0", "+3.0", "win"] in [line.split() for line in shown.splitlines()]
-    script = load_script()
+    script = load_script("compare_sweeps")
     monkeypatch.setattr(sys, "argv", ["compare_sweeps.py", str(new), str(old), "--json"])
     script.main()
     as_json = json.loads(capsys.readouterr().out)

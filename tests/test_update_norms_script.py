@@ -3,24 +3,14 @@ GFA or LoRA adapter, against the update each live layer reports (`get_delta_weig
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from gfa_peft import GfaConfig
+from script_modules import load_script
 from toy_models import tiny_llama
-
-SCRIPT = Path(__file__).parents[1] / "scripts" / "update_norms.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("update_norms", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("config", [
@@ -35,7 +25,7 @@ def test_norms_are_the_layers_own_updates(tmp_path, config):
     with torch.no_grad():
         expected = {name.removeprefix("base_model.model."): float(module.get_delta_weight("default").norm())
                     for name, module in model.named_modules() if hasattr(module, "get_delta_weight")}
-    script = load_script()
+    script = load_script("update_norms")
     report = script.summary(script.norms_of(tmp_path))
     assert report["modules"].keys() == expected.keys()
     for name, norm in expected.items():
