@@ -2,11 +2,14 @@
 LoRA adapters side by side (the evidence for the siqa question of docs/study.md).
 
 A GFA module's update is its slice of s * B A (times its gain), formed one module at a time as `gfa inspect` forms
-it; a LoRA module's is (alpha / r) * B_i A_i (alpha / sqrt(r) under rsLoRA). For each adapter the script reports
-every module's norm and share of the update's energy, and a concentration summary: the share of the energy in the
-quarter of the modules that hold the most (a uniform spread gives 25%).
+it; a LoRA module's is (alpha / r) * B_i A_i (alpha / sqrt(r) under rsLoRA), both read from the adapter alone. Any
+other adapter PEFT loads onto a causal LM (VeRA, VB-LoRA, DoRA, ...) is measured as merged minus base, given the
+base model's folder (--base). For each adapter the script reports every module's norm and share of the update's
+energy, and a concentration summary: the share of the energy in the quarter of the modules that hold the most (a
+uniform spread gives 25%).
 
-    python scripts/update_norms.py ADAPTER [ADAPTER ...] [--label NAME ...] [--json FILE] [--plot FILE]
+    python scripts/update_norms.py ADAPTER [ADAPTER ...] [--base MODEL_DIR] [--label NAME ...] [--json FILE]
+        [--plot FILE]
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import torch
 from gfa_peft.cli import quiet_libraries
 
 with quiet_libraries():  # importing PEFT logs bitsandbytes' note on an optional kernel; the gfa commands hide it too
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import load_peft_weights
+    from transformers import AutoModelForCausalLM
 
     from gfa_peft.adapters.saved import CONFIG_FILE, load_saved_adapter
     from gfa_peft.analysis.ranks import module_update
@@ -36,8 +42,8 @@ def gfa_norms(adapter: Path) -> dict[str, float]:
 
 
 def lora_norms(adapter: Path, config: dict) -> dict[str, float]:
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
-        raise ValueError(f"{adapter}: rank/alpha patterns and DoRA are not read here")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{adapter}: rank/alpha patterns are not read here")
     scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
     weights = load_peft_weights(str(adapter), device="cpu")
     norms = {}
@@ -49,13 +55,25 @@ def lora_norms(adapter: Path, config: dict) -> dict[str, float]:
     return norms
 
 
-def norms_of(adapter: Path) -> dict[str, float]:
+def merged_norms(adapter: Path, base: Path) -> dict[str, float]:
+    """||W merged - W|| of each module the adapter adapts: any adapter PEFT loads onto the causal LM in `base`."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    before = {name.removeprefix("base_model.model."): module.get_base_layer().weight.detach().clone()
+              for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    merged = dict(model.merge_and_unload().named_modules())
+    return {name: float((merged[name].weight.double() - weight.double()).norm()) for name, weight in before.items()}
+
+
+def norms_of(adapter: Path, base: Path | None = None) -> dict[str, float]:
     config = json.loads((adapter / CONFIG_FILE).read_text(encoding="utf-8"))
     if config.get("peft_type") == "GFA":
         return gfa_norms(adapter)
-    if config.get("peft_type") == "LORA":
+    if config.get("peft_type") == "LORA" and not config.get("use_dora"):
         return lora_norms(adapter, config)
-    raise ValueError(f"{adapter} holds a {config.get('peft_type')} adapter; GFA and LoRA are read here")
+    if base is None:
+        raise ValueError(f"{adapter} holds a {config.get('peft_type')} adapter: give the base model's folder "
+                         "(--base) to measure it merged minus base")
+    return merged_norms(adapter, base)
 
 
 def summary(norms: dict[str, float]) -> dict:
@@ -88,7 +106,9 @@ def plot(reports: dict[str, dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("adapters", type=Path, nargs="+", help="saved GFA or LoRA adapter folders")
+    parser.add_argument("adapters", type=Path, nargs="+", help="saved adapter folders")
+    parser.add_argument("--base", type=Path, metavar="MODEL_DIR",
+                        help="the base causal LM's folder, for adapters other than GFA and LoRA (merged minus base)")
     parser.add_argument("--label", action="append", metavar="NAME",
                         help="a name for each adapter, in order, one --label each (default: their folders)")
     parser.add_argument("--json", type=Path, help="write every module's norm and share to this file")
@@ -97,7 +117,7 @@ def main() -> None:
     labels = args.label or [str(adapter) for adapter in args.adapters]
     if len(labels) != len(args.adapters):
         parser.error(f"--labels names {len(labels)} adapters, {len(args.adapters)} given")
-    reports = {label: summary(norms_of(adapter)) for label, adapter in zip(labels, args.adapters)}
+    reports = {label: summary(norms_of(adapter, args.base)) for label, adapter in zip(labels, args.adapters)}
     for label, report in reports.items():
         print(f"{label}: total norm {report['total_norm']:.3f}, "
               f"top quarter of modules {100 * report['top_quarter_energy_share']:.1f}% of the energy")

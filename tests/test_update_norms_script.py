@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, VBLoRAConfig, VeraConfig, get_peft_model
 
 from gfa_peft import GfaConfig
 from script_modules import load_script
@@ -31,3 +31,51 @@ def test_norms_are_the_layers_own_updates(tmp_path, config):
     for name, norm in expected.items():
         assert report["modules"][name]["norm"] == pytest.approx(norm, rel=1e-5)
     assert sum(module["energy_share"] for module in report["modules"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("config", [
+    VeraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
+    VBLoRAConfig(r=2, num_vectors=8, vector_length=8, target_modules=["q_proj", "v_proj"]),
+    LoraConfig(r=2, lora_alpha=3, use_dora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+], ids=["vera", "vblora", "dora"])
+def test_other_adapters_are_measured_merged_minus_base(tmp_path, config):
+    torch.manual_seed(0)
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # a trained adapter's update: none of its trainable tensors left at a zero start
+        for parameter in model.parameters():
+            if parameter.requires_grad and not parameter.any():
+                parameter.normal_()
+    model.save_pretrained(tmp_path / "adapter")
+    # Independent of any merge: each adapted layer's forward on the identity, less its base layer's, is Delta W^T.
+    expected = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("q_proj", "v_proj")) and hasattr(module, "get_base_layer"):
+                probe = torch.eye(module.get_base_layer().in_features)
+                expected[name.removeprefix("base_model.model.")] = float(
+                    (module(probe) - module.get_base_layer()(probe)).norm())
+    script = load_script("update_norms")
+    with pytest.raises(ValueError, match="give the base model's folder"):
+        script.norms_of(tmp_path / "adapter")
+    with torch.no_grad():
+        norms = script.norms_of(tmp_path / "adapter", tmp_path / "base")
+    assert norms.keys() == expected.keys() and len(norms) == 4
+    for name, norm in expected.items():
+        assert norms[name] == pytest.approx(norm, rel=1e-5) and norm > 0
+
+
+def test_lora_read_from_its_factors_agrees_with_merged_minus_base(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    get_peft_model(base, LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"],
+                                    init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    script = load_script("update_norms")
+    with torch.no_grad():
+        from_factors = script.norms_of(tmp_path / "adapter")
+        merged = script.merged_norms(tmp_path / "adapter", tmp_path / "base")
+    assert from_factors.keys() == merged.keys()
+    for name, norm in merged.items():
+        assert from_factors[name] == pytest.approx(norm, rel=1e-5)
