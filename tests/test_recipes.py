@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -31,3 +32,25 @@ def test_a_method_without_a_tuned_rate_asks_for_one(tmp_path, monkeypatch):
     monkeypatch.setenv("GFA_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="no tuned learning rate for nothing under the minilm recipe"):
         recipes.default_learning_rate("minilm", "nothing")
+
+
+def test_a_rate_per_anchor_serves_its_anchors_and_the_rest_take_its_other_anchors_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("GFA_CACHE", str(tmp_path))
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"minilm": {"gfa": {"*": 0.01, "16": 0.003}, "lora": 0.003,
+                                              "dora": {"1": 0.01}}}))
+    monkeypatch.setattr(recipes, "SHIPPED_LEARNING_RATES", shipped)
+    assert [recipes.default_learning_rate("minilm", "gfa", anchor) for anchor in ("1/2", "4", "16", None)] == \
+        [0.01, 0.01, 0.003, 0.01]
+    assert recipes.default_learning_rate("minilm", "lora", "16") == 0.003
+    with pytest.raises(ValueError, match="no tuned learning rate for dora at anchor 4 under the minilm recipe"):
+        recipes.default_learning_rate("minilm", "dora", "4")
+
+    recipes.save_learning_rates("minilm", {"gfa": {"4": 0.03}, "lora": {"16": 0.001}, "dora": 0.002})
+    rates = recipes.learning_rates()["minilm"]
+    assert rates == {"gfa": {"*": 0.01, "4": 0.03, "16": 0.003},  # a saved anchor replaces that anchor only
+                     "lora": {"*": 0.003, "16": 0.001},  # a single shipped rate serves the anchors not saved
+                     "dora": 0.002}  # one saved rate replaces the whole entry
+    recipes.save_learning_rates("minilm", {"gfa": 0.005})
+    assert recipes.learning_rates()["minilm"]["gfa"] == 0.005
+    assert recipes.default_learning_rate("minilm", "gfa", "16") == 0.005

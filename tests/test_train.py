@@ -480,6 +480,19 @@ def test_an_interrupted_run_leaves_nothing_and_is_redone(cache, tmp_path, monkey
     assert is_finished(folder)
 
 
+def test_a_run_without_lr_takes_its_anchors_tuned_rate(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("GFA_CACHE", str(tmp_path))  # no user rates here
+    from gfa_peft.training import recipes
+
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"minilm": {"gfa": {"*": 0.01, "16": 0.003}}}))
+    monkeypatch.setattr(recipes, "SHIPPED_LEARNING_RATES", shipped)
+    rates = {anchor: prepare(config(cache, lr=None, anchor=anchor)).lr for anchor in ("1", "16")}
+    assert rates == {"1": 0.01, "16": 0.003}
+    assert prepare(config(cache, lr=None, anchor=None, rank=2)).lr == 0.01
+    assert prepare(config(cache, lr=5e-4, anchor="16")).lr == 5e-4
+
+
 def test_prepare_errors_are_run_config_errors(cache):
     with pytest.raises(RunConfigError) as raised:
         prepare(config(cache, method="dora", anchor="1/2"))

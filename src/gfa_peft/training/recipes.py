@@ -3,7 +3,9 @@
 A recipe is what a run uses for every setting not given explicitly. The learning rates were chosen on the
 dev splits by `gfa tune` (docs/training.md gives the procedure, the trials and the command) and ship in
 `default_lrs.json`; rates a user saves with `gfa tune --save-defaults` go to `default_lrs.json` in the cache folder
-(`$GFA_CACHE`, default `~/.cache/gfa-peft`) and override the shipped ones. Nothing writes into the installed package. A model folder that is neither bundled model borrows the recipe of the bundled model of
+(`$GFA_CACHE`, default `~/.cache/gfa-peft`) and override the shipped ones. Nothing writes into the installed package.
+A method's rate is one number for every anchor, or a map from anchor labels to rates whose "*" entry serves the
+anchors it does not name and runs at an explicit rank (a method whose best rate changes with its size). A model folder that is neither bundled model borrows the recipe of the bundled model of
 its task's kind: MiniLM's for classification, SmolLM2's for multiple choice.
 """
 
@@ -17,6 +19,10 @@ from gfa_peft.data.cache import cache_dir
 from gfa_peft.io.files import make_folder, write_json_atomic
 
 SHIPPED_LEARNING_RATES = Path(__file__).with_name("default_lrs.json")
+OTHER_ANCHORS = "*"
+"""The entry of a per-anchor rate map for the anchors it does not name, and for runs at an explicit rank."""
+Rate = float | dict[str, float]
+"""A method's tuned rate: one for every anchor, or one per anchor label (with OTHER_ANCHORS for the rest)."""
 
 
 @dataclass(frozen=True)
@@ -53,33 +59,48 @@ def user_learning_rates_file() -> Path:
     return cache_dir() / "default_lrs.json"
 
 
-def learning_rates() -> dict[str, dict[str, float]]:
+def learning_rates() -> dict[str, dict[str, Rate]]:
     """The tuned rate of each (recipe, method): the shipped ones, overridden by the user's saved ones."""
     rates = _read(SHIPPED_LEARNING_RATES)
     for key, methods in _read(user_learning_rates_file()).items():
-        rates.setdefault(key, {}).update(methods)
+        _override(rates.setdefault(key, {}), methods)
     return rates
 
 
-def save_learning_rates(key: str, chosen: dict[str, float]) -> Path:
+def save_learning_rates(key: str, chosen: dict[str, Rate]) -> Path:
     """Record `chosen` (method -> rate) as the user's defaults under recipe `key`; returns the file written."""
     path = user_learning_rates_file()
     saved = _read(path)
-    saved.setdefault(key, {}).update(chosen)
+    _override(saved.setdefault(key, {}), chosen)
     make_folder(path.parent)
     write_json_atomic(path, saved)
     return path
 
 
-def default_learning_rate(key: str, method: str) -> float:
-    """The learning rate `gfa tune` chose for `method` under recipe `key`.
+def _override(rates: dict[str, Rate], newer: dict[str, Rate]) -> None:
+    """Put `newer`'s rates over `rates`': one rate replaces a method's whole entry, a per-anchor map replaces the
+    anchors it names and keeps the others."""
+    for method, rate in newer.items():
+        older = rates.get(method)
+        if isinstance(rate, dict) and older is not None:
+            rate = {**(older if isinstance(older, dict) else {OTHER_ANCHORS: older}), **rate}
+        rates[method] = rate
+
+
+def default_learning_rate(key: str, method: str, anchor: str | None = None) -> float:
+    """The learning rate `gfa tune` chose for `method` under recipe `key`, at `anchor` where it has one per anchor
+    (None: a run at an explicit rank, which takes the rate for other anchors).
 
     Raises ValueError when none was tuned (then the run needs an explicit learning rate).
     """
-    learning_rate = learning_rates().get(key, {}).get(method)
-    if learning_rate is None:
-        raise ValueError(f"no tuned learning rate for {method} under the {key} recipe: give one explicitly (--lr)")
-    return float(learning_rate)
+    rate = learning_rates().get(key, {}).get(method)
+    if isinstance(rate, dict):
+        rate = rate.get(anchor, rate.get(OTHER_ANCHORS))
+    if rate is None:
+        where = "" if anchor is None else f" at anchor {anchor}"
+        raise ValueError(f"no tuned learning rate for {method}{where} under the {key} recipe: give one explicitly "
+                         "(--lr)")
+    return float(rate)
 
 
 def _read(path: Path) -> dict:

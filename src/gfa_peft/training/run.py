@@ -227,12 +227,14 @@ def _prepare(config: RunConfig) -> PreparedRun:
     recipe = RECIPES[key]
     batch_size = config.batch_size or recipe.batch_size
     per_rank_batch(batch_size, launched_world_size())  # raises on every rank when the processes cannot share it
+    lr = (0.0 if not trains else config.lr if config.lr is not None
+          else default_learning_rate(key, config.method, config.anchor))
     return PreparedRun(
         config=config, task=task, data=data, eval_task=eval_task, eval_data=eval_data, model_dir=model_dir,
         recipe=key, targets=targets, placement=placement,
         steps=0 if not trains else None if config.epochs is not None else config.steps or recipe.steps,
         epochs=config.epochs if trains else None,
-        lr=0.0 if not trains else config.lr if config.lr is not None else default_learning_rate(key, config.method),
+        lr=lr,
         batch_size=batch_size, max_length=config.max_length or recipe.max_length,
         warmup_ratio=recipe.warmup_ratio if config.warmup_ratio is None else config.warmup_ratio,
         eval_batch_size=config.eval_batch_size or recipe.eval_batch_size,
