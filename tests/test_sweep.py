@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from gfa_peft.cli import main
+from gfa_peft.defaults import LR_CHOICE_RULES
 from gfa_peft.io.files import folder_lock
 from gfa_peft.training import sweep as sweep_module
 from gfa_peft.training.sweep import (
@@ -129,6 +130,32 @@ def test_tune_picks_each_methods_best_dev_rate(cache, tmp_path, capsys):
     assert all(list(record["choices"][method]["mean_by_lr"]) == ["0.001", "0.01", "0.03"] for method in ("gfa", "lora"))
 
 
+def test_tune_per_anchor_by_loss_saves_a_rate_for_each_anchor(cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GFA_CACHE", str(tmp_path / "home"))  # where the saved rates go (the assets: --cache)
+    out = tmp_path / "tune"
+    code = main(["tune", "--methods", "lora", "--anchors", "1,4", "--lrs", "0.001,0.03", "--steps", "12",
+                 "--per-anchor", "--choose-by", "loss", "--save-defaults", "--cache", str(cache), "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    record = json.loads((out / "lr_choice.json").read_text())
+    assert record["rule"]["choose_by"] == "loss" and record["rule"]["per_anchor"]
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    chosen = record["choices"]["lora"]["lr"]
+    assert set(chosen) == {"1", "4"} and len(cells) == 4
+    band = record["rule"]["tie_band_pp"]
+    for anchor in ("1", "4"):
+        here = {cell["lr"]: cell for cell in cells if cell["anchor"] == anchor}
+        best_dev = max(cell["mean"] for cell in here.values())
+        fitting = [lr for lr, cell in here.items() if cell["mean"] >= best_dev - band]
+        assert chosen[anchor] == min(fitting, key=lambda lr: (here[lr]["final_loss"], lr))
+    printed = capsys.readouterr().out
+    assert "chosen at" in printed and "saved as the minilm recipe's defaults" in printed
+    assert json.loads((tmp_path / "home" / "default_lrs.json").read_text())["minilm"]["lora"] == chosen
+    from gfa_peft.training.recipes import learning_rates
+
+    assert learning_rates()["minilm"]["lora"] == {"*": 0.003, **chosen}  # the shipped rate serves the other anchors
+
+
 def test_demo_prints_the_table_and_the_figure(cache, tmp_path, capsys, monkeypatch):
     from gfa_peft.cli import demo
 
@@ -227,7 +254,7 @@ def test_learning_rates_are_compared_on_the_cells_every_rate_was_tried_on():
                        result("a", "lora", "1", 0, 0.60, lr=0.01), result("a", "lora", "16", 0, 0.62, lr=0.003)])
     choices = choose_learning_rates(cells["cells"])
     assert choices["gfa"] == {"lr": 0.003, "mean_by_lr": {0.003: pytest.approx(72.0), 0.01: pytest.approx(70.0)},
-                              "cells_compared": 1, "cells_tried": 2}
+                              "loss_by_lr": {0.003: None, 0.01: None}, "cells_compared": 1, "cells_tried": 2}
     assert choices["lora"]["cells_compared"] == 0 and choices["lora"]["lr"] == 0.003  # nothing shared: own cells
     from gfa_peft.cli.tune import unshared_notes
 
@@ -236,6 +263,35 @@ def test_learning_rates_are_compared_on_the_cells_every_rate_was_tried_on():
         "every rate was tried on",
         "lora: its rates were tried on different (task, anchor) cells; the mean and the choice use the 0 of 2 cells "
         "every rate was tried on (none: each rate's own cells)"]
+
+
+def loss_result(task, method, anchor, seed, accuracy, lr, loss):
+    return {**result(task, method, anchor, seed, accuracy, lr=lr), "final_train_loss": loss}
+
+
+def test_the_loss_rule_takes_the_lowest_loss_among_rates_within_the_band_of_the_best_dev():
+    # dev: 0.001 61.0, 0.003 60.0, 0.01 57.0 (band 1.4); loss: 0.01 lowest, then 0.003, then 0.001
+    cells = summarize([loss_result("a", "gfa", "1", 0, 0.61, 0.001, 3.4), loss_result("a", "gfa", "1", 0, 0.60, 0.003, 3.2),
+                       loss_result("a", "gfa", "1", 0, 0.57, 0.01, 3.1)])["cells"]
+    assert choose_learning_rates(cells)["gfa"]["lr"] == 0.001  # the best dev accuracy
+    chosen = choose_learning_rates(cells, rule="loss", band=1.4)["gfa"]
+    assert chosen["lr"] == 0.003  # 0.01 fits best but its dev is 4 points below the best, outside the band
+    assert chosen["loss_by_lr"] == {0.001: pytest.approx(3.4), 0.003: pytest.approx(3.2), 0.01: pytest.approx(3.1)}
+    assert choose_learning_rates(cells, rule="loss", band=5.0)["gfa"]["lr"] == 0.01
+
+
+def test_per_anchor_choices_pick_a_rate_for_each_anchor():
+    cells = summarize([loss_result(task, "lora", anchor, 0, accuracy, lr, loss) for task, anchor, lr, accuracy, loss in [
+        ("a", "1", 0.01, 0.70, 3.0), ("b", "1", 0.01, 0.60, 3.0), ("a", "1", 0.003, 0.69, 3.2), ("b", "1", 0.003, 0.60, 3.2),
+        ("a", "16", 0.01, 0.65, 3.4), ("b", "16", 0.01, 0.55, 3.4), ("a", "16", 0.003, 0.72, 2.9),
+        ("b", "16", 0.003, 0.62, 2.9)]])["cells"]
+    per_method = choose_learning_rates(cells)["lora"]
+    assert per_method["lr"] == 0.003 and per_method["cells_compared"] == 4  # 66.75 over both anchors, against 62.5
+    for rule in LR_CHOICE_RULES:
+        chosen = choose_learning_rates(cells, per_anchor=True, rule=rule)["lora"]
+        assert chosen["lr"] == {"1": 0.01, "16": 0.003}
+        assert chosen["by_anchor"]["1"]["mean_by_lr"] == {0.003: pytest.approx(64.5), 0.01: pytest.approx(65.0)}
+        assert chosen["by_anchor"]["16"]["cells_compared"] == 2
 
 
 # ---------------------------------------------------------------- the permutation diagnostic: GFA across module orders

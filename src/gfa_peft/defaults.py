@@ -26,3 +26,8 @@ bound)."""
 
 DEFAULT_GRID_POINTS = 40
 """The lens: points of the default log-spaced budget grid."""
+
+
+LR_CHOICE_RULES = ("dev", "loss")
+"""How `gfa tune` picks a rate: the best dev accuracy, or the lowest final training loss among the rates whose dev
+accuracy is within the tie band of the best (docs/study.md: 100 dev questions a task cannot rank two close rates)."""

@@ -49,6 +49,7 @@ from gfa_peft.io.files import (
     write_text_atomic,
 )
 from gfa_peft.data.task_registry import MIXTURE_JOIN, task_title
+from gfa_peft.defaults import LR_CHOICE_RULES
 
 from gfa_peft.io.tables import text_table
 from gfa_peft.training.methods import METHOD_SETTINGS, METHODS, UNANCHORED, ZERO_SHOT
@@ -370,26 +371,47 @@ def _variant(cell: dict[str, Any]) -> tuple:
     return cell["task"], cell["method"], cell["anchor"], cell["module_order"]
 
 
-def choose_learning_rates(cells: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each method's learning rate with the best accuracy averaged over tasks and anchors (ties to the smaller
-    rate), with every rate's average beside it.
+def choose_learning_rates(cells: Sequence[dict[str, Any]], per_anchor: bool = False, rule: str = "dev",
+                          band: float = PAPER_TIE_BAND) -> dict[str, dict[str, Any]]:
+    """Each method's learning rate by `rule` over the tasks and anchors (each anchor on its own with `per_anchor`:
+    then the method's "lr" maps anchor labels to rates, and "by_anchor" holds each anchor's choice), ties to the
+    smaller rate, with every rate's mean accuracy and final loss beside it.
 
     The rates are compared on the cells (task, anchor, module order) that every one of them was tried on: a
     folder extended with a rate at another anchor would otherwise compare averages over different cells.
     `cells_compared` counts them (`cells_tried` the cells any rate was tried on); with none shared, every rate's
-    own cells are averaged (and it is 0)."""
-    scores: dict[str, dict[float, dict[tuple, float]]] = {}
+    own cells are averaged (and it is 0). `rule` is one of LR_CHOICE_RULES."""
+    if rule not in LR_CHOICE_RULES:
+        raise ValueError(f"unknown rule {rule!r} for choosing a learning rate; known: {', '.join(LR_CHOICE_RULES)}")
+    groups: dict[tuple[str, str | None], dict[float, dict[tuple, dict[str, Any]]]] = {}
     for cell in cells:
-        scores.setdefault(cell["method"], {}).setdefault(cell["lr"], {})[_variant(cell)] = cell["mean"]
-    choices = {}
-    for method, by_lr in scores.items():
-        shared = set.intersection(*(set(by_cell) for by_cell in by_lr.values()))
-        means = {lr: statistics.fmean(by_cell[key] for key in (shared or by_cell))
-                 for lr, by_cell in sorted(by_lr.items())}
-        best = max(means, key=lambda lr: (means[lr], -lr))
-        choices[method] = {"lr": best, "mean_by_lr": means, "cells_compared": len(shared),
-                           "cells_tried": len(set().union(*by_lr.values()))}
+        group = (cell["method"], cell["anchor"] if per_anchor else None)
+        groups.setdefault(group, {}).setdefault(cell["lr"], {})[_variant(cell)] = cell
+    choices: dict[str, dict[str, Any]] = {}
+    for (method, anchor), by_lr in groups.items():
+        choice = _choose(by_lr, rule, band)
+        if per_anchor:
+            entry = choices.setdefault(method, {"lr": {}, "by_anchor": {}})
+            entry["lr"][anchor], entry["by_anchor"][anchor] = choice["lr"], choice
+        else:
+            choices[method] = choice
     return choices
+
+
+def _choose(by_lr: dict[float, dict[tuple, dict[str, Any]]], rule: str, band: float) -> dict[str, Any]:
+    shared = set.intersection(*(set(by_cell) for by_cell in by_lr.values()))
+
+    def mean_of(key: str) -> dict[float, float | None]:
+        values = {lr: [by_cell[variant].get(key) for variant in (shared or by_cell)] for lr, by_cell in by_lr.items()}
+        return {lr: None if None in found else statistics.fmean(found) for lr, found in sorted(values.items())}
+
+    means, losses = mean_of("mean"), mean_of("final_loss")
+    best = max(means, key=lambda lr: (means[lr], -lr))
+    if rule == "loss":
+        fitting = [lr for lr in means if means[lr] >= means[best] - band and losses[lr] is not None]
+        best = min(fitting, key=lambda lr: (losses[lr], lr)) if fitting else best
+    return {"lr": best, "mean_by_lr": means, "loss_by_lr": losses, "cells_compared": len(shared),
+            "cells_tried": len(set().union(*by_lr.values()))}
 
 
 def cell_table(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
