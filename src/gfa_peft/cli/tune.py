@@ -136,6 +136,7 @@ def _trial_table(cells: list[dict], choices: dict[str, dict], key: str, fmt: str
             shown = [value for value in values if value is not None]
             at = [anchor for anchor, choice in made if choice["lr"] == lr]
             mark = "" if not at else "chosen" if at == [None] else "chosen at " + ", ".join(at)
+            # one choice per method: its mean over the cells every rate shares; per anchor: the row's own mean
             mean = made[0][1]["mean_by_lr"][lr] if made[0][0] is None else sum(shown) / len(shown)
             chosen = [f"{mean:.1f}", mark] if with_choice else []
             rows.append([method, f"{lr:g}", *("-" if value is None else fmt.format(value) for value in values), *chosen])

@@ -5,8 +5,9 @@ dev splits by `gfa tune` (docs/training.md gives the procedure, the trials and t
 `default_lrs.json`; rates a user saves with `gfa tune --save-defaults` go to `default_lrs.json` in the cache folder
 (`$GFA_CACHE`, default `~/.cache/gfa-peft`) and override the shipped ones. Nothing writes into the installed package.
 A method's rate is one number for every anchor, or a map from anchor labels to rates whose "*" entry serves the
-anchors it does not name and runs at an explicit rank (a method whose best rate changes with its size). A model folder that is neither bundled model borrows the recipe of the bundled model of
-its task's kind: MiniLM's for classification, SmolLM2's for multiple choice.
+anchors it does not name and runs at an explicit rank (a method whose best rate changes with its size). A model
+folder that is neither bundled model borrows the recipe of the bundled model of its task's kind: MiniLM's for
+classification, SmolLM2's for multiple choice.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def save_learning_rates(key: str, chosen: dict[str, Rate]) -> Path:
 
 
 def _override(rates: dict[str, Rate], newer: dict[str, Rate]) -> None:
-    """Put `newer`'s rates over `rates`': one rate replaces a method's whole entry, a per-anchor map replaces the
+    """Lay `newer` over `rates`, in place: one rate replaces a method's whole entry, a per-anchor map replaces the
     anchors it names and keeps the others."""
     for method, rate in newer.items():
         older = rates.get(method)
