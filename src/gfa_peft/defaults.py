@@ -1,7 +1,7 @@
 """Names and default settings that the `gfa` help texts show, in a module that imports nothing.
 
 `gfa SUB --help` builds its help from these without loading torch, transformers or PEFT, so it answers at once.
-The modules that use them import them from here (`targets`, `analysis.ranks`, `analysis.lens`).
+The modules that use them import them from here (`targets`, `analysis.ranks`, `analysis.lens`, `training.sweep`).
 """
 
 ALL_LINEAR = "all-linear"
