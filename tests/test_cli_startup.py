@@ -41,6 +41,15 @@ def test_help_imports_no_heavy_library(arguments):
     assert heavy_imports(*arguments)[0] == []
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_texts_hold_no_unformatted_placeholder(command, capsys):
+    """A help string that lost its f prefix prints its code ("{', '.join(...)}") instead of the names."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "{'" not in text and ".join(" not in text, text
+
+
 @pytest.mark.parametrize("arguments", [["inspect"], ["bench", "--dtype", "float16"], ["count", "--model", "nope"],
                                        ["tune", "--lrs", "0.01", "--eval-split", "dev"]], ids=" ".join)
 def test_usage_errors_import_no_heavy_library(arguments):

@@ -85,7 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--methods", metavar="NAMES",
         help=f"comma-separated methods from {', '.join(TRAINING_METHODS)} (default: {','.join(BENCH_METHODS)}; "
         "gfa-gain is GFA with a learned gain per module (GfaConfig.module_gain); wgrad, the weight-gradient floor, "
-        "is the floor plus every target module's weight gradient: the least work of an exact GFA gradient); with --inference from {', '.join(INFERENCE_METHODS)} (default: all)",
+        "is the floor plus every target module's weight gradient: the least work of an exact GFA gradient); "
+        f"with --inference from {', '.join(INFERENCE_METHODS)} (default: all)",
     )
     parser.add_argument(
         "--steps", type=int, metavar="N",
