@@ -197,16 +197,17 @@ class ScatteredOp(torch.autograd.Function):
             grad_x = ctx.op.grad_input(grad_out, x, weight.to(grad_out.dtype)).to(x.dtype)
         factor_grads: list[torch.Tensor | None] = [None] * len(factors)
         grad_base = None
-        if ctx.needs_input_grad[2] or any(ctx.needs_input_grad[4:]):
+        base_trains, factors_train = ctx.needs_input_grad[2], any(ctx.needs_input_grad[4:])
+        if base_trains or factors_train:
             # d(W + update) / dW is the identity: a base weight that trains (unfrozen by the user) gets the weight
             # gradient itself, so that gradient then needs memory of its own rather than the shared workspace.
             shape = ctx.specs[0].piece.shape
-            grad_weight = (torch.empty(shape, dtype=grad_out.dtype, device=grad_out.device) if ctx.needs_input_grad[2]
+            grad_weight = (torch.empty(shape, dtype=grad_out.dtype, device=grad_out.device) if base_trains
                            else WORKSPACE.buffer(shape, grad_out.dtype, grad_out.device))
             ctx.op.grad_weight(grad_out, x.to(grad_out.dtype) if x.is_floating_point() else x, out=grad_weight)
-            if ctx.needs_input_grad[2]:
+            if base_trains:
                 grad_base = grad_weight.to(base_weight.dtype)
-            for index, spec in enumerate(ctx.specs if any(ctx.needs_input_grad[4:]) else ()):
+            for index, spec in enumerate(ctx.specs if factors_train else ()):
                 B, A = factors[2 * index], factors[2 * index + 1]
                 precise = torch.promote_types(grad_weight.dtype, B.dtype)
                 grad_B, grad_A = torch.zeros_like(B, dtype=precise), torch.zeros_like(A, dtype=precise)
