@@ -3,10 +3,10 @@ LoRA adapters side by side (the evidence for the siqa question of docs/study.md)
 
 A GFA module's update is its slice of s * B A (times its gain), formed one module at a time as `gfa inspect` forms
 it; a LoRA module's is (alpha / r) * B_i A_i (alpha / sqrt(r) under rsLoRA), both read from the adapter alone. Any
-other adapter PEFT loads onto a causal LM (VeRA, VB-LoRA, DoRA, ...) is measured as merged minus base, given the
-base model's folder (--base). For each adapter the script reports every module's norm and share of the update's
-energy, and a concentration summary: the share of the energy in the quarter of the modules that hold the most (a
-uniform spread gives 25%).
+other adapter PEFT loads (VeRA, VB-LoRA, DoRA, ...) is measured as merged minus base, given the base model's folder
+(--base), as `gfa lens --adapter` reads it. For each adapter the script reports every module's norm and share of
+the update's energy, and a concentration summary: the share of the energy in the quarter of the modules that hold
+the most (a uniform spread gives 25%).
 
     python scripts/update_norms.py ADAPTER [ADAPTER ...] [--base MODEL_DIR] [--label NAME ...] [--json FILE]
         [--plot FILE]
@@ -24,12 +24,10 @@ import torch
 from gfa_peft.cli import quiet_libraries
 
 with quiet_libraries():  # importing PEFT logs bitsandbytes' note on an optional kernel; the gfa commands hide it too
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import load_peft_weights
-    from transformers import AutoModelForCausalLM
 
     from gfa_peft.adapters.saved import CONFIG_FILE, load_saved_adapter
+    from gfa_peft.analysis.lens.inputs import deltas_from_adapter
     from gfa_peft.analysis.ranks import module_update
 
 LAYER = re.compile(r"layers\.(\d+)\.")
@@ -56,12 +54,9 @@ def lora_norms(adapter: Path, config: dict) -> dict[str, float]:
 
 
 def merged_norms(adapter: Path, base: Path) -> dict[str, float]:
-    """||W merged - W|| of each module the adapter adapts: any adapter PEFT loads onto the causal LM in `base`."""
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-    before = {name.removeprefix("base_model.model."): module.get_base_layer().weight.detach().clone()
-              for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
-    merged = dict(model.merge_and_unload().named_modules())
-    return {name: float((merged[name].weight.double() - weight.double()).norm()) for name, weight in before.items()}
+    """||W merged - W|| of each module the adapter adapts: any adapter PEFT loads onto `base` (`gfa lens`'s own
+    merged-minus-base deltas)."""
+    return {name: float(delta.double().norm()) for name, delta in deltas_from_adapter(adapter, base).items()}
 
 
 def norms_of(adapter: Path, base: Path | None = None) -> dict[str, float]:
@@ -108,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("adapters", type=Path, nargs="+", help="saved adapter folders")
     parser.add_argument("--base", type=Path, metavar="MODEL_DIR",
-                        help="the base causal LM's folder, for adapters other than GFA and LoRA (merged minus base)")
+                        help="the base model's folder, for adapters other than GFA and LoRA (merged minus base)")
     parser.add_argument("--label", action="append", metavar="NAME",
                         help="a name for each adapter, in order, one --label each (default: their folders)")
     parser.add_argument("--json", type=Path, help="write every module's norm and share to this file")
