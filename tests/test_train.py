@@ -176,14 +176,14 @@ def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"method": "vera", "scale_rule": "rsqrt"}, "--scale-rule rsqrt applies to gfa, lora, dora, not vera"),
-    ({"method": "lora", "gradient_init": 4}, "--gradient-init is GFA's initialisation; lora has none"),
-    ({"method": "lora", "grid": "aligned"}, "the aligned grid is GFA's setting; lora has none"),
-    ({"method": "dora", "module_gain": True}, "a gain per module is GFA's setting; dora has none"),
+    ({"method": "vera", "scale_rule": "rsqrt"}, "--scale-rule is a setting of gfa, lora, dora; vera has none"),
+    ({"method": "lora", "gradient_init": 4}, "--gradient-init is a setting of gfa; lora has none"),
+    ({"method": "lora", "grid": "aligned"}, "--grid is a setting of gfa; lora has none"),
+    ({"method": "dora", "module_gain": True}, "--module-gain is a setting of gfa; dora has none"),
     ({"method": "gfa", "grid": "aligned", "targets": "all-linear"},
      "the aligned grid needs one input width shared by all target modules, but they have 16, 32"),
     ({"method": "gfa", "b_lr_ratio": 0.0}, "--b-lr-ratio must be positive"),
-    ({"method": "vblora", "b_lr_ratio": 2.0}, "--b-lr-ratio applies to the B factors of gfa, lora, dora"),
+    ({"method": "vblora", "b_lr_ratio": 2.0}, "--b-lr-ratio is a setting of gfa, lora, dora; vblora has none"),
 ])
 def test_a_study_lever_the_method_lacks_is_refused(cache, fields, message):
     with pytest.raises(RunConfigError, match=re.escape(message)):

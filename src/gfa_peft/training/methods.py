@@ -164,6 +164,12 @@ METHOD_SETTINGS = {"scale_rule": SCALED_METHODS, "b_lr_ratio": SCALED_METHODS, "
 refuses a setting its method lacks; a sweep of several methods gives each run the settings its method has."""
 
 
+def setting_owners(name: str) -> str:
+    """The start of a refusal of METHOD_SETTINGS' `name`, naming the methods that have it (a run and a sweep each
+    say who lacks it)."""
+    return f"--{name.replace('_', '-')} is a setting of {', '.join(METHOD_SETTINGS[name])}"
+
+
 def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_type: str | None = None,
                 zero_update: bool = True, scale_rule: str = "constant") -> PeftConfig:
     """The PEFT config that trains `method` at size `knobs` (a `Placement`'s) on `targets`.

@@ -75,13 +75,14 @@ from gfa_peft.training.evaluation import (
     token_log_likelihoods,
 )
 from gfa_peft.training.methods import (
-    SCALED_METHODS,
+    METHOD_SETTINGS,
     UNANCHORED,
     ZERO_SHOT,
     Placement,
     UnreachableAnchor,
     peft_config,
     place,
+    setting_owners,
 )
 from gfa_peft.tuner.gradient_init import init_from_gradient
 from gfa_peft.training.config import RunConfig, RunConfigError, check_named_choices
@@ -200,6 +201,8 @@ def prepare(config: RunConfig) -> PreparedRun:
 
 def _prepare(config: RunConfig) -> PreparedRun:
     check_named_choices(config)
+    _check_positive(config)
+    _check_method_settings(config)
     cache = Path(config.cache) if config.cache else None
     task, data = _load_training_task(config, cache)
     eval_task, eval_data = _evaluation_split(config, task, data, cache)
@@ -219,8 +222,6 @@ def _prepare(config: RunConfig) -> PreparedRun:
                          "is a classification task, whose head would be untrained")
     if config.steps is not None and config.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
-    _check_positive(config)
-    _check_method_settings(config)
     if config.warmup_ratio is not None and not 0 <= config.warmup_ratio < 1:
         raise ValueError(f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}")
     key = recipe_key(config.model, task.kind)
@@ -319,18 +320,18 @@ def _model_class(kind: str) -> type:
     return AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
 
 
+_RUN_DEFAULTS = {name: getattr(RunConfig(), name) for name in METHOD_SETTINGS}
+
+
 def _check_method_settings(config: RunConfig) -> None:
     """Refuse a setting the run's method does not have (it would be recorded but change nothing)."""
-    if config.scale_rule != "constant" and config.method not in SCALED_METHODS:
-        raise ValueError(f"--scale-rule {config.scale_rule} applies to {', '.join(SCALED_METHODS)}, not {config.method}")
     if not config.b_lr_ratio > 0:
         raise ValueError(f"--b-lr-ratio must be positive, got {config.b_lr_ratio}")
-    if config.b_lr_ratio != 1 and config.method not in SCALED_METHODS:
-        raise ValueError(f"--b-lr-ratio applies to the B factors of {', '.join(SCALED_METHODS)}, not {config.method}")
     if config.gradient_init < 0:
         raise ValueError(f"--gradient-init must be 0 or a number of batches, got {config.gradient_init}")
-    if config.gradient_init and config.method != "gfa":
-        raise ValueError(f"--gradient-init is GFA's initialisation; {config.method} has none")
+    for name, owners in METHOD_SETTINGS.items():
+        if getattr(config, name) != _RUN_DEFAULTS[name] and config.method not in owners:
+            raise ValueError(f"{setting_owners(name)}; {config.method} has none")
 
 
 def _check_positive(config: RunConfig) -> None:

@@ -52,7 +52,7 @@ from gfa_peft.data.task_registry import MIXTURE_JOIN, task_title
 from gfa_peft.defaults import LR_CHOICE_RULES
 
 from gfa_peft.io.tables import text_table
-from gfa_peft.training.methods import METHOD_SETTINGS, METHODS, UNANCHORED, ZERO_SHOT
+from gfa_peft.training.methods import METHOD_SETTINGS, METHODS, UNANCHORED, ZERO_SHOT, setting_owners
 from gfa_peft.training.run import (
     PreparedRun,
     RunConfig,
@@ -143,8 +143,8 @@ def plan(spec: SweepSpec, root: Path) -> Plan:
     _check_tasks_appear_once(spec.tasks)
     for name, methods in spec.settings_not_for().items():
         if set(methods) == set(spec.methods):  # it would be recorded and change nothing
-            raise RunConfigError(f"--{name.replace('_', '-')} is a setting of {', '.join(METHOD_SETTINGS[name])}; "
-                                 f"none of this sweep's methods ({', '.join(spec.methods)}) has it")
+            raise RunConfigError(f"{setting_owners(name)}; none of this sweep's methods ({', '.join(spec.methods)}) "
+                                 "has it")
     runs, unreachable = [], []
     for config in spec.configs():
         try:
