@@ -54,3 +54,18 @@ def test_a_rate_per_anchor_serves_its_anchors_and_the_rest_take_its_other_anchor
     recipes.save_learning_rates("minilm", {"gfa": 0.005})
     assert recipes.learning_rates()["minilm"]["gfa"] == 0.005
     assert recipes.default_learning_rate("minilm", "gfa", "16") == 0.005
+
+
+def test_a_scale_rule_has_its_own_rates_and_never_borrows_the_constant_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("GFA_CACHE", str(tmp_path))
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"minilm": {"gfa": 0.003, "gfa:rsqrt": {"*": 0.01, "16": 0.003}, "dora": 0.003}}))
+    monkeypatch.setattr(recipes, "SHIPPED_LEARNING_RATES", shipped)
+    assert recipes.default_learning_rate("minilm", "gfa", "16") == 0.003
+    assert [recipes.default_learning_rate("minilm", "gfa", anchor, "rsqrt") for anchor in ("1", "16")] == [0.01, 0.003]
+    # DoRA was tuned under the constant rule only: under rsqrt its rate would step 1/sqrt(r) as far
+    with pytest.raises(ValueError, match="no tuned learning rate for dora with --scale-rule rsqrt at anchor 4"):
+        recipes.default_learning_rate("minilm", "dora", "4", "rsqrt")
+    recipes.save_learning_rates("minilm", {recipes.rate_entry("dora", "rsqrt"): 0.02})
+    assert recipes.default_learning_rate("minilm", "dora", "4", "rsqrt") == 0.02
+    assert recipes.default_learning_rate("minilm", "dora", "4") == 0.003

@@ -19,6 +19,7 @@ from gfa_peft.cli import main
 from gfa_peft.defaults import LR_CHOICE_RULES
 from gfa_peft.io.files import folder_lock
 from gfa_peft.training import sweep as sweep_module
+from gfa_peft.training.recipes import SHIPPED_LEARNING_RATES
 from gfa_peft.training.sweep import (
     PAPER_TIE_BAND,
     SweepSpec,
@@ -154,6 +155,22 @@ def test_tune_per_anchor_by_loss_saves_a_rate_for_each_anchor(cache, tmp_path, c
     from gfa_peft.training.recipes import learning_rates
 
     assert learning_rates()["minilm"]["lora"] == {"*": 0.003, **chosen}  # the shipped rate serves the other anchors
+
+
+def test_tune_under_a_scale_rule_saves_the_rules_own_rates(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("GFA_CACHE", str(tmp_path / "home"))
+    out = tmp_path / "tune"
+    assert main(["tune", "--methods", "gfa,vera", "--anchors", "1", "--lrs", "0.001,0.03", "--steps", "12",
+                 "--scale-rule", "rsqrt", "--save-defaults", "--cache", str(cache), "--out", str(out),
+                 "--no-progress"]) == 0
+    choices = json.loads((out / "lr_choice.json").read_text())["choices"]
+    saved = json.loads((tmp_path / "home" / "default_lrs.json").read_text())["minilm"]
+    # VeRA has no scale rule, so it ran (and is saved) as itself; GFA's choice is a rate for its rsqrt runs only
+    assert saved == {"gfa:rsqrt": choices["gfa"]["lr"], "vera": choices["vera"]["lr"]}
+    from gfa_peft.training.recipes import default_learning_rate, learning_rates
+
+    assert default_learning_rate("minilm", "gfa", "1", "rsqrt") == choices["gfa"]["lr"]
+    assert learning_rates()["minilm"]["gfa"] == json.loads(SHIPPED_LEARNING_RATES.read_text())["minilm"]["gfa"]
 
 
 def test_demo_prints_the_table_and_the_figure(cache, tmp_path, capsys, monkeypatch):

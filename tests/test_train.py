@@ -32,6 +32,7 @@ from gfa_peft.training.evaluation import (
     matthews,
 )
 from gfa_peft.data.tasks import load_task
+from gfa_peft.training.recipes import SHIPPED_LEARNING_RATES
 from gfa_peft.training.run import RunConfig, RunConfigError, is_finished, prepare, train
 from gfa_peft.layout import order_modules
 from tiny_assets import sentiment_rows
@@ -173,6 +174,16 @@ def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch
     assert prepare(config(cache, method="gfa", anchor="1", **levers)).name == \
         "gfa-1-s0-lr0.01-rsqrt-blr4-ginit2-gain"
     assert prepare(config(cache, method="lora", anchor="1", scale_rule="rsqrt")).name == "lora-1-s0-lr0.01-rsqrt"
+
+
+def test_a_run_without_a_rate_takes_the_one_tuned_under_its_scale_rule(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("GFA_CACHE", str(tmp_path))  # no saved rates of the user's: the shipped ones
+    shipped = json.loads(SHIPPED_LEARNING_RATES.read_text())["minilm"]
+    assert shipped["gfa"] != shipped["gfa:rsqrt"]  # else this test could not tell the entries apart
+    for rule, entry in (("constant", "gfa"), ("rsqrt", "gfa:rsqrt")):
+        assert prepare(config(cache, method="gfa", anchor="1", lr=None, scale_rule=rule)).lr == shipped[entry]
+    with pytest.raises(RunConfigError, match="no tuned learning rate for dora with --scale-rule rsqrt"):
+        prepare(config(cache, method="dora", anchor="1", lr=None, scale_rule="rsqrt"))
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -10,7 +10,7 @@ from gfa_peft.cli.sweep import add_grid_arguments, float_list, run_spec, spec_fr
 from gfa_peft.defaults import LR_CHOICE_RULES
 from gfa_peft.io.files import write_json_atomic
 from gfa_peft.io.tables import text_table
-from gfa_peft.training.recipes import RECIPES, recipe_key, save_learning_rates
+from gfa_peft.training.recipes import RECIPES, rate_entry, recipe_key, save_learning_rates
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     for note in edge_notes(choices) + unshared_notes(choices):
         print(note)
     if args.save_defaults:
-        path = save_learning_rates(key, {method: choice["lr"] for method, choice in choices.items()})
+        rules = {method: spec.own_settings(method).get("scale_rule", "constant") for method in choices}
+        path = save_learning_rates(key, {rate_entry(method, rules[method]): choice["lr"]
+                                         for method, choice in choices.items()})
         print(f"saved as the {key} recipe's defaults in {path}")
     return 0
 

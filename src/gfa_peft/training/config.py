@@ -64,9 +64,9 @@ class RunConfig:
     epochs: float | None = _knob("passes over the training split instead of a number of steps", metavar="N",
                                  when_unset="none (--steps sets the length)")
     lr: float | None = _knob("peak learning rate", metavar="RATE",
-                             when_unset="the method's tuned rate for the recipe (at the run's anchor, where it "
-                             "has one per anchor), training/default_lrs.json or your own from `gfa tune "
-                             "--save-defaults`")
+                             when_unset="the method's tuned rate for the recipe and --scale-rule (at the run's "
+                             "anchor, where it has one per anchor), training/default_lrs.json or your own from `gfa "
+                             "tune --save-defaults`")
     batch_size: int | None = _knob("training batch size: the global batch, which the N processes of a torchrun "
                                    "run share (N must divide it)", metavar="N",
                                    when_unset=recipe_defaults("batch_size"))

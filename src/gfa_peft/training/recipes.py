@@ -5,7 +5,8 @@ dev splits by `gfa tune` (docs/training.md gives the procedure, the trials and t
 `default_lrs.json`; rates a user saves with `gfa tune --save-defaults` go to `default_lrs.json` in the cache folder
 (`$GFA_CACHE`, default `~/.cache/gfa-peft`) and override the shipped ones. Nothing writes into the installed package.
 A method's rate is one number for every anchor, or a map from anchor labels to rates whose "*" entry serves the
-anchors it does not name and runs at an explicit rank (a method whose best rate changes with its size). A model
+anchors it does not name and runs at an explicit rank (a method whose best rate changes with its size). A rate
+tuned under a scale rule other than the constant one has its own entry, "method:rule" (`rate_entry`). A model
 folder that is neither bundled model borrows the recipe of the bundled model of its task's kind: MiniLM's for
 classification, SmolLM2's for multiple choice.
 """
@@ -69,7 +70,7 @@ def learning_rates() -> dict[str, dict[str, Rate]]:
 
 
 def save_learning_rates(key: str, chosen: dict[str, Rate]) -> Path:
-    """Record `chosen` (method -> rate) as the user's defaults under recipe `key`; returns the file written."""
+    """Record `chosen` (`rate_entry` -> rate) as the user's defaults under recipe `key`; returns the file written."""
     path = user_learning_rates_file()
     saved = _read(path)
     _override(saved.setdefault(key, {}), chosen)
@@ -88,19 +89,27 @@ def _override(rates: dict[str, Rate], newer: dict[str, Rate]) -> None:
         rates[method] = rate
 
 
-def default_learning_rate(key: str, method: str, anchor: str | None = None) -> float:
-    """The learning rate `gfa tune` chose for `method` under recipe `key`, at `anchor` where it has one per anchor
-    (None: a run at an explicit rank, which takes the rate for other anchors).
+def rate_entry(method: str, scale_rule: str = "constant") -> str:
+    """The entry of the rate table that serves `method` under `scale_rule`: the method's name under the constant
+    rule, "method:rule" under another. A scale rule changes how far one step moves the update (s = 1/sqrt(r)
+    shrinks it with the rank), so a rate tuned under one rule is no default for another."""
+    return method if scale_rule == "constant" else f"{method}:{scale_rule}"
+
+
+def default_learning_rate(key: str, method: str, anchor: str | None = None, scale_rule: str = "constant") -> float:
+    """The learning rate `gfa tune` chose for `method` under `scale_rule` and recipe `key`, at `anchor` where it has
+    one per anchor (None: a run at an explicit rank, which takes the rate for other anchors).
 
     Raises ValueError when none was tuned (then the run needs an explicit learning rate).
     """
-    rate = learning_rates().get(key, {}).get(method)
+    rate = learning_rates().get(key, {}).get(rate_entry(method, scale_rule))
     if isinstance(rate, dict):
         rate = rate.get(anchor, rate.get(OTHER_ANCHORS))
     if rate is None:
+        rule = "" if scale_rule == "constant" else f" with --scale-rule {scale_rule}"
         where = "" if anchor is None else f" at anchor {anchor}"
-        raise ValueError(f"no tuned learning rate for {method}{where} under the {key} recipe: give one explicitly "
-                         "(--lr)")
+        raise ValueError(f"no tuned learning rate for {method}{rule}{where} under the {key} recipe: give one "
+                         "explicitly (--lr)")
     return float(rate)
 
 

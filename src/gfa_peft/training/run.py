@@ -229,7 +229,7 @@ def _prepare(config: RunConfig) -> PreparedRun:
     batch_size = config.batch_size or recipe.batch_size
     per_rank_batch(batch_size, launched_world_size())  # raises on every rank when the processes cannot share it
     lr = (0.0 if not trains else config.lr if config.lr is not None
-          else default_learning_rate(key, config.method, config.anchor))
+          else default_learning_rate(key, config.method, config.anchor, config.scale_rule))
     return PreparedRun(
         config=config, task=task, data=data, eval_task=eval_task, eval_data=eval_data, model_dir=model_dir,
         recipe=key, targets=targets, placement=placement,
