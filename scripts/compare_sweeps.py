@@ -5,7 +5,8 @@ A new setting of a method (GFA under s = 1/sqrt(r)) and its current one (GFA at 
 `results.json` and, for every (task, anchor) both ran, puts the new mean beside the old, with the verdict within
 the tie band (2 x the seed std pooled over every cell of both folders, as `gfa sweep` pools its own); then the
 mean over the tasks at each anchor, and whether the new setting passes the rule: a higher mean at every anchor,
-and no cell lost beyond the band.
+and no cell lost beyond the band. The rule is judged only when every cell of the old folder was run in the new,
+with as many seeds, and neither folder has unfinished runs; until then the script says what is missing.
 
     python scripts/compare_sweeps.py NEW OLD [--method gfa] [--json]
 
@@ -30,28 +31,52 @@ OLD = "old"
 """The name the old folder's cells of the method take, so that `verdicts` sees two methods."""
 
 
-def cells_of(folder: Path) -> list[dict[str, Any]]:
-    """The cells of a finished sweep's summary."""
+def summary_of(folder: Path) -> dict[str, Any]:
+    """A sweep's summary (results.json)."""
     path = folder / "results.json"
     if not path.is_file():
-        raise SystemExit(f"{folder} holds no results.json: not a finished `gfa sweep` folder")
-    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+        raise SystemExit(f"{folder} holds no results.json: not a `gfa sweep` folder")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def compare(new: list[dict[str, Any]], old: list[dict[str, Any]], method: str) -> dict[str, Any]:
-    """Every (task, anchor) cell of `method` in both, the means over tasks per anchor, and the rule's outcome."""
-    band = tie_band([*new, *old])
-    renamed = [{**cell, "method": OLD} for cell in old if cell["method"] == method and cell["module_order"] is None]
-    rows = verdicts([*new, *renamed], band["band_pp"], method=method, rival=OLD)
+def method_cells(summary: dict[str, Any], method: str, side: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """`method`'s cells in the model's module order, by (task, anchor). A tuning folder (several learning rates of
+    one cell) has no one accuracy to compare: refused."""
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for cell in summary["cells"]:
+        if cell["method"] == method and cell["module_order"] is None:
+            key = (cell["task"], cell["anchor"])
+            if key in cells:
+                raise SystemExit(f"the {side} folder has {method} at anchor {key[1]} on {key[0]} more than once "
+                                 "(several learning rates): compare folders with one run setting per cell")
+            cells[key] = cell
+    return cells
+
+
+def compare(new: dict[str, Any], old: dict[str, Any], method: str) -> dict[str, Any]:
+    """Every (task, anchor) cell of `method` in both summaries, the means over tasks per anchor, and the rule's
+    outcome. The rule is decided only on a like-for-like comparison: every cell of the old folder run in the new,
+    with as many seeds, and no run of either unfinished; otherwise `incomplete` says what is missing."""
+    ours, theirs = method_cells(new, method, "new"), method_cells(old, method, "old")
+    band = tie_band([*new["cells"], *old["cells"]])
+    rows = verdicts([*ours.values(), *({**cell, "method": OLD} for cell in theirs.values())], band["band_pp"],
+                    method=method, rival=OLD)
     anchors = []
     for anchor in dict.fromkeys(row["anchor"] for row in rows):
         here = [row for row in rows if row["anchor"] == anchor]
         new_mean, old_mean = (statistics.fmean(row[side] for row in here) for side in (method, OLD))
         anchors.append({"anchor": anchor, "tasks": len(here), method: new_mean, OLD: old_mean,
                         "gap_pp": new_mean - old_mean})
-    passes = bool(rows) and all(row["gap_pp"] > 0 for row in anchors) and not any(
-        row["verdict"] == "loss" for row in rows)
-    return {"method": method, "tie_band": band, "cells": rows, "anchors": anchors, "passes": passes}
+    incomplete = [f"not run by the new setting: {task} at {anchor}" for task, anchor in theirs.keys() - ours.keys()]
+    incomplete += [f"{task} at {anchor}: {ours[task, anchor]['n']} seed(s) new, {theirs[task, anchor]['n']} old"
+                   for task, anchor in ours.keys() & theirs.keys() if ours[task, anchor]["n"] != theirs[task, anchor]["n"]]
+    incomplete += [f"{len(summary.get('unfinished', []))} run(s) of the {side} folder unfinished"
+                   for side, summary in (("new", new), ("old", old)) if summary.get("unfinished")]
+    if not rows:
+        incomplete.append(f"no (task, anchor) of {method} in both folders")
+    passes = all(row["gap_pp"] > 0 for row in anchors) and not any(row["verdict"] == "loss" for row in rows)
+    return {"method": method, "tie_band": band, "cells": rows, "anchors": anchors, "incomplete": sorted(incomplete),
+            "passes": passes and not incomplete}
 
 
 def format_comparison(result: dict[str, Any]) -> str:
@@ -62,7 +87,8 @@ def format_comparison(result: dict[str, Any]) -> str:
     anchors = text_table(["anchor", "tasks", "new mean", "old mean", "gap"],
                          [[row["anchor"], str(row["tasks"]), f"{row[method]:.2f}", f"{row[OLD]:.2f}",
                            f"{row['gap_pp']:+.2f}"] for row in result["anchors"]], left=1)
-    rule = ("passes: a higher mean at every anchor and no cell lost beyond the band" if result["passes"] else
+    rule = ("cannot be judged yet: " + "; ".join(result["incomplete"]) if result["incomplete"] else
+            "passes: a higher mean at every anchor and no cell lost beyond the band" if result["passes"] else
             "does not pass: it needs a higher mean at every anchor and no cell lost beyond the band")
     return (f"{method}, new against old; tie band +/-{result['tie_band']['band_pp']:.2f}pp "
             f"({result['tie_band']['source']})\n\n{cells}\n\n{anchors}\n\nthe new setting {rule}")
@@ -75,7 +101,7 @@ def main() -> None:
     parser.add_argument("--method", default="gfa", help="the method compared (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON instead of tables")
     args = parser.parse_args()
-    result = compare(cells_of(args.new), cells_of(args.old), args.method)
+    result = compare(summary_of(args.new), summary_of(args.old), args.method)
     print(json.dumps(result, indent=1) if args.json else format_comparison(result))
 
 

@@ -24,7 +24,8 @@ with quiet_libraries():  # importing PEFT logs bitsandbytes' note on an optional
     from peft import PeftModel
 
     from gfa_peft.training.config import RunConfig
-    from gfa_peft.training.run import CONFIG_FILE, _model_class, _predict, _scores, _tokenizer, prepare
+    from gfa_peft.training.run import (CONFIG_FILE, _evaluation_autocast, _model_class, _predict, _scores, _tokenizer,
+                                       prepare)
 
 
 def main() -> None:
@@ -34,7 +35,9 @@ def main() -> None:
     parser.add_argument("--per-question", action="store_true", help="also list every question's prediction")
     args = parser.parse_args()
     record = json.loads((args.run / CONFIG_FILE).read_text(encoding="utf-8"))
-    run = prepare(RunConfig(**record["config"]))
+    # the rate the run trained at, not today's default for its settings: scoring needs none, and a rule's default may
+    # not exist (a run at --scale-rule rsqrt without --lr under another version's rate table)
+    run = prepare(RunConfig(**{**record["config"], "lr": record["resolved"]["lr"] or None}))  # zero-shot: 0
     tokenizer = _tokenizer(run.model_dir)
     extra = {"num_labels": len(run.task.label_names)} if run.kind == "classification" else {}
     for adapter in args.adapters:
@@ -42,7 +45,7 @@ def main() -> None:
         if base.config.pad_token_id is None:  # as the run set it: decoders classify from the last real token
             base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, adapter).eval()
-        with torch.no_grad():
+        with torch.no_grad(), _evaluation_autocast(run, model):
             predictions, labels = _predict(run, model, tokenizer, progress=False)
         scores = {"adapter": str(adapter), **_scores(run, predictions, labels)}
         if args.per_question:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gfa_peft.cli import quiet_libraries
+from gfa_peft.io.files import write_json_atomic
 
 with quiet_libraries():  # importing PEFT logs bitsandbytes' note on an optional kernel; the gfa commands hide it too
     from peft.utils import load_peft_weights
@@ -30,7 +31,7 @@ with quiet_libraries():  # importing PEFT logs bitsandbytes' note on an optional
     from gfa_peft.analysis.lens.inputs import deltas_from_adapter
     from gfa_peft.analysis.ranks import module_update
 
-LAYER = re.compile(r"layers\.(\d+)\.")
+LAYER = re.compile(r"\.layers?\.(\d+)\.")  # Llama's model.layers.3., BERT's encoder.layer.3.
 
 
 def gfa_norms(adapter: Path) -> dict[str, float]:
@@ -74,6 +75,8 @@ def norms_of(adapter: Path, base: Path | None = None) -> dict[str, float]:
 def summary(norms: dict[str, float]) -> dict:
     energy = {name: norm**2 for name, norm in norms.items()}
     total = sum(energy.values())
+    if not total:  # an adapter saved before training (B = 0) has no update whose shares could be given
+        raise ValueError("the adapter's update is zero in every module (saved untrained?): no energy to share out")
     ranked = sorted(energy.values(), reverse=True)
     top_quarter = sum(ranked[: max(1, len(ranked) // 4)]) / total
     return {"total_norm": total**0.5, "top_quarter_energy_share": top_quarter,
@@ -89,8 +92,9 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     figure, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), sharey=True, squeeze=False)
     for axis, kind in zip(axes[0], kinds):
         for label, report in reports.items():
-            points = sorted((int(LAYER.search(name).group(1)), 100 * module["energy_share"])
-                            for name, module in report["modules"].items() if name.endswith(kind))
+            points = sorted((int(layer.group(1)), 100 * module["energy_share"])
+                            for name, module in report["modules"].items()
+                            if name.endswith(kind) and (layer := LAYER.search(name)))
             axis.plot(*zip(*points), marker=".", label=label)
         axis.set(title=kind, xlabel="layer", ylabel="share of the update's energy (%)")
         axis.grid(alpha=0.3)
@@ -111,13 +115,13 @@ def main() -> None:
     args = parser.parse_args()
     labels = args.label or [str(adapter) for adapter in args.adapters]
     if len(labels) != len(args.adapters):
-        parser.error(f"--labels names {len(labels)} adapters, {len(args.adapters)} given")
+        parser.error(f"--label names {len(labels)} adapters, {len(args.adapters)} given")
     reports = {label: summary(norms_of(adapter, args.base)) for label, adapter in zip(labels, args.adapters)}
     for label, report in reports.items():
         print(f"{label}: total norm {report['total_norm']:.3f}, "
               f"top quarter of modules {100 * report['top_quarter_energy_share']:.1f}% of the energy")
     if args.json:
-        args.json.write_text(json.dumps(reports, indent=1), encoding="utf-8")
+        write_json_atomic(args.json, reports)
     if args.plot:
         plot(reports, args.plot)
 

@@ -45,6 +45,8 @@ def test_a_rate_per_anchor_serves_its_anchors_and_the_rest_take_its_other_anchor
     assert recipes.default_learning_rate("minilm", "lora", "16") == 0.003
     with pytest.raises(ValueError, match="no tuned learning rate for dora at anchor 4 under the minilm recipe"):
         recipes.default_learning_rate("minilm", "dora", "4")
+    with pytest.raises(ValueError, match="for dora at an explicit rank \\(its per-anchor rates have no '\\*' entry\\)"):
+        recipes.default_learning_rate("minilm", "dora")
 
     recipes.save_learning_rates("minilm", {"gfa": {"4": 0.03}, "lora": {"16": 0.001}, "dora": 0.002})
     rates = recipes.learning_rates()["minilm"]

@@ -169,7 +169,7 @@ def test_placement_counts_gfa_on_the_aligned_grid():
     assert aligned.knobs == {"r": 2, "grid": "aligned"} and aligned.trainable == gfa_params(layout, 2) == 78
     assert place("gfa", shapes, rank=5, grid="aligned").trainable == 5 * 39
     assert place("gfa", shapes, anchor="1").trainable == 76
-    with pytest.raises(PlacementError, match="the aligned grid is GFA's setting; lora has none"):
+    with pytest.raises(PlacementError, match="--grid is a setting of gfa; lora has none"):
         place("lora", shapes, anchor="1", grid="aligned")
 
 
@@ -216,7 +216,7 @@ def test_gains_start_at_one_and_are_counted_in_the_placement():
     assert place("gfa", shapes, rank=2, module_gain=True).trainable == gfa_params(build_layout(shapes), 2) + 3
     assert model.get_nb_trainable_parameters()[0] == gfa_params(layout_of(model), 2, module_gain=True)
     assert peft_config("gfa", gained.knobs, ["lin0"]).module_gain
-    with pytest.raises(PlacementError, match="a gain per module is GFA's setting; lora has none"):
+    with pytest.raises(PlacementError, match="--module-gain is a setting of gfa; lora has none"):
         place("lora", shapes, anchor="1", module_gain=True)
 
 

@@ -150,7 +150,7 @@ def test_tune_per_anchor_by_loss_saves_a_rate_for_each_anchor(cache, tmp_path, c
         fitting = [lr for lr, cell in here.items() if cell["mean"] >= best_dev - band]
         assert chosen[anchor] == min(fitting, key=lambda lr: (here[lr]["final_loss"], lr))
     printed = capsys.readouterr().out
-    assert "chosen at" in printed and "saved as the minilm recipe's defaults" in printed
+    assert "chosen at" in printed and "saved lora as the minilm recipe's defaults" in printed
     assert json.loads((tmp_path / "home" / "default_lrs.json").read_text())["minilm"]["lora"] == chosen
     from gfa_peft.training.recipes import learning_rates
 
@@ -171,6 +171,12 @@ def test_tune_under_a_scale_rule_saves_the_rules_own_rates(cache, tmp_path, monk
 
     assert default_learning_rate("minilm", "gfa", "1", "rsqrt") == choices["gfa"]["lr"]
     assert learning_rates()["minilm"]["gfa"] == json.loads(SHIPPED_LEARNING_RATES.read_text())["minilm"]["gfa"]
+    # a later command tuning LoRA into the same folder pools GFA's trials but saves only its own method
+    assert main(["tune", "--methods", "lora", "--anchors", "1", "--lrs", "0.001,0.03", "--steps", "12",
+                 "--save-defaults", "--cache", str(cache), "--out", str(out), "--no-progress"]) == 0
+    pooled = json.loads((out / "lr_choice.json").read_text())["choices"]
+    assert set(pooled) == {"gfa", "vera", "lora"}
+    assert json.loads((tmp_path / "home" / "default_lrs.json").read_text())["minilm"] == {**saved, "lora": pooled["lora"]["lr"]}
 
 
 def test_demo_prints_the_table_and_the_figure(cache, tmp_path, capsys, monkeypatch):
@@ -309,6 +315,9 @@ def test_per_anchor_choices_pick_a_rate_for_each_anchor():
         assert chosen["lr"] == {"1": 0.01, "16": 0.003}
         assert chosen["by_anchor"]["1"]["mean_by_lr"] == {0.003: pytest.approx(64.5), 0.01: pytest.approx(65.0)}
         assert chosen["by_anchor"]["16"]["cells_compared"] == 2
+    # full fine-tuning has no anchor (a run looks its rate up by none): one rate, not a map keyed "full"
+    full = summarize([loss_result("a", "full", None, 0, accuracy, lr, 3.0) for accuracy, lr in [(0.6, 1e-4), (0.7, 3e-4)]])
+    assert choose_learning_rates(full["cells"], per_anchor=True)["full"]["lr"] == 3e-4
 
 
 # ---------------------------------------------------------------- the permutation diagnostic: GFA across module orders
@@ -319,6 +328,11 @@ def test_module_orders_multiply_only_the_gfa_runs(cache, tmp_path):
     assert names == sorted(["gfa-1_2-s0-order-model-lr0.01", "gfa-1_2-s0-order-by_name-lr0.01",
                             "gfa-1_2-s0-order-7-lr0.01", "gfa-1-s0-order-model-lr0.01",
                             "gfa-1-s0-order-by_name-lr0.01", "gfa-1-s0-order-7-lr0.01", "lora-1-s0-lr0.01"])
+
+
+def test_module_orders_without_gfa_are_refused(cache, tmp_path):
+    with pytest.raises(RunConfigError, match=r"--module-orders orders GFA's modules; none of this sweep's methods \(lora\)"):
+        sweep_module.plan(spec(cache, methods=("lora",), module_orders=("by_name",)), tmp_path)
 
 
 def test_order_spread_sets_the_spread_of_order_means_against_the_seed_spread():

@@ -188,6 +188,7 @@ def test_a_run_without_a_rate_takes_the_one_tuned_under_its_scale_rule(cache, tm
 
 @pytest.mark.parametrize("fields, message", [
     ({"method": "vera", "scale_rule": "rsqrt"}, "--scale-rule is a setting of gfa, lora, dora; vera has none"),
+    ({"method": "lorra", "scale_rule": "rsqrt"}, "unknown method 'lorra'; known methods:"),
     ({"method": "lora", "gradient_init": 4}, "--gradient-init is a setting of gfa; lora has none"),
     ({"method": "lora", "grid": "aligned"}, "--grid is a setting of gfa; lora has none"),
     ({"method": "dora", "module_gain": True}, "--module-gain is a setting of gfa; dora has none"),
@@ -445,7 +446,7 @@ def user_files(tmp_path) -> dict[str, Path]:
     (["--task", "arc_easy+nope", "--model", "smollm2", "--anchor", "1"], "unknown task 'nope'"),
     (["--task", "arc_easy", "--model", "smollm2", "--anchor", "1", "--max-train-examples", "0"],
      "--max-train-examples must be positive"),
-    (["--task", "rt", "--method", "lora", "--anchor", "1", "--module-order", "3"], "GFA's setting; lora has none"),
+    (["--task", "rt", "--method", "lora", "--anchor", "1", "--module-order", "3"], "--module-order is a setting of gfa; lora has none"),
     (["--task", "rt", "--method", "gfa", "--anchor", "1", "--module-order", "random"], "module_order must be"),
     (["--task", "rt", "--anchor", "1", "--steps", "5", "--epochs", "1"], "not both"),
     (["--task", "rt", "--anchor", "1", "--eval-task", "sst2"], "must not be tested on 'sst2'"),

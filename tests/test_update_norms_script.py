@@ -79,3 +79,15 @@ def test_lora_read_from_its_factors_agrees_with_merged_minus_base(tmp_path):
     assert from_factors.keys() == merged.keys()
     for name, norm in merged.items():
         assert from_factors[name] == pytest.approx(norm, rel=1e-5)
+
+
+def test_the_plot_reads_bert_and_llama_layer_names_and_a_zero_update_is_refused(tmp_path):
+    script = load_script("update_norms")
+    norms = {f"bert.encoder.layer.{layer}.attention.self.{kind}": 1.0 + layer for layer in range(3)
+             for kind in ("query", "value")}
+    reports = {"bert": script.summary(norms),
+               "llama": script.summary({f"model.layers.{layer}.self_attn.query": 1.0 for layer in range(2)})}
+    script.plot(reports, tmp_path / "shares.png")
+    assert (tmp_path / "shares.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="update is zero in every module"):
+        script.summary({name: 0.0 for name in norms})

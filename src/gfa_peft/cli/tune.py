@@ -40,13 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "for dev splits too small to rank close rates (docs/study.md) (default: %(default)s)")
     parser.add_argument("--out", default="runs/tune", metavar="DIR", help="the tuning sweep's folder (default: %(default)s)")
     parser.add_argument("--save-defaults", action="store_true",
-                        help="record the chosen rates as your defaults for the model's recipe (in default_lrs.json in the cache "
-                        "folder, $GFA_CACHE; they override the shipped rates)")
+                        help="record the rates chosen for this command's methods as your defaults for the model's recipe "
+                        "(under their --scale-rule; in default_lrs.json in the cache folder, $GFA_CACHE; they override "
+                        "the shipped rates)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from gfa_peft.data.tasks import MIXTURE_JOIN, TASKS  # datasets and torch load once tuning runs
+    from gfa_peft.training.config import RunConfig
     from gfa_peft.training.methods import ZERO_SHOT
     from gfa_peft.training.sweep import choose_learning_rates
 
@@ -76,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_trials(summary["cells"], choices))
     for note in edge_notes(choices) + unshared_notes(choices):
         print(note)
-    if args.save_defaults:
-        rules = {method: spec.own_settings(method).get("scale_rule", "constant") for method in choices}
-        path = save_learning_rates(key, {rate_entry(method, rules[method]): choice["lr"]
-                                         for method, choice in choices.items()})
-        print(f"saved as the {key} recipe's defaults in {path}")
+    if args.save_defaults:  # this command's methods: their runs in OUT all had this command's settings
+        tuned = {rate_entry(method, RunConfig(**spec.own_settings(method)).scale_rule): choices[method]["lr"]
+                 for method in spec.methods}
+        path = save_learning_rates(key, tuned)
+        print(f"saved {', '.join(tuned)} as the {key} recipe's defaults in {path}")
     return 0
 
 

@@ -19,7 +19,7 @@ convention).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from peft import LoraConfig, PeftConfig, VBLoRAConfig, VeraConfig
@@ -88,17 +88,13 @@ def place(method: str, named_shapes: Sequence[tuple[str, Shape]], anchor: str | 
     (e.g. LoRA at "1/2"), a rank out of range or a module order or grid for another method; ValueError for an
     order or grid of an unknown kind, a grid the modules cannot have, or (from `rank_anchors`) a malformed anchor.
     """
-    if method not in METHODS:
-        raise PlacementError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     check_grid(grid)
     gfa_knobs = {} if module_order is None else {"module_order": module_order}
     if grid != "square":
         gfa_knobs["grid"] = grid
     if module_gain:
         gfa_knobs["module_gain"] = True
-    if gfa_knobs and method != "gfa":
-        setting = {"module_order": "a module order", "grid": f"the {grid} grid", "module_gain": "a gain per module"}
-        raise PlacementError(f"{setting[next(iter(gfa_knobs))]} is GFA's setting; {method} has none")
+    check_method_settings(method, gfa_knobs)
     if module_order is not None:
         order_modules([], module_order)  # raises ValueError naming a bad order
     placement = _place_size(method, named_shapes, anchor, rank, grid)
@@ -159,7 +155,7 @@ def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int, 
 SCALED_METHODS = ("gfa", "lora", "dora")
 """Methods that add their factor product times a scale s, which `scale_rule` sets."""
 METHOD_SETTINGS = {"scale_rule": SCALED_METHODS, "b_lr_ratio": SCALED_METHODS, "module_gain": ("gfa",),
-                   "gradient_init": ("gfa",), "grid": ("gfa",)}
+                   "gradient_init": ("gfa",), "grid": ("gfa",), "module_order": ("gfa",)}
 """Run settings that shape some methods only (`RunConfig` fields), and the methods that have each. A single run
 refuses a setting its method lacks; a sweep of several methods gives each run the settings its method has."""
 
@@ -168,6 +164,16 @@ def setting_owners(name: str) -> str:
     """The start of a refusal of METHOD_SETTINGS' `name`, naming the methods that have it (a run and a sweep each
     say who lacks it)."""
     return f"--{name.replace('_', '-')} is a setting of {', '.join(METHOD_SETTINGS[name])}"
+
+
+def check_method_settings(method: str, settings: Iterable[str]) -> None:
+    """Raise PlacementError for an unknown method, or for a METHOD_SETTINGS name among `settings` (those given a
+    value other than their default) that `method` lacks: it would be recorded and change nothing."""
+    if method not in METHODS:
+        raise PlacementError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    for name in settings:
+        if method not in METHOD_SETTINGS[name]:
+            raise PlacementError(f"{setting_owners(name)}; {method} has none")
 
 
 def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_type: str | None = None,

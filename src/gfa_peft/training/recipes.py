@@ -102,12 +102,13 @@ def default_learning_rate(key: str, method: str, anchor: str | None = None, scal
 
     Raises ValueError when none was tuned (then the run needs an explicit learning rate).
     """
-    rate = learning_rates().get(key, {}).get(rate_entry(method, scale_rule))
-    if isinstance(rate, dict):
-        rate = rate.get(anchor, rate.get(OTHER_ANCHORS))
+    rate = entry = learning_rates().get(key, {}).get(rate_entry(method, scale_rule))
+    if isinstance(entry, dict):
+        rate = entry.get(anchor, entry.get(OTHER_ANCHORS))
     if rate is None:
         rule = "" if scale_rule == "constant" else f" with --scale-rule {scale_rule}"
-        where = "" if anchor is None else f" at anchor {anchor}"
+        where = (f" at anchor {anchor}" if anchor is not None else
+                 f" at an explicit rank (its per-anchor rates have no {OTHER_ANCHORS!r} entry)" if entry else "")
         raise ValueError(f"no tuned learning rate for {method}{rule}{where} under the {key} recipe: give one "
                          "explicitly (--lr)")
     return float(rate)

@@ -80,9 +80,9 @@ from gfa_peft.training.methods import (
     ZERO_SHOT,
     Placement,
     UnreachableAnchor,
+    check_method_settings,
     peft_config,
     place,
-    setting_owners,
 )
 from gfa_peft.tuner.gradient_init import init_from_gradient
 from gfa_peft.training.config import RunConfig, RunConfigError, check_named_choices
@@ -329,9 +329,8 @@ def _check_method_settings(config: RunConfig) -> None:
         raise ValueError(f"--b-lr-ratio must be positive, got {config.b_lr_ratio}")
     if config.gradient_init < 0:
         raise ValueError(f"--gradient-init must be 0 or a number of batches, got {config.gradient_init}")
-    for name, owners in METHOD_SETTINGS.items():
-        if getattr(config, name) != _RUN_DEFAULTS[name] and config.method not in owners:
-            raise ValueError(f"{setting_owners(name)}; {config.method} has none")
+    check_method_settings(config.method, [name for name in METHOD_SETTINGS
+                                          if getattr(config, name) != _RUN_DEFAULTS[name]])
 
 
 def _check_positive(config: RunConfig) -> None:
@@ -418,8 +417,7 @@ def _execute(run: PreparedRun, folder: Path | None, destination: Path, progress:
     train_seconds = time.perf_counter() - trained
 
     evaluated = time.perf_counter()
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.config.dtype == "bfloat16"):
+    with _evaluation_autocast(run, model):
         predictions, labels = _predict(run, model, tokenizer, progress and writes)
     eval_seconds = time.perf_counter() - evaluated
     metrics = {
@@ -606,6 +604,12 @@ def _training_examples(run: PreparedRun, tokenizer: PreTrainedTokenizerBase) -> 
         return examples, DataCollatorWithPadding(tokenizer)
     examples = encode_choice_training(tokenizer, run.data["train"], run.max_length)
     return examples, DataCollatorForSeq2Seq(tokenizer)
+
+
+def _evaluation_autocast(run: PreparedRun, model: nn.Module) -> torch.autocast:
+    """The precision a run is scored in: bfloat16 autocast for a `--dtype bfloat16` run (as it trained), else none."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.config.dtype == "bfloat16")
 
 
 def _predict(run: PreparedRun, model: nn.Module, tokenizer: PreTrainedTokenizerBase,

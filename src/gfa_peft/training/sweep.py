@@ -141,6 +141,9 @@ def plan(spec: SweepSpec, root: Path) -> Plan:
     """Prepare every run of the grid. Cells a method cannot reach (LoRA at "1/2") are left out and listed;
     any other problem raises RunConfigError before anything is trained."""
     _check_tasks_appear_once(spec.tasks)
+    if spec.module_orders and not any(method in METHOD_SETTINGS["module_order"] for method in spec.methods):
+        raise RunConfigError(f"--module-orders orders GFA's modules; none of this sweep's methods "
+                             f"({', '.join(spec.methods)}) has them")
     for name, methods in spec.settings_not_for().items():
         if set(methods) == set(spec.methods):  # it would be recorded and change nothing
             raise RunConfigError(f"{setting_owners(name)}; none of this sweep's methods ({', '.join(spec.methods)}) "
@@ -206,7 +209,7 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
     log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, "
         f"{len(todo)} to run" + (f" ({len(changed)} with changed settings)" if changed else "")
         + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else "")
-        + "".join(f"; {name} is not a setting of {', '.join(methods)}: they run without it"
+        + "".join(f"; --{name.replace('_', '-')} is not a setting of {', '.join(methods)}: they run without it"
                   for name, methods in spec.settings_not_for().items()))
     for number, (run, folder) in enumerate(todo, 1):
         if _finished_as_asked(run, folder):  # by another process meanwhile
@@ -374,7 +377,8 @@ def _variant(cell: dict[str, Any]) -> tuple:
 def choose_learning_rates(cells: Sequence[dict[str, Any]], per_anchor: bool = False, rule: str = "dev",
                           band: float = PAPER_TIE_BAND) -> dict[str, dict[str, Any]]:
     """Each method's learning rate by `rule` over the tasks and anchors (each anchor on its own with `per_anchor`:
-    then the method's "lr" maps anchor labels to rates, and "by_anchor" holds each anchor's choice), ties to the
+    then the method's "lr" maps anchor labels to rates, and "by_anchor" holds each anchor's choice; full
+    fine-tuning, which has no anchor, keeps one rate), ties to the
     smaller rate, with every rate's mean accuracy and final loss beside it.
 
     The rates are compared on the cells (task, anchor, module order) that every one of them was tried on: a
@@ -385,16 +389,16 @@ def choose_learning_rates(cells: Sequence[dict[str, Any]], per_anchor: bool = Fa
         raise ValueError(f"unknown rule {rule!r} for choosing a learning rate; known: {', '.join(LR_CHOICE_RULES)}")
     groups: dict[tuple[str, str | None], dict[float, dict[tuple, dict[str, Any]]]] = {}
     for cell in cells:
-        group = (cell["method"], cell["anchor"] if per_anchor else None)
+        group = (cell["method"], cell["anchor"] if per_anchor and cell["method"] not in UNANCHORED else None)
         groups.setdefault(group, {}).setdefault(cell["lr"], {})[_variant(cell)] = cell
     choices: dict[str, dict[str, Any]] = {}
     for (method, anchor), by_lr in groups.items():
         choice = _choose(by_lr, rule, band)
-        if per_anchor:
+        if anchor is None:  # one rate for the method (always so for full fine-tuning, which has no anchor)
+            choices[method] = choice
+        else:
             entry = choices.setdefault(method, {"lr": {}, "by_anchor": {}})
             entry["lr"][anchor], entry["by_anchor"][anchor] = choice["lr"], choice
-        else:
-            choices[method] = choice
     return choices
 
 
