@@ -60,7 +60,7 @@ def test_plan_measures_the_four_methods_together_at_each_batch_size():
         [("base", None, batch), ("lora", 4, batch), ("gfa", gfa_rank, batch), ("gfa-merged", gfa_rank, batch)]
         for batch in (1, 8)
     ]
-    specs = [InferenceSettings(new_tokens=7, prompt_len=5).worker_spec(run) for run in groups[1]]
+    specs = [bench.worker_spec(run, InferenceSettings(new_tokens=7, prompt_len=5)) for run in groups[1]]
     assert {(spec.task, spec.new_tokens, spec.seq_len, spec.batch_size) for spec in specs} == {("generate", 7, 5, 8)}
 
 

@@ -43,7 +43,7 @@ from gfa_peft.bench.settings import (
     Settings,
 )
 from gfa_peft.bench.shapes import SCOPES, BenchShapes
-from gfa_peft.bench.worker import DTYPES, WorkerHandle
+from gfa_peft.bench.worker import DTYPES, WorkerHandle, WorkerSpec
 from gfa_peft.targets import target_shapes
 
 REFERENCE = "lora"
@@ -186,12 +186,18 @@ def rounds(settings: Settings) -> int:
     return settings.warmup + 1 + settings.steps
 
 
+def worker_spec(run: Run, settings: Settings) -> WorkerSpec:
+    """The worker process that measures `run` under `settings`."""
+    return WorkerSpec(run.shapes, run.scope, run.method, run.rank, run.batch_size, device=settings.device,
+                      dtype=settings.dtype, threads=settings.threads, seed=settings.seed, **settings.workload())
+
+
 def measure_group(runs: Sequence[Run], settings: Settings, log_dir: Path, on_step=lambda: None) -> list[dict]:
     """Run the group's workers side by side in alternating rounds; one record per run (ratios not yet added)."""
     workers = []
     try:
         for index, run in enumerate(runs):
-            workers.append(WorkerHandle(settings.worker_spec(run), log_dir / f"{index}-{run.method}.log"))
+            workers.append(WorkerHandle(worker_spec(run, settings), log_dir / f"{index}-{run.method}.log"))
         ready = [worker.receive("ready") for worker in workers]
         memory: list[dict] = [{} for _ in runs]
         timings: list[list[dict]] = [[] for _ in runs]

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from gfa_peft.bench.shapes import SCOPES, SHAPES, BenchShapes
-
-if TYPE_CHECKING:
-    from gfa_peft.bench.plan import Run
-    from gfa_peft.bench.worker import WorkerSpec
 
 BENCH_METHODS = ("gfa", "lora", "dora", "floor")
 """The default methods: the paper's Table 1 methods (named as in `training.methods.METHODS`) and the floor."""
@@ -68,11 +64,9 @@ class BenchSettings(_Measurement):
     def batch_sizes(self) -> tuple[int, ...]:
         return (self.batch_size,)
 
-    def worker_spec(self, run: Run) -> WorkerSpec:
-        from gfa_peft.bench.worker import WorkerSpec  # torch loads once a benchmark runs
-
-        return WorkerSpec(run.shapes, run.scope, run.method, run.rank, run.batch_size, self.seq_len, self.device,
-                          self.dtype, self.threads, self.seed)
+    def workload(self) -> dict[str, Any]:
+        """What a worker does each step, as `bench.worker.WorkerSpec` fields: train on `seq_len`-token sequences."""
+        return {"seq_len": self.seq_len}
 
     def lower_bounds(self) -> list[tuple[str, int, int]]:
         return [*super().lower_bounds(), ("batch size", self.batch_size, 1), ("sequence length", self.seq_len, 2)]
@@ -94,11 +88,9 @@ class InferenceSettings(_Measurement):
     prompt_len: int = 16
     new_tokens: int = 24
 
-    def worker_spec(self, run: Run) -> WorkerSpec:
-        from gfa_peft.bench.worker import WorkerSpec
-
-        return WorkerSpec(run.shapes, run.scope, run.method, run.rank, run.batch_size, self.prompt_len, self.device,
-                          self.dtype, self.threads, self.seed, task="generate", new_tokens=self.new_tokens)
+    def workload(self) -> dict[str, Any]:
+        """What a worker does each step, as `bench.worker.WorkerSpec` fields: generate after a prompt."""
+        return {"seq_len": self.prompt_len, "task": "generate", "new_tokens": self.new_tokens}
 
     def lower_bounds(self) -> list[tuple[str, int, int]]:
         return [*super().lower_bounds(), ("prompt length", self.prompt_len, 1), ("new tokens", self.new_tokens, 2),
