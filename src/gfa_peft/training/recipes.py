@@ -110,7 +110,7 @@ def default_learning_rate(key: str, method: str, anchor: str | None = None, scal
         where = (f" at anchor {anchor}" if anchor is not None else
                  f" at an explicit rank (its per-anchor rates have no {OTHER_ANCHORS!r} entry)" if entry else "")
         raise ValueError(f"no tuned learning rate for {method}{rule}{where} under the {key} recipe: give one "
-                         "explicitly (--lr)")
+                         "explicitly (--lr; --lrs in a sweep)")
     return float(rate)
 
 
