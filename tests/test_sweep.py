@@ -486,7 +486,7 @@ def test_each_method_of_a_mixed_sweep_takes_the_method_settings_it_has():
     settings = {config.method: (config.module_gain, config.scale_rule, config.grid, config.steps)
                 for config in grid.configs()}
     assert settings == {"gfa": (True, "rsqrt", "aligned", 2), "lora": (False, "rsqrt", "square", 2),
-                        "vera": (False, "constant", "square", 2)}
+                        "vera": (False, "auto", "square", 2)}  # the defaults: VeRA has no scale to set
     assert grid.settings_not_for() == {"scale_rule": ["vera"], "module_gain": ["lora", "vera"],
                                        "grid": ["lora", "vera"]}
     assert SweepSpec(methods=("gfa",), settings={"module_gain": True}).settings_not_for() == {}

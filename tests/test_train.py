@@ -33,7 +33,7 @@ from gfa_peft.training.evaluation import (
 )
 from gfa_peft.data.tasks import load_task
 from gfa_peft.training.recipes import SHIPPED_LEARNING_RATES
-from gfa_peft.training.run import RunConfig, RunConfigError, is_finished, prepare, train
+from gfa_peft.training.run import RunConfig, RunConfigError, changed_settings, is_finished, prepare, run_record, train
 from gfa_peft.layout import order_modules
 from tiny_assets import sentiment_rows
 
@@ -174,6 +174,30 @@ def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch
     assert prepare(config(cache, method="gfa", anchor="1", **levers)).name == \
         "gfa-1-s0-lr0.01-rsqrt-blr4-ginit2-gain"
     assert prepare(config(cache, method="lora", anchor="1", scale_rule="rsqrt")).name == "lora-1-s0-lr0.01-rsqrt"
+
+
+def test_auto_scale_rule_is_the_methods_own_and_the_record_holds_the_rule_itself(cache, tmp_path, monkeypatch):
+    from gfa_peft import GfaConfig
+    from gfa_peft.defaults import SCALE_RULES
+    from gfa_peft.training import methods
+    from gfa_peft.training.config import NAMED_CHOICES
+
+    assert NAMED_CHOICES["scale_rule"] == (methods.AUTO_SCALE_RULE, *SCALE_RULES)  # the flag offers GfaConfig's rules
+    assert prepare(config(cache, method="gfa", anchor="1")).scale_rule == GfaConfig(r=1).scale_rule
+    assert prepare(config(cache, method="lora", anchor="1")).scale_rule == "constant"
+    explicit = config(cache, method="gfa", anchor="1", scale_rule=GfaConfig(r=1).scale_rule)
+    train(explicit, tmp_path / "explicit", progress=False)
+    auto = prepare(config(cache, method="gfa", anchor="1"))
+    assert auto.name == prepare(explicit).name  # the same run (so the same folder), and it resumes:
+    assert changed_settings(auto, tmp_path / "explicit") == []
+    # GFA's default is GfaConfig's: the day it changes, `gfa train` follows (name, adapter, rate), LoRA does not
+    monkeypatch.setattr(methods, "GFA_SCALE_RULE", "rsqrt")
+    monkeypatch.setenv("GFA_CACHE", str(tmp_path / "home"))
+    flipped = prepare(config(cache, method="gfa", anchor="1", lr=None))
+    shipped = json.loads(SHIPPED_LEARNING_RATES.read_text())["minilm"]
+    assert flipped.name.endswith("-rsqrt") and flipped.lr == shipped["gfa:rsqrt"]
+    assert run_record(flipped)["config"]["scale_rule"] == "rsqrt"
+    assert prepare(config(cache, method="lora", anchor="1")).scale_rule == "constant"
 
 
 def test_a_run_without_a_rate_takes_the_one_tuned_under_its_scale_rule(cache, tmp_path, monkeypatch):

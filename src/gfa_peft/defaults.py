@@ -28,6 +28,14 @@ DEFAULT_GRID_POINTS = 40
 """The lens: points of the default log-spaced budget grid."""
 
 
+SCALE_RULES = ("constant", "rsqrt")
+"""How a factor product is scaled: s = scale (GFA's paper setting; LoRA's lora_alpha = r), or s = scale / sqrt(r)
+(rsLoRA's rule), under which an Adam step moves the update by an amount that does not grow with the rank."""
+
+GFA_SCALE_RULE = "constant"
+"""GfaConfig's default scale rule, and so the rule `gfa train` trains GFA under unless told (LoRA and DoRA train
+under constant, lora_alpha = r, unless told)."""
+
 LR_CHOICE_RULES = ("dev", "loss")
 """How `gfa tune` picks a rate: the best dev accuracy, or the lowest final training loss among the rates whose dev
 accuracy is within the tie band of the best (docs/study.md: 100 dev questions a task cannot rank two close rates)."""

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gfa_peft.data.tasks import MIXTURE_JOIN, TASKS  # datasets and torch load once tuning runs
     from gfa_peft.training.config import RunConfig
-    from gfa_peft.training.methods import ZERO_SHOT
+    from gfa_peft.training.methods import ZERO_SHOT, scale_rule_of
     from gfa_peft.training.sweep import choose_learning_rates
 
     spec = spec_from_args(args, eval_split="dev")
@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     for note in edge_notes(choices) + unshared_notes(choices):
         print(note)
     if args.save_defaults:  # this command's methods: their runs in OUT all had this command's settings
-        tuned = {rate_entry(method, RunConfig(**spec.own_settings(method)).scale_rule): choices[method]["lr"]
-                 for method in spec.methods}
+        tuned = {rate_entry(method, scale_rule_of(method, RunConfig(**spec.own_settings(method)).scale_rule)):
+                 choices[method]["lr"] for method in spec.methods}
         path = save_learning_rates(key, tuned)
         print(f"saved {', '.join(tuned)} as the {key} recipe's defaults in {path}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from gfa_peft.defaults import GFA_SCALE_RULE
 from gfa_peft.training.recipes import recipe_defaults
 
 
@@ -93,10 +94,11 @@ class RunConfig:
         "multiple choice: a choice's score, its summed token log-likelihood (sum, lm-eval's acc) or that sum over "
         "the choice's length in characters (per-char, lm-eval's acc_norm: long answers are not penalised for their "
         "length) or UTF-8 bytes (per-byte, acc_bytes)", "sum", metavar="SCORE")
-    scale_rule: Literal["constant", "rsqrt"] = _knob(
+    scale_rule: Literal["auto", "constant", "rsqrt"] = _knob(
         "gfa, lora, dora: the scale s of the factor product: constant (s = 1: GFA's paper setting, LoRA's "
         "lora_alpha = r) or rsqrt (s = 1/sqrt(r): GFA's scale_rule='rsqrt', rsLoRA with lora_alpha = 1), under which "
-        "an Adam step moves the update by an amount that does not grow with the rank", "constant", metavar="RULE")
+        "an Adam step moves the update by an amount that does not grow with the rank; auto: the method's own (GFA: "
+        f"GfaConfig's default, {GFA_SCALE_RULE}; LoRA, DoRA: constant)", "auto", metavar="RULE")
     b_lr_ratio: float = _knob(
         "gfa, lora, dora: the B factor's learning rate over the others' (LoRA+; 1 trains all at --lr)", 1.0,
         metavar="RATIO")

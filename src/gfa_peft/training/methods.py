@@ -34,6 +34,7 @@ from gfa_peft.analysis.budget import (
     rank_anchors,
     vera_params,
 )
+from gfa_peft.defaults import GFA_SCALE_RULE
 from gfa_peft.layout import ModuleOrder, check_grid, order_modules
 from gfa_peft.tuner import GfaConfig
 
@@ -154,6 +155,16 @@ def _at_rank(method: str, named_shapes: Sequence[tuple[str, Shape]], rank: int, 
 
 SCALED_METHODS = ("gfa", "lora", "dora")
 """Methods that add their factor product times a scale s, which `scale_rule` sets."""
+AUTO_SCALE_RULE = "auto"
+"""A run's scale rule when none is asked for: the method's own (`scale_rule_of`)."""
+
+
+def scale_rule_of(method: str, asked: str = AUTO_SCALE_RULE) -> str:
+    """The scale rule a run of `method` trains under: the one `asked`, or for "auto" the method's own: GFA's
+    GfaConfig default, constant for LoRA and DoRA (lora_alpha = r) and for the methods without a scale."""
+    if asked != AUTO_SCALE_RULE:
+        return asked
+    return GFA_SCALE_RULE if method == "gfa" else "constant"
 METHOD_SETTINGS = {"scale_rule": SCALED_METHODS, "b_lr_ratio": SCALED_METHODS, "module_gain": ("gfa",),
                    "gradient_init": ("gfa",), "grid": ("gfa",), "module_order": ("gfa",)}
 """Run settings that shape some methods only (`RunConfig` fields), and the methods that have each. A single run
@@ -177,7 +188,7 @@ def check_method_settings(method: str, settings: Iterable[str]) -> None:
 
 
 def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_type: str | None = None,
-                zero_update: bool = True, scale_rule: str = "constant") -> PeftConfig:
+                zero_update: bool = True, scale_rule: str = AUTO_SCALE_RULE) -> PeftConfig:
     """The PEFT config that trains `method` at size `knobs` (a `Placement`'s) on `targets`.
 
     The one mapping from this package's method names to PEFT configs, used by training and by `gfa bench`.
@@ -185,11 +196,13 @@ def peft_config(method: str, knobs: dict, targets: str | Sequence[str], task_typ
     the start: the inference bench's adapters, whose cost no shortcut for a zero update may hide.
     `scale_rule` (GFA, LoRA, DoRA): "constant" adds the factor product unscaled (s = 1: GFA's scale 1, LoRA's
     lora_alpha = r); "rsqrt" scales it by s = 1 / sqrt(r) (GFA's scale_rule="rsqrt", rsLoRA with lora_alpha = 1),
-    the same rule for every method so that none gets a step-size freedom the others lack.
+    the same rule for every method so that none gets a step-size freedom the others lack; "auto" is the method's
+    own (`scale_rule_of`).
     Not defined for the unanchored methods, which use no adapter.
     """
     target_modules = targets if isinstance(targets, str) else list(targets)
     common = {"target_modules": target_modules, "task_type": task_type}
+    scale_rule = scale_rule_of(method, scale_rule)
     if scale_rule != "constant" and method not in SCALED_METHODS:
         raise ValueError(f"scale rule {scale_rule!r} applies to {', '.join(SCALED_METHODS)}; {method} has no scale")
     if method == "gfa":

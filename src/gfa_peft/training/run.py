@@ -83,6 +83,7 @@ from gfa_peft.training.methods import (
     check_method_settings,
     peft_config,
     place,
+    scale_rule_of,
 )
 from gfa_peft.tuner.gradient_init import init_from_gradient
 from gfa_peft.training.config import RunConfig, RunConfigError, check_named_choices
@@ -133,6 +134,11 @@ class PreparedRun:
         return self.task.kind
 
     @property
+    def scale_rule(self) -> str:
+        """The scale rule the run trains under (`methods.scale_rule_of`: "auto" is the method's own)."""
+        return scale_rule_of(self.config.method, self.config.scale_rule)
+
+    @property
     def name(self) -> str:
         """The run folder's name: method, size, seed, and what differs from a default run."""
         parts = [self.config.method] + ([self.placement.label] if self.config.method not in UNANCHORED else [])
@@ -151,8 +157,8 @@ class PreparedRun:
             parts.append(self.config.dtype)
         if self.config.choice_score != "sum":
             parts.append(self.config.choice_score)
-        if self.config.scale_rule != "constant":
-            parts.append(self.config.scale_rule)
+        if self.scale_rule != "constant":
+            parts.append(self.scale_rule)
         if self.config.b_lr_ratio != 1:
             parts.append(f"blr{self.config.b_lr_ratio:g}")
         if self.config.gradient_init:
@@ -228,8 +234,9 @@ def _prepare(config: RunConfig) -> PreparedRun:
     recipe = RECIPES[key]
     batch_size = config.batch_size or recipe.batch_size
     per_rank_batch(batch_size, launched_world_size())  # raises on every rank when the processes cannot share it
+    scale_rule = scale_rule_of(config.method, config.scale_rule)
     lr = (0.0 if not trains else config.lr if config.lr is not None
-          else default_learning_rate(key, config.method, config.anchor, config.scale_rule))
+          else default_learning_rate(key, config.method, config.anchor, scale_rule))
     return PreparedRun(
         config=config, task=task, data=data, eval_task=eval_task, eval_data=eval_data, model_dir=model_dir,
         recipe=key, targets=targets, placement=placement,
@@ -578,7 +585,7 @@ def _build_model(run: PreparedRun, tokenizer: PreTrainedTokenizerBase) -> nn.Mod
     if run.config.method != "full":
         task_type = "SEQ_CLS" if run.kind == "classification" else "CAUSAL_LM"
         return get_peft_model(model, peft_config(run.placement.method, run.placement.knobs, run.targets, task_type,
-                                                 scale_rule=run.config.scale_rule))
+                                                 scale_rule=run.scale_rule))
     model.requires_grad_(False)
     for _, module in find_targets(model, run.targets):
         module.weight.requires_grad_(True)
@@ -648,7 +655,8 @@ def _versions() -> dict[str, str]:
 
 def run_record(run: PreparedRun) -> dict[str, Any]:
     """What config.json records: the RunConfig and everything resolved from it."""
-    return {"config": asdict(run.config), "resolved": run.resolved()}
+    # the rule itself, not "auto": what "auto" means may change with GfaConfig's default, what the run did may not
+    return {"config": {**asdict(run.config), "scale_rule": run.scale_rule}, "resolved": run.resolved()}
 
 
 NOT_SETTINGS = {"config": ("cache",), "resolved": ("model_dir", "versions")}

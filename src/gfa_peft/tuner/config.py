@@ -9,13 +9,13 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from gfa_peft.defaults import GFA_SCALE_RULE, SCALE_RULES
 from gfa_peft.layout import GRIDS, order_modules
 from gfa_peft.tuner.card import write_card
 from gfa_peft.tuner.checkpoint import check_adapter_file
 from gfa_peft.internals import add_peft_type
 
 GFA_PEFT_TYPE = add_peft_type("GFA")
-SCALE_RULES = ("constant", "rsqrt")
 
 
 @dataclass
@@ -41,7 +41,7 @@ class GfaConfig(PeftConfig):
     )
     scale: float = field(default=1.0, metadata={"help": "The paper's s: each module adds scale * its slice of BA."})
     scale_rule: str = field(
-        default="constant",
+        default=GFA_SCALE_RULE,
         metadata={
             "help": "'constant': s = scale (the paper). 'rsqrt': s = scale / sqrt(r) (rsLoRA's rule): an Adam step "
             "then moves the update by an amount that does not grow with r, so one learning rate can serve every rank."
