@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import json
 import os
 import subprocess
@@ -18,6 +16,7 @@ from safetensors.torch import load_file
 
 from gfa_peft import GfaConfig, factors, layout_of
 from gfa_peft.cli import main
+from references import reference_scale
 from toy_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,8 +52,7 @@ def dense_updates(model) -> dict[str, torch.Tensor]:
     """Each module's update from the whole m x k product (no slicing code of the package), in float64."""
     B, A = factors(model)
     layout, config = layout_of(model), model.peft_config["default"]
-    scale = config.scale / math.sqrt(config.r) if config.scale_rule == "rsqrt" else config.scale
-    flat = scale * (B.detach().double() @ A.detach().double()).reshape(-1)
+    flat = reference_scale(config) * (B.detach().double() @ A.detach().double()).reshape(-1)
     gains = model.base_model.gfa_gain["default"].weight.detach().double() if config.module_gain else [1.0] * len(layout.modules)
     return {piece.name: gain * flat[piece.offset : piece.offset + piece.numel].reshape(piece.shape)
             for piece, gain in zip(layout.modules, gains)}

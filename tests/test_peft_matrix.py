@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 import gfa_peft
 from gfa_peft import GfaConfig, GfaLayer
+from references import reference_scale
 from toy_models import CASES, Case
 
 IDS = [case.name for case in CASES]
@@ -46,7 +47,7 @@ def dense_reference_deltas(model, adapter_name="default") -> dict[str, torch.Ten
     scale and the module's gain."""
     B, A = gfa_peft.factors(model, adapter_name)
     layout = gfa_peft.layout_of(model, adapter_name)
-    scale = model.peft_config[adapter_name].scale
+    scale = reference_scale(model.peft_config[adapter_name])
     flat = (B @ A).detach().reshape(-1)
     return {piece.name: scale * gain * flat[piece.offset : piece.offset + piece.numel].view(piece.shape)
             for piece, gain in zip(layout.modules, gains_of(model, adapter_name))}

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 
 import gfa_peft
 from gfa_peft import GfaConfig, GfaLayer
+from references import reference_scale
 from toy_models import token_batch
 
 pytest.importorskip("bitsandbytes")
@@ -49,7 +50,7 @@ def dense_reference_logits(model, ids):
     """Logits of the quantized base plus each module's update, formed densely from the full B A."""
     B, A = gfa_peft.factors(model)
     layout = gfa_peft.layout_of(model)
-    flat = model.peft_config["default"].scale * (B @ A).reshape(-1)
+    flat = reference_scale(model.peft_config["default"]) * (B @ A).reshape(-1)
     hooks = []
     for name, module in model.base_model.model.named_modules():
         if isinstance(module, GfaLayer):

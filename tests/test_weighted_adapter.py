@@ -10,6 +10,7 @@ from peft import get_peft_model
 
 import gfa_peft
 from gfa_peft import GfaConfig, GfaLayer
+from references import reference_scale
 from test_peft_matrix import apply_deltas, dense_reference_deltas
 from toy_models import CASES
 
@@ -35,7 +36,7 @@ ADAPTERS, WEIGHTS = ["default", "b", "c"], [0.7, -1.5, 0.3]
 def dense_product(model, adapter_name) -> torch.Tensor:
     """scale * B A, densely: the m x k matrix whose slices the modules add."""
     B, A = gfa_peft.factors(model, adapter_name)
-    return model.peft_config[adapter_name].scale * (B.double() @ A.double()).detach()
+    return reference_scale(model.peft_config[adapter_name]) * (B.double() @ A.double()).detach()
 
 
 def test_cat_is_the_exact_weighted_sum_of_updates():
