@@ -32,6 +32,7 @@ from gfa_peft.training import run as run_module
 from gfa_peft.training import sweep as sweep_module
 from gfa_peft.training.run import is_finished
 from gfa_peft.training.sweep import ChangedRunsError, SweepSpec, run_sweep
+from references import GFA_RULE_SUFFIX
 from toy_models import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -335,15 +336,16 @@ def test_a_sweep_with_other_settings_names_the_changed_runs_and_stops(cache, fin
     before = tree(root)
     trained = []
     monkeypatch.setattr(sweep_module, "execute", lambda *args: trained.append(args[1]))
-    with pytest.raises(ChangedRunsError, match=r"rt/gfa-1-s0-lr0.01 \(steps: 2 -> 3.*--rerun-changed"):
+    changed = rf"rt/gfa-1-s0-lr0.01{GFA_RULE_SUFFIX} \(steps: 2 -> 3.*--rerun-changed"
+    with pytest.raises(ChangedRunsError, match=changed):
         run_sweep(sweep_spec(cache, steps=3), root, progress=False, log=lambda message: None)
     assert trained == [] and tree(root) == before
 
     monkeypatch.undo()
     run_sweep(sweep_spec(cache, steps=3), root, progress=False, log=lambda message: None, rerun_changed=True)
-    record = json.loads((root / "rt" / "gfa-1-s0-lr0.01" / "config.json").read_text())
+    record = json.loads((root / "rt" / f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}" / "config.json").read_text())
     assert record["resolved"]["steps"] == 3
-    assert json.loads((root / "rt" / "gfa-1-s0-lr0.01" / "metrics.json").read_text())["steps"] == 3
+    assert json.loads((root / "rt" / f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}" / "metrics.json").read_text())["steps"] == 3
 
 
 def test_the_sweep_command_refuses_changed_runs_in_one_line(cache, finished_sweep, tmp_path, capsys):
@@ -359,14 +361,14 @@ def test_the_sweep_command_refuses_changed_runs_in_one_line(cache, finished_swee
 def test_an_empty_metrics_file_is_not_a_finished_run(cache, finished_sweep, tmp_path, monkeypatch):
     root = tmp_path / "sweep"
     shutil.copytree(finished_sweep, root)
-    folder = root / "rt" / "gfa-1-s0-lr0.01"
+    folder = root / "rt" / f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}"
     (folder / "metrics.json").write_text("")
     assert not is_finished(folder)
     trained = []
     original = sweep_module.execute
     monkeypatch.setattr(sweep_module, "execute", lambda *args: trained.append(args[1].name) or original(*args))
     summary = run_sweep(sweep_spec(cache), root, progress=False, log=lambda message: None)
-    assert trained == ["gfa-1-s0-lr0.01"] and is_finished(folder) and summary["cells"][0]["n"] == 1
+    assert trained == [f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}"] and is_finished(folder) and summary["cells"][0]["n"] == 1
 
 
 # ---------------------------------------------------------------- 7. gfa inspect on hostile files
@@ -586,7 +588,7 @@ def test_plot_and_saved_deltas_replace_only_files_of_their_own(saved_llama_adapt
 
 def test_records_hold_no_absolute_path_and_older_records_with_one_still_resume(cache, finished_sweep, tmp_path,
                                                                                monkeypatch):
-    run = finished_sweep / "rt" / "gfa-1-s0-lr0.01"
+    run = finished_sweep / "rt" / f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}"
     assert json.loads((run / "config.json").read_text())["resolved"]["model_dir"] == "models/minilm"
     assert json.loads((finished_sweep / "results.json").read_text())["figure"] == "accuracy_vs_params.png"
     assert str(tmp_path.parent) not in (finished_sweep / "results.json").read_text()

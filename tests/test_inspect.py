@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from references import reference_scale
 from toy_models import CASES, MLP
 
 from gfa_peft import GfaConfig, delta_weights, factors, layout_of
@@ -150,8 +151,9 @@ def test_saved_adapter_report_matches_the_live_model(case, module_gain, tmp_path
     layout = layout_of(model)
     assert [module["name"] for module in record["modules"]] == layout.names
     assert [module["shape"] for module in record["modules"]] == [list(piece.shape) for piece in layout.modules]
+    s = reference_scale(model.peft_config["default"])
     assert (record["N"], record["d"], record["m"], record["k"], record["padding"], record["r"], record["scale"]) == (
-        len(layout.modules), layout.d, layout.m, layout.k, layout.padding, 2, 1.5)
+        len(layout.modules), layout.d, layout.m, layout.k, layout.padding, 2, s)
     for module, (name, delta) in zip(record["modules"], delta_weights(model).items(), strict=True):
         matrix = delta.double().reshape(delta.shape[0], -1)  # rank and norms do not see Conv1D's transpose
         assert module["name"] == name

@@ -253,7 +253,7 @@ def _card(folder: Path) -> str:
 
 def test_the_saved_card_says_gfa_its_layout_its_count_and_how_to_load_it(tmp_path):
     torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), GfaConfig(r=3, task_type="CAUSAL_LM"))
+    model = get_peft_model(tiny_llama(), GfaConfig(r=3, task_type="CAUSAL_LM", scale_rule="constant"))
     model.add_adapter("second", GfaConfig(r=4, target_modules=["o_proj"], task_type="CAUSAL_LM", scale_rule="rsqrt",
                                           grid="aligned", module_gain=True))
     model.save_pretrained(tmp_path)

@@ -6,6 +6,7 @@ rule must give, the learning rate each optimizer group must hold."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from gfa_peft.layout import build_layout
 from gfa_peft.training.methods import PlacementError, peft_config, place
 from gfa_peft.tuner.gradient_init import init_from_gradient
 from gfa_peft.tuner.layer import GfaLayer
+from references import reference_scale
 from toy_models import MLP, SharedWidth
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,9 +47,10 @@ def _dense_gradient(model, batches) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(layout.padding)]).view(layout.m, layout.k)
 
 
+@pytest.mark.parametrize("scale_rule", ["constant", "rsqrt"])
 @pytest.mark.parametrize("power_iterations", [0, 1])
-def test_gradient_init_gives_the_top_right_singular_vectors_of_the_dense_gradient(power_iterations):
-    model = _toy(r=3)
+def test_gradient_init_gives_the_top_right_singular_vectors_of_the_dense_gradient(power_iterations, scale_rule):
+    model = _toy(r=3, scale_rule=scale_rule)
     batches = _batches()
     for parameter in model.base_model.model.parameters():
         parameter.requires_grad_(True)  # only so the dense reference can read the base weights' gradients
@@ -82,7 +85,8 @@ def test_gradient_init_factors_are_the_ones_the_layers_use():
 
 @pytest.mark.parametrize("rank", [1, 4, 9])
 def test_rsqrt_scale_rule_scales_every_slice_by_one_over_sqrt_r(rank):
-    constant, rsqrt = _toy(r=rank, init_weights=False), _toy(r=rank, init_weights=False, scale_rule="rsqrt")
+    constant = _toy(r=rank, init_weights=False, scale_rule="constant")
+    rsqrt = _toy(r=rank, init_weights=False, scale_rule="rsqrt")
     for name, delta in delta_weights(constant).items():
         torch.testing.assert_close(delta_weights(rsqrt)[name], delta / math.sqrt(rank), rtol=1e-12, atol=0)
     x = torch.randn(4, 10, dtype=torch.float64)
@@ -95,6 +99,21 @@ def test_scale_rule_is_saved_and_refused_when_unknown(tmp_path):
     assert GfaConfig.from_pretrained(str(tmp_path)).scale_rule == "rsqrt"
     with pytest.raises(ValueError, match="scale_rule must be one of constant, rsqrt"):
         GfaConfig(r=2, scale_rule="sqrt")
+
+
+def test_an_adapter_saved_before_scale_rules_existed_loads_with_the_update_it_was_trained_with(tmp_path):
+    """Such a config has no scale_rule field: it trained with s = scale, so it loads as "constant" whatever
+    GfaConfig's default is now."""
+    model = _toy(r=4, init_weights=False, scale_rule="constant")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    del saved["scale_rule"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(MLP().double(), tmp_path)
+    assert loaded.peft_config["default"].scale_rule == "constant"
+    for name, delta in delta_weights(model).items():
+        torch.testing.assert_close(delta_weights(loaded)[name], delta, rtol=1e-12, atol=0)
 
 
 def test_weighted_adapter_of_rsqrt_adapters_keeps_their_update():
@@ -195,9 +214,9 @@ def test_gain_gradients_match_autograd_through_the_dense_update():
 
     leaves = [tensor.detach().clone().requires_grad_() for tensor in (B, A, gains)]
     flat = (leaves[0] @ leaves[1]).reshape(-1)
-    base = model.base_model.model
+    base, scale = model.base_model.model, reference_scale(model.peft_config["default"])
     weights = {f"{piece.name}.base_layer.weight": base.get_submodule(piece.name).base_layer.weight
-               + leaves[2][index] * flat[piece.offset : piece.offset + piece.numel].view(piece.shape)
+               + scale * leaves[2][index] * flat[piece.offset : piece.offset + piece.numel].view(piece.shape)
                for index, piece in enumerate(layout.modules)}
     with model.disable_adapter():
         reference = torch.func.functional_call(base, weights, (x,))

@@ -18,7 +18,9 @@ import pytest
 from gfa_peft.cli import main
 from gfa_peft.defaults import LR_CHOICE_RULES
 from gfa_peft.io.files import folder_lock
+from gfa_peft.training import methods
 from gfa_peft.training import sweep as sweep_module
+from gfa_peft.training.methods import scale_rule_of
 from gfa_peft.training.recipes import SHIPPED_LEARNING_RATES
 from gfa_peft.training.sweep import (
     PAPER_TIE_BAND,
@@ -32,6 +34,7 @@ from gfa_peft.training.sweep import (
     verdicts,
 )
 from gfa_peft.training.run import RunConfigError, is_finished
+from references import GFA_RULE_SUFFIX
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +56,7 @@ def test_cells_carry_the_seeds_mean_final_training_loss(cache, tmp_path):
     (cell,) = summary["cells"]
     finals = []
     for seed in (0, 1):
-        log = json.loads((root / "rt" / f"gfa-1-s{seed}-lr0.01" / "train_log.json").read_text())
+        log = json.loads((root / "rt" / f"gfa-1-s{seed}-lr0.01{GFA_RULE_SUFFIX}" / "train_log.json").read_text())
         losses = [entry["loss"] for entry in log if "loss" in entry]
         assert len(losses) == 7
         finals.append(statistics.fmean(losses[-5:]))
@@ -68,7 +71,9 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_redoes_unfinished_ones(cach
     summary = run_sweep(spec(cache), root, progress=False, log=lambda message: None)
     folders = sorted(path.relative_to(root).as_posix() for path in root.glob("rt/*"))
     # LoRA cannot reach 1/2: gfa at 1/2 and 1, lora at 1, two seeds each
-    assert folders == [f"rt/{name}-s{seed}-lr0.01" for name in ("gfa-1", "gfa-1_2", "lora-1") for seed in (0, 1)]
+    # GFA trains under its own rule, s = 1/sqrt(r), which its runs' names say
+    named = (("gfa-1", GFA_RULE_SUFFIX), ("gfa-1_2", GFA_RULE_SUFFIX), ("lora-1", ""))  # a GFA run names its rule
+    assert folders == [f"rt/{name}-s{seed}-lr0.01{rule}" for name, rule in named for seed in (0, 1)]
     assert all(is_finished(root / folder) for folder in folders)
     for name in ("results.json", "results.csv", "accuracy_vs_params.png", "sweep.json"):
         assert (root / name).stat().st_size > 0
@@ -325,9 +330,8 @@ def test_per_anchor_choices_pick_a_rate_for_each_anchor():
 def test_module_orders_multiply_only_the_gfa_runs(cache, tmp_path):
     grid = spec(cache, module_orders=("model", "by_name", "7"), seeds=(0,))
     names = sorted(run.name for run, _ in sweep_module.plan(grid, tmp_path).runs)
-    assert names == sorted(["gfa-1_2-s0-order-model-lr0.01", "gfa-1_2-s0-order-by_name-lr0.01",
-                            "gfa-1_2-s0-order-7-lr0.01", "gfa-1-s0-order-model-lr0.01",
-                            "gfa-1-s0-order-by_name-lr0.01", "gfa-1-s0-order-7-lr0.01", "lora-1-s0-lr0.01"])
+    assert names == sorted([f"gfa-{anchor}-s0-order-{order}-lr0.01{GFA_RULE_SUFFIX}" for anchor in ("1_2", "1")
+                            for order in ("model", "by_name", "7")] + ["lora-1-s0-lr0.01"])
 
 
 def test_module_orders_without_gfa_are_refused(cache, tmp_path):
@@ -390,23 +394,24 @@ def test_a_run_another_process_is_training_is_left_to_it(cache, tmp_path, monkey
     root = tmp_path / "sweep"
     grid = spec(cache, seeds=(0,))
     run_sweep(replace(grid, methods=("lora",)), root, progress=False, log=lambda message: None)
-    taken = root / "rt" / "gfa-1-s0-lr0.01"
+    taken = root / "rt" / f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}"
     messages = []
     with folder_lock(taken):  # as another `gfa sweep` training that run
         summary = run_sweep(grid, root, progress=False, log=messages.append)
     assert not taken.exists()
-    assert sorted(path.name for path in (root / "rt").iterdir()) == ["gfa-1_2-s0-lr0.01", "lora-1-s0-lr0.01"]
+    assert sorted(path.name for path in (root / "rt").iterdir()) == [f"gfa-1_2-s0-lr0.01{GFA_RULE_SUFFIX}",
+                                                                      "lora-1-s0-lr0.01"]
     assert [(cell["method"], cell["anchor"]) for cell in summary["cells"]] == [("gfa", "1/2"), ("lora", "1")]
-    assert any("gfa-1-s0-lr0.01: being trained by another process" in message for message in messages)
+    assert any(f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}: being trained by another process" in message for message in messages)
     assert messages[-1] == ("the summary lacks 1 unfinished run(s): 1 being trained by another process "
-                            "(rt/gfa-1-s0-lr0.01)")
+                            f"(rt/gfa-1-s0-lr0.01{GFA_RULE_SUFFIX})")
 
     trained = []
     original = sweep_module.execute
     monkeypatch.setattr(sweep_module, "execute", lambda *args, **kwargs: trained.append(args[1].name)
                         or original(*args, **kwargs))
     summary = run_sweep(grid, root, progress=False, log=lambda message: None)
-    assert trained == ["gfa-1-s0-lr0.01"] and len(summary["cells"]) == 3
+    assert trained == [f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}"] and len(summary["cells"]) == 3
 
 
 def test_two_sweeps_on_one_folder_share_the_runs_and_train_each_once(cache, tmp_path):
@@ -459,22 +464,23 @@ def test_a_grid_with_other_settings_is_refused_or_replaces_the_folders_grids(cac
     assert grid["methods"] == ["lora"] and grid["settings"]["steps"] == 3
     cells = json.loads((root / "results.json").read_text())["cells"]
     assert [(cell["method"], cell["anchor"]) for cell in cells] == [("lora", "1")]  # the gfa run is kept, not summarised
-    assert is_finished(root / "rt" / "gfa-1-s0-lr0.01")
+    assert is_finished(root / "rt" / f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}")
 
 
 def test_methods_at_their_own_settings_share_a_folder_but_one_method_never_mixes_them(cache, tmp_path):
     root = tmp_path / "sweep"
     quiet = {"progress": False, "log": lambda message: None}
-    rsqrt = {"steps": 2, "cache": str(cache), "scale_rule": "rsqrt"}
-    run_sweep(spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,), settings=rsqrt), root, **quiet)
+    constant = {"steps": 2, "cache": str(cache), "scale_rule": "constant"}
+    run_sweep(spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,), settings=constant), root, **quiet)
     summary = run_sweep(spec(cache, methods=("lora",), anchors=("1",), seeds=(0,)), root, **quiet)
     assert [(cell["method"], cell["anchor"]) for cell in summary["cells"]] == [("gfa", "1"), ("lora", "1")]
-    assert sorted(path.name for path in (root / "rt").iterdir()) == ["gfa-1-s0-lr0.01-rsqrt", "lora-1-s0-lr0.01"]
-    assert json.loads((root / "rt" / "gfa-1-s0-lr0.01-rsqrt" / "config.json").read_text())["config"][
-        "scale_rule"] == "rsqrt"
+    assert sorted(path.name for path in (root / "rt").iterdir()) == ["gfa-1-s0-lr0.01", "lora-1-s0-lr0.01"]
+    assert json.loads((root / "rt" / "gfa-1-s0-lr0.01" / "config.json").read_text())["config"][
+        "scale_rule"] == "constant"
     refused = sweep_module.ChangedRunsError
-    with pytest.raises(refused, match=r"scale_rule: \"rsqrt\" -> default"):  # GFA under both rules
-        run_sweep(spec(cache, methods=("gfa", "lora"), anchors=("1",), seeds=(0,)), root, **quiet)
+    rsqrt = {"steps": 2, "cache": str(cache), "scale_rule": "rsqrt"}
+    with pytest.raises(refused, match=r'scale rule of gfa: "constant" -> "rsqrt"'):  # GFA under both rules
+        run_sweep(spec(cache, methods=("gfa", "lora"), anchors=("1",), seeds=(0,), settings=rsqrt), root, **quiet)
     three_steps = {"steps": 3, "cache": str(cache)}  # not a method setting: refused whatever the methods
     with pytest.raises(refused, match="steps: 2 -> 3"):
         run_sweep(spec(cache, methods=("dora",), anchors=("1",), seeds=(0,), settings=three_steps), root, **quiet)
@@ -502,13 +508,42 @@ def test_a_method_setting_none_of_the_sweeps_methods_has_is_refused(cache, tmp_p
 
 def test_a_method_setting_only_mixes_grids_for_the_methods_that_have_it():
     def grid(methods, **settings):
-        return {"model": "minilm", "methods": list(methods), "settings": {"steps": 2, **settings}}
+        return sweep_module.grid_record(SweepSpec(methods=tuple(methods), settings={"steps": 2, **settings}))
 
     gained = grid(("gfa", "lora"), module_gain=True)
     assert not sweep_module._would_mix(gained, grid(("lora", "dora")))  # LoRA has no gain: its runs are the same
     assert sweep_module._would_mix(gained, grid(("gfa",)))  # GFA with and without gains in one summary
     assert sweep_module._would_mix(grid(("gfa", "lora"), scale_rule="rsqrt"), grid(("lora",)))  # LoRA has a scale
     assert not sweep_module._would_mix(grid(("vera",), scale_rule="rsqrt"), grid(("vera",)))
+    # a rule asked for by name and "auto" standing for it are one setting
+    assert not sweep_module._would_mix(grid(("gfa", "lora")), grid(("gfa",), scale_rule=scale_rule_of("gfa")))
+    assert not sweep_module._would_mix(grid(("lora",)), grid(("lora",), scale_rule="constant"))
+
+
+def test_a_folder_swept_before_gfa_s_default_rule_changed_keeps_its_runs(cache, tmp_path, monkeypatch):
+    """A grid recorded under "auto" trained GFA under the default of its day; when the default changes, the same
+    command is refused (it would add GFA under the new rule), and naming the old rule continues the folder."""
+    root = tmp_path / "sweep"
+    quiet = {"progress": False, "log": lambda message: None}
+    grid = spec(cache, methods=("gfa", "lora"), anchors=("1",), seeds=(0,))
+    monkeypatch.setattr(methods, "GFA_SCALE_RULE", "constant")
+    run_sweep(grid, root, **quiet)
+    record = json.loads((root / "sweep.json").read_text())
+    assert record["grids"][0]["scale_rules"] == {"gfa": "constant", "lora": "constant"}
+    del record["grids"][0]["scale_rules"]  # as written before records kept the rules
+    (root / "sweep.json").write_text(json.dumps(record))
+    monkeypatch.setattr(methods, "GFA_SCALE_RULE", "rsqrt")
+    before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    with pytest.raises(sweep_module.ChangedRunsError, match=r'scale rule of gfa: "constant" -> "rsqrt"'):
+        run_sweep(grid, root, **quiet)
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
+
+    trained = []
+    monkeypatch.setattr(sweep_module, "execute", lambda run, *args: trained.append(run.name))
+    named = replace(grid, settings={**grid.settings, "scale_rule": "constant"})
+    summary = run_sweep(named, root, **quiet)
+    assert trained == [] and summary["unfinished"] == []
+    assert [(cell["method"], cell["n"]) for cell in summary["cells"]] == [("gfa", 1), ("lora", 1)]
 
 
 def test_a_sweep_whose_only_run_another_process_trains_summarises_nothing_without_failing(cache, tmp_path):
@@ -516,7 +551,7 @@ def test_a_sweep_whose_only_run_another_process_trains_summarises_nothing_withou
     grid = spec(cache, methods=("gfa",), anchors=("1",), seeds=(0,))
     run_sweep(replace(grid, methods=("lora",)), root, progress=False, log=lambda message: None)
     (root / "rt" / "lora-1-s0-lr0.01").rename(tmp_path / "moved")  # so the folder holds no finished run
-    with folder_lock(root / "rt" / "gfa-1-s0-lr0.01"):
+    with folder_lock(root / "rt" / f"gfa-1-s0-lr0.01{GFA_RULE_SUFFIX}"):
         summary = run_sweep(grid, root, progress=False, log=lambda message: None)
     assert summary["cells"] == [] and (root / "accuracy_vs_params.png").is_file()
 
@@ -549,7 +584,7 @@ def test_the_summary_names_the_runs_of_an_interrupted_piece_as_not_started(cache
             run_sweep(grid, root, progress=False, log=lambda message: None)
     messages = []
     summary = run_sweep(replace(grid, methods=("lora",)), root, progress=False, log=messages.append)
-    assert sorted(summary["unfinished"]) == ["rt/gfa-1-s0-lr0.01", "rt/gfa-1_2-s0-lr0.01"]
+    assert sorted(summary["unfinished"]) == [f"rt/gfa-{anchor}-s0-lr0.01{GFA_RULE_SUFFIX}" for anchor in ("1", "1_2")]
     assert messages[-1].startswith("the summary lacks 2 unfinished run(s): 2 not started (")
     assert "being trained" not in messages[-1] and "sweep their grid again" in messages[-1]
 

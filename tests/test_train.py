@@ -32,9 +32,11 @@ from gfa_peft.training.evaluation import (
     matthews,
 )
 from gfa_peft.data.tasks import load_task
-from gfa_peft.training.recipes import SHIPPED_LEARNING_RATES
+from gfa_peft.defaults import GFA_SCALE_RULE
+from gfa_peft.training.recipes import SHIPPED_LEARNING_RATES, rate_entry
 from gfa_peft.training.run import RunConfig, RunConfigError, changed_settings, is_finished, prepare, run_record, train
 from gfa_peft.layout import order_modules
+from references import GFA_RULE_SUFFIX
 from tiny_assets import sentiment_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,7 +127,7 @@ def test_module_order_reaches_the_gfa_adapter_and_names_the_run(cache, tmp_path)
     names = [name.removeprefix("base_model.model.") for name, _, _ in saved["layout"]["modules"]]
     assert names == order_modules(in_model_order, 3) != in_model_order
     assert prepare(config(cache, method="gfa", anchor="1", module_order="by_name")).name == \
-        "gfa-1-s0-order-by_name-lr0.01"
+        f"gfa-1-s0-order-by_name-lr0.01{GFA_RULE_SUFFIX}"
 
 
 def test_aligned_grid_trains_at_its_placement_and_names_the_run(cache, tmp_path):
@@ -137,7 +139,7 @@ def test_aligned_grid_trains_at_its_placement_and_names_the_run(cache, tmp_path)
     assert prepare(config(cache, **qkv)).placement.trainable == 158
     saved = json.loads((tmp_path / "gfa" / "adapter" / "adapter_config.json").read_text())
     assert saved["grid"] == "aligned" and (saved["layout"]["m"], saved["layout"]["k"]) == (48, 32)
-    assert prepare(config(cache, grid="aligned", **qkv)).name == "gfa-1-s0-grid-aligned-lr0.01"
+    assert prepare(config(cache, grid="aligned", **qkv)).name == f"gfa-1-s0-grid-aligned-lr0.01{GFA_RULE_SUFFIX}"
 
 
 def test_the_study_levers_reach_the_run_and_name_it(cache, tmp_path, monkeypatch):
@@ -521,7 +523,7 @@ def test_a_run_without_lr_takes_its_anchors_tuned_rate(cache, tmp_path, monkeypa
     from gfa_peft.training import recipes
 
     shipped = tmp_path / "shipped.json"
-    shipped.write_text(json.dumps({"minilm": {"gfa": {"*": 0.01, "16": 0.003}}}))
+    shipped.write_text(json.dumps({"minilm": {rate_entry("gfa", GFA_SCALE_RULE): {"*": 0.01, "16": 0.003}}}))
     monkeypatch.setattr(recipes, "SHIPPED_LEARNING_RATES", shipped)
     rates = {anchor: prepare(config(cache, lr=None, anchor=anchor)).lr for anchor in ("1", "16")}
     assert rates == {"1": 0.01, "16": 0.003}

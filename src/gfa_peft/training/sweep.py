@@ -52,7 +52,16 @@ from gfa_peft.data.task_registry import MIXTURE_JOIN, task_title
 from gfa_peft.defaults import LR_CHOICE_RULES
 
 from gfa_peft.io.tables import text_table
-from gfa_peft.training.methods import METHOD_SETTINGS, METHODS, UNANCHORED, ZERO_SHOT, setting_owners
+from gfa_peft.training.methods import (
+    AUTO_SCALE_RULE,
+    METHOD_SETTINGS,
+    METHODS,
+    SCALED_METHODS,
+    UNANCHORED,
+    ZERO_SHOT,
+    scale_rule_of,
+    setting_owners,
+)
 from gfa_peft.training.run import (
     PreparedRun,
     RunConfig,
@@ -78,6 +87,9 @@ SWEEP = ResultKind("sweep", is_own=lambda folder: (folder / SPEC_FILE).is_file()
 """A sweep folder is one with its sweep.json; a sweep adds runs to it and never replaces it."""
 WHERE_NOT_HOW = ("cache",)
 """Sweep settings that say where the inputs lie, not how the runs train: a grid is recorded without them."""
+SCALE_RULES_KEY = "scale_rules"
+"""A recorded grid's rule for each scaled method: "auto" names the method's own rule when the grid was swept, which
+a later version may change, so the record keeps the rule itself."""
 
 
 class ChangedRunsError(OutputRefused):
@@ -249,8 +261,26 @@ def _finished_as_asked(run: PreparedRun, folder: Path) -> bool:
 
 
 def grid_record(spec: SweepSpec) -> dict[str, Any]:
-    """A grid as sweep.json records it: as JSON reads it back (tuples are lists), without where its inputs lay."""
-    return _without_where(json.loads(json.dumps(asdict(spec))))
+    """A grid as sweep.json records it: as JSON reads it back (tuples are lists), without where its inputs lay,
+    with the scale rule each of its scaled methods trains under."""
+    record = _without_where(json.loads(json.dumps(asdict(spec))))
+    return {**record, SCALE_RULES_KEY: _scale_rules(spec.methods, spec.settings)}
+
+
+def _scale_rules(methods: Sequence[str], settings: dict[str, Any]) -> dict[str, str]:
+    """The rule each scaled method of a grid trains under today (`scale_rule_of`)."""
+    asked = settings.get("scale_rule", AUTO_SCALE_RULE)
+    return {method: scale_rule_of(method, asked) for method in methods if method in SCALED_METHODS}
+
+
+def _with_scale_rules(record: dict[str, Any]) -> dict[str, Any]:
+    """A recorded grid with its scale rules; a grid recorded before they were kept trained under "auto" every
+    method under constant (GFA's default then)."""
+    if SCALE_RULES_KEY in record:
+        return record
+    asked = record["settings"].get("scale_rule", AUTO_SCALE_RULE)
+    rule = "constant" if asked == AUTO_SCALE_RULE else asked
+    return {**record, SCALE_RULES_KEY: {method: rule for method in record["methods"] if method in SCALED_METHODS}}
 
 
 def _without_where(record: dict[str, Any]) -> dict[str, Any]:
@@ -263,9 +293,17 @@ def grid_spec(record: dict[str, Any], spec: SweepSpec) -> SweepSpec:
     """The grid `record` describes, with its inputs where `spec` finds them. Raises OutputRefused for a record
     this version cannot read."""
     where = {name: value for name, value in spec.settings.items() if name in WHERE_NOT_HOW}
-    tuples = {name: tuple(value) for name, value in record.items() if isinstance(value, list)}
+    settings = {**record["settings"], **where}
+    rules = record.get(SCALE_RULES_KEY, {})
+    if rules != _scale_rules(record["methods"], settings):  # "auto" meant another rule when the grid was swept
+        if len(set(rules.values())) != 1:
+            raise OutputRefused(f"{SPEC_FILE} records a grid whose methods trained under the scale rules {rules}, "
+                                "which no single --scale-rule gives today; choose another folder")
+        settings["scale_rule"] = next(iter(rules.values()))
+    fields = {name: value for name, value in record.items() if name != SCALE_RULES_KEY}
+    tuples = {name: tuple(value) for name, value in fields.items() if isinstance(value, list)}
     try:
-        return SweepSpec(**{**record, **tuples, "settings": {**record["settings"], **where}})
+        return SweepSpec(**{**fields, **tuples, "settings": settings})
     except TypeError as error:
         raise OutputRefused(f"{SPEC_FILE} records a grid this version cannot read ({error}); "
                             "choose another folder") from None
@@ -285,14 +323,15 @@ def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[dict[
     path = root / SPEC_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"grids": []}
-        recorded = [_without_where(grid) for grid in record.get("grids", [record])]  # or an older file's one grid
+        recorded = [_with_scale_rules(_without_where(grid))
+                    for grid in record.get("grids", [record])]  # or an older file's one grid
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
         raise OutputRefused(f"{path} is not a sweep record this version can read; choose another folder") from None
     current = grid_record(spec)
-    ours = {"model": current["model"], **current["settings"]}
     others = [grid for grid in recorded if _would_mix(grid, current)]
     if others and not rerun_changed:
-        theirs = {"model": others[0].get("model"), **others[0]["settings"]}
+        both = set(others[0]["methods"]) & set(current["methods"])
+        theirs, ours = _compared(others[0], both), _compared(current, both)
         changes = [f"{name}: {_shown(theirs.get(name))} -> {_shown(ours.get(name))}"
                    for name in sorted(set(theirs) | set(ours)) if theirs.get(name) != ours.get(name)]
         raise ChangedRunsError(f"{root} holds a sweep with other settings ({', '.join(changes)}); its summary would "
@@ -301,15 +340,25 @@ def joined_grids(root: Path, spec: SweepSpec, rerun_changed: bool) -> list[dict[
     return kept if current in kept else [*kept, current]
 
 
+def _compared(grid: dict[str, Any], methods: set[str]) -> dict[str, Any]:
+    """What two grids running `methods` both are compared on: the model, the settings, and each of those methods'
+    scale rule (not the asked `scale_rule`: "auto" and the rule it stands for are one setting)."""
+    settings = {name: value for name, value in grid["settings"].items() if name != "scale_rule"}
+    rules = {f"scale rule of {method}": rule for method, rule in grid[SCALE_RULES_KEY].items() if method in methods}
+    return {"model": grid.get("model"), **settings, **rules}
+
+
 def _would_mix(grid: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether two grids' runs may not share a summary: another model, another setting of the runs around the
-    methods (steps, data, ...), or another method setting for a method both run."""
+    methods (steps, data, ...), or another method setting (or scale rule) for a method both run."""
     if grid.get("model") != current["model"]:
         return True
-    names = set(grid["settings"]) | set(current["settings"])
+    names = (set(grid["settings"]) | set(current["settings"])) - {"scale_rule"}
     differing = {name for name in names if grid["settings"].get(name) != current["settings"].get(name)}
     shared_methods = set(grid["methods"]) & set(current["methods"])
-    return bool(differing - set(METHOD_SETTINGS)
+    other_rule = any(grid[SCALE_RULES_KEY].get(method) != current[SCALE_RULES_KEY].get(method)
+                     for method in shared_methods)
+    return bool(differing - set(METHOD_SETTINGS) or other_rule
                 or any(method in METHOD_SETTINGS[name] for name in differing for method in shared_methods))
 
 

@@ -149,6 +149,13 @@ class GfaConfig(PeftConfig):
         return self.scale / math.sqrt(self.r) if self.scale_rule == "rsqrt" else self.scale
 
     @classmethod
+    def check_kwargs(cls, **kwargs) -> dict:
+        """PEFT's hook on a saved config's fields before the config is built. A config saved before `scale_rule`
+        existed trained with s = scale, the only rule then, so it loads as "constant", not as today's default
+        (which would shrink its update by sqrt(r))."""
+        return {"scale_rule": "constant", **super().check_kwargs(**kwargs)}
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Load a saved config and, for a local adapter folder, check its weights file before any injection
         (`tuner.checkpoint.check_adapter_file`). The saved tensors' shapes are kept as `saved_shapes` (not

@@ -32,7 +32,7 @@ def init_from_gradient(
     `tuner` is the `GfaModel` (`peft_model.base_model`). `losses()` yields the losses of the same batches each
     time it is called (run it with dropout off, so every pass sees the same G); each loss is backpropagated.
     Other trainable parameters get gradients during the passes, which are cleared. Returns G's top singular
-    values as estimated (r + `oversample` of them), largest first.
+    values as estimated (r + `oversample` of them), largest first (the passes see s * G; s is divided out).
     """
     B_factor, A_factor = tuner.gfa_B[adapter_name], tuner.gfa_A[adapter_name]
     (m, rank), k = B_factor.weight.shape, A_factor.weight.shape[1]
@@ -62,8 +62,8 @@ def init_from_gradient(
     basis = left_range(torch.randn(k, width, **work))
     for _ in range(power_iterations):  # sharpens the basis toward the top singular directions
         basis = left_range(torch.linalg.qr(through_left(basis).T).Q)
-    _, singular_values, right_vectors = torch.linalg.svd(through_left(basis), full_matrices=False)
+    _, scaled_values, right_vectors = torch.linalg.svd(through_left(basis), full_matrices=False)
     # Orthonormal rows have unit norm, as A's rows have in expectation at the default sigma = 1/sqrt(k).
     B_factor.weight = nn.Parameter(torch.zeros(m, rank, dtype=dtype, device=device), requires_grad=trainability[0])
     A_factor.weight = nn.Parameter(right_vectors[:rank].to(dtype).contiguous(), requires_grad=trainability[1])
-    return singular_values
+    return scaled_values / tuner.peft_config[adapter_name].effective_scale
