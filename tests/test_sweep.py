@@ -71,7 +71,6 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_redoes_unfinished_ones(cach
     summary = run_sweep(spec(cache), root, progress=False, log=lambda message: None)
     folders = sorted(path.relative_to(root).as_posix() for path in root.glob("rt/*"))
     # LoRA cannot reach 1/2: gfa at 1/2 and 1, lora at 1, two seeds each
-    # GFA trains under its own rule, s = 1/sqrt(r), which its runs' names say
     named = (("gfa-1", GFA_RULE_SUFFIX), ("gfa-1_2", GFA_RULE_SUFFIX), ("lora-1", ""))  # a GFA run names its rule
     assert folders == [f"rt/{name}-s{seed}-lr0.01{rule}" for name, rule in named for seed in (0, 1)]
     assert all(is_finished(root / folder) for folder in folders)

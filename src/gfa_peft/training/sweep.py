@@ -279,8 +279,8 @@ def _with_scale_rules(record: dict[str, Any]) -> dict[str, Any]:
     if SCALE_RULES_KEY in record:
         return record
     asked = record["settings"].get("scale_rule", AUTO_SCALE_RULE)
-    rule = "constant" if asked == AUTO_SCALE_RULE else asked
-    return {**record, SCALE_RULES_KEY: {method: rule for method in record["methods"] if method in SCALED_METHODS}}
+    then = {"scale_rule": "constant" if asked == AUTO_SCALE_RULE else asked}
+    return {**record, SCALE_RULES_KEY: _scale_rules(record["methods"], then)}
 
 
 def _without_where(record: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +294,7 @@ def grid_spec(record: dict[str, Any], spec: SweepSpec) -> SweepSpec:
     this version cannot read."""
     where = {name: value for name, value in spec.settings.items() if name in WHERE_NOT_HOW}
     settings = {**record["settings"], **where}
-    rules = record.get(SCALE_RULES_KEY, {})
+    rules = _with_scale_rules(record)[SCALE_RULES_KEY]
     if rules != _scale_rules(record["methods"], settings):  # "auto" meant another rule when the grid was swept
         if len(set(rules.values())) != 1:
             raise OutputRefused(f"{SPEC_FILE} records a grid whose methods trained under the scale rules {rules}, "
