@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from gfa_peft.data.encoding import ChoiceSequence, choice_sequences
+from gfa_peft.data.encoding import IGNORE_INDEX, ChoiceSequence, choice_sequences
 
 Collator = Callable[[list[dict]], dict]
 
@@ -59,6 +59,15 @@ def last_hidden_states(model: nn.Module, **inputs: Any) -> torch.Tensor:
 def token_log_likelihoods(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) for each row of `hidden` (n, hidden): the LM head runs on these n rows only."""
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def answer_log_likelihoods(model: nn.Module, head: nn.Module, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """log p of every answer token of a batch (the positions of `labels` other than IGNORE_INDEX), the LM head run
+    at the positions that predict them only: the terms of a multiple-choice run's training loss."""
+    hidden = last_hidden_states(model, **inputs)
+    targets = labels[:, 1:]  # token t is predicted at position t - 1
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return token_log_likelihoods(head, hidden[rows, positions], targets[rows, positions])
 
 
 @dataclass

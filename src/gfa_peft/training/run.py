@@ -64,15 +64,14 @@ from gfa_peft.adapters.distributed import (
     per_rank_batch,
     shard_for_rank,
 )
-from gfa_peft.data.encoding import IGNORE_INDEX, encode_choice_training, encode_classification
+from gfa_peft.data.encoding import encode_choice_training, encode_classification
 from gfa_peft.training.evaluation import (
     SCORING_VERSIONS,
-    last_hidden_states,
+    answer_log_likelihoods,
     majority_label,
     predict_choices,
     predict_classes,
     task_metrics,
-    token_log_likelihoods,
 )
 from gfa_peft.training.methods import (
     METHOD_SETTINGS,
@@ -363,12 +362,7 @@ class AnswerLossTrainer(GlobalBatchTrainer):
     outputs, a fifth of the model's work per position) and then ignores all but the answer's few."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.pop("labels")
-        hidden = last_hidden_states(model, **inputs)
-        targets = labels[:, 1:]  # token t is predicted at position t - 1
-        rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-        log_likelihoods = token_log_likelihoods(self.model.get_output_embeddings(), hidden[rows, positions],
-                                                targets[rows, positions])
+        log_likelihoods = answer_log_likelihoods(model, self.model.get_output_embeddings(), **inputs)
         # As transformers' causal-LM loss: summed over the answer tokens and divided by their number in the
         # (global, accumulated) batch, which the Trainer counts; scaled back up by the processes it averages over.
         loss = -log_likelihoods.sum() / (len(log_likelihoods) if num_items_in_batch is None else num_items_in_batch)
