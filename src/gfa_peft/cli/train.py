@@ -13,7 +13,7 @@ from gfa_peft.cli import COMMANDS, UsageError
 from gfa_peft.cli.arguments import add_json_argument, emit_json, json_report_path, parse_targets
 from gfa_peft.data.task_registry import check_task_name
 from gfa_peft.io.tables import text_table
-from gfa_peft.training.config import NAMED_CHOICES, RunConfig, RunConfigError
+from gfa_peft.training.config import NAMED_CHOICES, RunConfig, RunConfigError, flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -100,17 +100,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Iterable[str]
     for item in dataclasses.fields(RunConfig):
         if item.name in exclude:
             continue
-        flag = "--" + item.name.replace("_", "-")
         hint = hints[item.name]
         default = item.default
         shown_default = item.metadata["when_unset"] if default is None else default
         help_text = f"{item.metadata['help']} (default: {shown_default})"
         if item.name in NAMED_CHOICES:
-            parser.add_argument(flag, choices=NAMED_CHOICES[item.name], default=default, help=help_text)
+            parser.add_argument(flag(item.name), choices=NAMED_CHOICES[item.name], default=default, help=help_text)
         elif hint is bool:
-            parser.add_argument(flag, action="store_true", help=item.metadata["help"])
+            parser.add_argument(flag(item.name), action="store_true", help=item.metadata["help"])
         else:
-            parser.add_argument(flag, type=_parser_for(item.name, hint), default=default,
+            parser.add_argument(flag(item.name), type=_parser_for(item.name, hint), default=default,
                                 metavar=item.metadata["metavar"], help=help_text)
 
 

@@ -120,10 +120,15 @@ NAMED_CHOICES: dict[str, tuple[str, ...]] = {
 """The settings that take one of a fixed set of names, with those names (their Literal types')."""
 
 
+def flag(setting: str) -> str:
+    """The command-line flag of a RunConfig field (--max-train-examples for max_train_examples)."""
+    return "--" + setting.replace("_", "-")
+
+
 def check_named_choices(config: RunConfig) -> None:
     """Raise ValueError naming the first such setting whose value is none of its names (the flags refuse these
     already; a RunConfig built in Python does not pass through them)."""
     for name, allowed in NAMED_CHOICES.items():
         value = getattr(config, name)
         if value not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} must be {' or '.join(map(repr, allowed))}, got {value!r}")
+            raise ValueError(f"{flag(name)} must be {' or '.join(map(repr, allowed))}, got {value!r}")

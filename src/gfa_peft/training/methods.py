@@ -36,6 +36,7 @@ from gfa_peft.analysis.budget import (
 )
 from gfa_peft.defaults import GFA_SCALE_RULE
 from gfa_peft.layout import ModuleOrder, check_grid, order_modules
+from gfa_peft.training.config import flag
 from gfa_peft.tuner import GfaConfig
 
 METHODS = ("gfa", "lora", "dora", "vera", "vblora", "full", "zero-shot")
@@ -174,7 +175,7 @@ refuses a setting its method lacks; a sweep of several methods gives each run th
 def setting_owners(name: str) -> str:
     """The start of a refusal of METHOD_SETTINGS' `name`, naming the methods that have it (a run and a sweep each
     say who lacks it)."""
-    return f"--{name.replace('_', '-')} is a setting of {', '.join(METHOD_SETTINGS[name])}"
+    return f"{flag(name)} is a setting of {', '.join(METHOD_SETTINGS[name])}"
 
 
 def check_method_settings(method: str, settings: Iterable[str]) -> None:

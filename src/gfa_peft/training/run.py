@@ -85,7 +85,7 @@ from gfa_peft.training.methods import (
     scale_rule_of,
 )
 from gfa_peft.tuner.gradient_init import init_from_gradient
-from gfa_peft.training.config import RunConfig, RunConfigError, check_named_choices
+from gfa_peft.training.config import RunConfig, RunConfigError, check_named_choices, flag
 from gfa_peft.training.recipes import RECIPES, default_learning_rate, recipe_key
 from gfa_peft.data.splits import carve
 from gfa_peft.data.tasks import Task, check_no_leakage, load_task, load_user_task, member_rows
@@ -261,7 +261,7 @@ def _load_training_task(config: RunConfig, cache: Path | None) -> tuple[Task, Da
         raise ValueError(f"task {task.name!r} has no training split (it is a test-only task)")
     if config.max_train_examples is not None:
         data = DatasetDict({**data, "train": _per_task_subset(task, data["train"], config.max_train_examples,
-                                                              "--max-train-examples")})
+                                                              "max_train_examples")})
     return task, data
 
 
@@ -277,15 +277,15 @@ def _evaluation_split(config: RunConfig, task: Task, data: DatasetDict, cache: P
     if not split.num_rows:
         raise ValueError(f"task {eval_task.name!r} has no {config.eval_split} split")
     if config.max_eval_examples is not None:
-        split = _per_task_subset(eval_task, split, config.max_eval_examples, "--max-eval-examples")
+        split = _per_task_subset(eval_task, split, config.max_eval_examples, "max_eval_examples")
     return eval_task, split
 
 
-def _per_task_subset(task: Task, split: Dataset, size: int, flag: str) -> Dataset:
+def _per_task_subset(task: Task, split: Dataset, size: int, setting: str) -> Dataset:
     """`_fixed_subset_rows`' `size` examples of each of the task's members (of the task itself when it is not a
     mixture), in the split's order."""
     if size < 1:
-        raise ValueError(f"{flag} must be positive, got {size}")
+        raise ValueError(f"{flag(setting)} must be positive, got {size}")
     kept = []
     for rows in member_rows(task, split).values():
         member = split.select(rows)
@@ -343,7 +343,7 @@ def _check_positive(config: RunConfig) -> None:
     for name in ("steps", "epochs", "lr", "batch_size", "max_length", "eval_batch_size"):
         value = getattr(config, name)
         if value is not None and not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise ValueError(f"{flag(name)} must be positive, got {value}")
 
 
 # ---------------------------------------------------------------- execution

@@ -52,6 +52,7 @@ from gfa_peft.data.task_registry import MIXTURE_JOIN, task_title
 from gfa_peft.defaults import LR_CHOICE_RULES
 
 from gfa_peft.io.tables import text_table
+from gfa_peft.training.config import flag
 from gfa_peft.training.methods import (
     AUTO_SCALE_RULE,
     METHOD_SETTINGS,
@@ -221,7 +222,7 @@ def run_sweep(spec: SweepSpec, root: Path, progress: bool = True,
     log(f"sweep {root}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} already finished, "
         f"{len(todo)} to run" + (f" ({len(changed)} with changed settings)" if changed else "")
         + (f"; unreachable, left out: {', '.join(sweep.unreachable)}" if sweep.unreachable else "")
-        + "".join(f"; --{name.replace('_', '-')} is not a setting of {', '.join(methods)}: they run without it"
+        + "".join(f"; {flag(name)} is not a setting of {', '.join(methods)}: they run without it"
                   for name, methods in spec.settings_not_for().items()))
     for number, (run, folder) in enumerate(todo, 1):
         if _finished_as_asked(run, folder):  # by another process meanwhile
