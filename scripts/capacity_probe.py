@@ -40,22 +40,22 @@ ADAPTER_FOLDER = "adapter"
 
 
 def best_grid_approximation(deltas: Mapping[str, Tensor], layout: Layout, rank: int,
-                            max_iterations: int = 100, rtol: float = 1e-9) -> dict[str, Tensor]:
+                            max_iterations: int = 100, rtol: float = 1e-6) -> dict[str, Tensor]:
     """The module updates of the rank-`rank` m x k matrix closest to the deltas on the entries the modules use.
 
     Without padding this is the truncated SVD (Eckart-Young). GFA never reads its padding entries, so they are free:
     each round fills them with the last approximation's values and takes the truncated SVD again (hard impute),
-    which never raises the error on the used entries; rounds stop when it falls by less than `rtol` of their energy.
+    which never raises the error on the used entries; rounds stop when it falls by less than `rtol` of itself.
     """
     grid = global_matrix(deltas, layout).double()
     padding = grid.view(-1)[layout.d :]
-    energy, error = float(grid.square().sum()), float("inf")  # the padding starts at zero
+    error = float("inf")  # the padding starts at zero
     for _ in range(max_iterations):
         left, values, right = torch.linalg.svd(grid, full_matrices=False)
         approximation = (left[:, :rank] * values[:rank]) @ right[:rank]
         previous, error = error, float((grid - approximation).view(-1)[: layout.d].square().sum())
         padding.copy_(approximation.view(-1)[layout.d :])
-        if not layout.padding or previous - error < rtol * energy:
+        if not layout.padding or previous - error < rtol * error:
             break
     flat = approximation.reshape(-1)
     return {piece.name: flat[piece.offset : piece.end].view(piece.shape).float() for piece in layout.modules}
