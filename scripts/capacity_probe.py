@@ -48,8 +48,8 @@ def best_grid_approximation(deltas: Mapping[str, Tensor], layout: Layout, rank: 
     which never raises the error on the used entries; rounds stop when it falls by less than `rtol` of itself.
     """
     grid = global_matrix(deltas, layout).double()
-    padding = grid.view(-1)[layout.d :]
-    error = float("inf")  # the padding starts at zero
+    padding = grid.view(-1)[layout.d :]  # zero to begin with, as global_matrix pads
+    error = float("inf")
     for _ in range(max_iterations):
         left, values, right = torch.linalg.svd(grid, full_matrices=False)
         approximation = (left[:, :rank] * values[:rank]) @ right[:rank]
