@@ -34,7 +34,8 @@ with quiet_libraries():  # importing PEFT logs bitsandbytes' note on an optional
     from gfa_peft.layout import Layout
     from gfa_peft.training.config import RunConfig
     from gfa_peft.training.evaluation import answer_log_likelihoods
-    from gfa_peft.training.run import CONFIG_FILE, _model_class, _tokenizer, _training_examples, prepare
+    from gfa_peft.training.run import (CONFIG_FILE, PreparedRun, _model_class, _tokenizer, _training_examples,
+                                       prepare)
 
 ADAPTER_FOLDER = "adapter"
 
@@ -90,6 +91,22 @@ def loss_with(model: nn.Module, deltas: Mapping[str, Tensor], batches: list[dict
             model.get_submodule(name).weight.copy_(weight)
 
 
+def prepared_run(folder: Path) -> PreparedRun:
+    """A finished run's settings resolved again as `gfa train` resolved them (task, split, tokenisation, batch)."""
+    record = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    return prepare(RunConfig(**{**record["config"], "lr": record["resolved"]["lr"]}))
+
+
+def sample_batches(run: PreparedRun, count: int) -> list[dict]:
+    """`count` of the run's training examples, drawn with a fixed seed, collated in batches of the run's size."""
+    examples, collate = _training_examples(run, _tokenizer(run.model_dir))
+    if not 0 < count <= len(examples):
+        raise SystemExit(f"--examples must be between 1 and the run's {len(examples)} training examples")
+    sample = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    return [collate([examples[index] for index in sample[start : start + run.batch_size]])
+            for start in range(0, count, run.batch_size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lora_run", type=Path, help="a finished LoRA `gfa train` run folder (its adapter beside it)")
@@ -97,8 +114,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=256, help="training examples in the sample (default: 256)")
     parser.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     args = parser.parse_args()
-    record = json.loads((args.lora_run / CONFIG_FILE).read_text(encoding="utf-8"))
-    run = prepare(RunConfig(**{**record["config"], "lr": record["resolved"]["lr"]}))
+    run = prepared_run(args.lora_run)
     if run.kind != "multiple_choice":
         raise SystemExit(f"{args.lora_run} is a {run.kind} run: the probe measures the answer loss of multiple choice")
     saved = load_saved_adapter(args.gfa_run / ADAPTER_FOLDER)
@@ -107,21 +123,14 @@ def main() -> None:
     gfa = deltas_from_adapter(args.gfa_run / ADAPTER_FOLDER, run.model_dir)
     projected = best_grid_approximation(lora, saved.layout, rank)
 
-    tokenizer = _tokenizer(run.model_dir)
-    examples, collate = _training_examples(run, tokenizer)
-    if not 0 < args.examples <= len(examples):
-        raise SystemExit(f"--examples must be between 1 and the run's {len(examples)} training examples")
-    sample = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[: args.examples].tolist()
-    batch_size = run.batch_size
-    batches = [collate([examples[index] for index in sample[start : start + batch_size]])
-               for start in range(0, len(sample), batch_size)]
+    batches = sample_batches(run, args.examples)
     model = _model_class(run.kind).from_pretrained(run.model_dir, dtype=torch.float32).eval()
 
     result = {
         "lora_run": str(args.lora_run),
         "gfa_run": str(args.gfa_run),
         "gfa_rank": rank,
-        "examples": len(sample),
+        "examples": args.examples,
         "relative_error": relative_error(lora, projected),
         "loss": {
             "base": answer_loss(model, batches),

@@ -53,8 +53,8 @@ def main() -> None:
     rows = windows(logged_losses(args.run_a), logged_losses(args.run_b), args.window)
     print(f"A = {args.run_a}\nB = {args.run_b}")
     print(text_table(["steps", "A", "B", "A - B", "epoch"],
-                     [[f"{low + 1}-{high}", f"{row['a']:.3f}", f"{row['b']:.3f}", f"{row['gap']:+.3f}",
-                       f"{row['epoch']:.2f}"] for row in rows for low, high in [row["steps"]]]))
+                     [[f"{row['steps'][0] + 1}-{row['steps'][1]}", f"{row['a']:.3f}", f"{row['b']:.3f}",
+                       f"{row['gap']:+.3f}", f"{row['epoch']:.2f}"] for row in rows]))
 
 
 if __name__ == "__main__":

@@ -63,13 +63,8 @@ def test_a_gfa_adapter_is_already_on_its_grid_and_the_losses_are_its_unmerged_lo
     probe = json.loads(capsys.readouterr().out)
     assert probe["relative_error"] < 1e-6
 
-    record = json.loads((run / "config.json").read_text())
-    prepared = script.prepare(RunConfig(**record["config"]))
-    tokenizer = script._tokenizer(prepared.model_dir)
-    examples, collate = script._training_examples(prepared, tokenizer)
-    sample = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[:6].tolist()
-    size = prepared.batch_size
-    batches = [collate([examples[index] for index in sample[start:start + size]]) for start in range(0, 6, size)]
+    prepared = script.prepared_run(run)
+    batches = script.sample_batches(prepared, 6)
     base = LlamaForCausalLM.from_pretrained(prepared.model_dir, dtype=torch.float32).eval()
     assert probe["loss"]["base"] == pytest.approx(script.answer_loss(base, batches), abs=1e-5)
     unmerged = script.answer_loss(PeftModel.from_pretrained(base, run / "adapter").eval(), batches)
